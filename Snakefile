@@ -1,0 +1,29 @@
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "rules/common.smk"
+include: "rules/models.smk"
+include: "rules/ingest.smk"
+include: "rules/caption.smk"
+include: "rules/attributes.smk"
+include: "rules/h5.smk"
+include: "rules/train.smk"
+include: "rules/eval.smk"
+
+
+localrules:
+    all,
+
+
+rule all:
+    input:
+        get_final_outputs(),
+    default_target: True

@@ -1,0 +1,42 @@
+rule attributes_phase1:
+    input:
+        captions="results/{dataset}/captions/{shard}.parquet",
+        prompt=config["attributes"]["phase1"]["prompt"],
+        model=get_model_input("llm"),
+    output:
+        "results/{dataset}/attributes/phase1/{shard}.parquet",
+    params:
+        settings=get_phase1_settings,
+    log:
+        "logs/attributes_phase1/{dataset}/{shard}.log",
+    benchmark:
+        "results/benchmarks/attributes_phase1/{dataset}/{shard}.tsv"
+    threads: 2
+    resources:
+        runtime=60,
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../workflow/scripts/attributes.py"
+
+
+rule attributes_phase2:
+    input:
+        phase1="results/{dataset}/attributes/phase1/{shard}.parquet",
+        prompt=config["attributes"]["phase2"]["prompt"],
+        model=get_model_input("llm"),
+    output:
+        "results/{dataset}/attributes/phase2/{shard}.parquet",
+    params:
+        settings=get_phase2_settings,
+    log:
+        "logs/attributes_phase2/{dataset}/{shard}.log",
+    benchmark:
+        "results/benchmarks/attributes_phase2/{dataset}/{shard}.tsv"
+    threads: 2
+    resources:
+        runtime=60,
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../workflow/scripts/attributes.py"

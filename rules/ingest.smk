@@ -1,0 +1,40 @@
+rule ingest:
+    input:
+        url_list=get_url_list,
+    output:
+        tar="results/{dataset}/shards/{shard}.tar",
+        stats="results/{dataset}/shards/{shard}.stats.json",
+    params:
+        rows=get_shard_rows,
+        settings=get_ingest_settings,
+    log:
+        "logs/ingest/{dataset}/{shard}.log",
+    benchmark:
+        "results/benchmarks/ingest/{dataset}/{shard}.tsv"
+    threads: 2
+    conda:
+        "../envs/ingest.yaml"
+    script:
+        "../workflow/scripts/ingest.py"
+
+
+localrules:
+    ingest_summary,
+
+
+rule ingest_summary:
+    input:
+        get_ingest_stats,
+    output:
+        report(
+            "results/{dataset}/ingest_summary.tsv",
+            caption="../workflow/report/ingest.rst",
+            category="Ingest",
+            labels={"dataset": "{dataset}", "table": "shards"},
+        ),
+    log:
+        "logs/ingest_summary/{dataset}.log",
+    conda:
+        "../envs/ingest.yaml"
+    script:
+        "../workflow/scripts/ingest_summary.py"

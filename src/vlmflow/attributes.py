@@ -1,0 +1,223 @@
+"""Attribute stages: an instruct LLM turns captions into clean attribute lists.
+
+Phase 1 extracts objects, attributes and adjective-noun phrases from the web caption and
+the VLM caption; phase 2 splits compound phrases into their parts and the two lists are
+merged. The model loads through ``AutoModelForCausalLM`` and its own chat template.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+from tqdm import tqdm
+
+from vlmflow.attribute_text import (
+    clean_vlm_caption,
+    merge_phases,
+    parse_list,
+    phase1_prompt,
+    phase2_prompt,
+)
+from vlmflow.io import read_parquet_rows, stable_seed, write_rows_parquet
+from vlmflow.models import device, torch_dtype
+from vlmflow.prompts import prompt_id
+
+log = logging.getLogger(__name__)
+
+PHASE1_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("web_caption", pa.string()),
+        ("vlm_caption", pa.string()),
+        ("raw_answer", pa.string()),
+        ("attributes", pa.list_(pa.string())),
+        ("model", pa.string()),
+        ("prompt_id", pa.string()),
+        ("failure", pa.string()),
+    ]
+)
+
+PHASE2_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("raw_answer", pa.string()),
+        ("phase1_attributes", pa.list_(pa.string())),
+        ("phase2_attributes", pa.list_(pa.string())),
+        ("attributes", pa.list_(pa.string())),
+        ("attribute_sources", pa.list_(pa.string())),
+        ("model", pa.string()),
+        ("prompt_id", pa.string()),
+        ("failure", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class LLMSettings:
+    model: str
+    prompt: str
+    max_new_tokens: int = 128
+    do_sample: bool = True
+    temperature: float = 0.6
+    top_p: float = 0.7
+    batch_size: int = 16
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    seed: int = 0
+    stop_words: tuple[str, ...] = field(default_factory=tuple)
+    max_words: int = 6
+
+
+def load_llm(settings: LLMSettings) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    on = device()
+    tokenizer = AutoTokenizer.from_pretrained(
+        settings.model, trust_remote_code=settings.trust_remote_code
+    )
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        # Llama-3 ships without a pad token; padded positions are masked out anyway.
+        tokenizer.pad_token = tokenizer.eos_token
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        settings.model,
+        dtype=torch_dtype(settings.dtype, on),
+        trust_remote_code=settings.trust_remote_code,
+    )
+    model = model.to(on).eval()
+    return tokenizer, model
+
+
+def generate_answers(
+    tokenizer: Any, model: Any, prompts: list[str], settings: LLMSettings, desc: str
+) -> list[str]:
+    """Answer each prompt as a one-turn chat; the answers come back in prompt order."""
+    chats = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+        )
+        for p in prompts
+    ]
+    # Batches of similar length waste less compute on padding.
+    lengths = [len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in chats]
+    order = sorted(range(len(chats)), key=lambda i: (lengths[i], i))
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": settings.max_new_tokens,
+        "do_sample": settings.do_sample,
+        # Stop on every end-of-turn id the model declares (Llama-3: <|eot_id|> and EOS).
+        "eos_token_id": model.generation_config.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if settings.do_sample:
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+    answers: dict[int, str] = {}
+    steps = range(0, len(order), settings.batch_size)
+    for start in tqdm(steps, desc=desc, unit="batch"):
+        index = order[start : start + settings.batch_size]
+        batch = tokenizer(
+            [chats[i] for i in index], return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(model.device)
+        with torch.inference_mode():
+            output = model.generate(**batch, **kwargs)
+        texts = tokenizer.batch_decode(
+            output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+        )
+        answers.update(zip(index, (t.strip() for t in texts), strict=True))
+    return [answers[i] for i in range(len(prompts))]
+
+
+def run_phase1(
+    captions_parquet: str | Path, out_parquet: str | Path, settings: LLMSettings, shard_id: str
+) -> dict[str, int]:
+    rows = read_parquet_rows(captions_parquet)
+    todo = [row for row in rows if row["failure"] is None]
+    prompts = [
+        phase1_prompt(settings.prompt, row["web_caption"], clean_vlm_caption(row["vlm_caption"]))
+        for row in todo
+    ]
+    answers: list[str] = []
+    if todo:
+        tokenizer, model = load_llm(settings)
+        torch.manual_seed(stable_seed(settings.seed, "phase1", shard_id))
+        answers = generate_answers(tokenizer, model, prompts, settings, f"phase1 {shard_id}")
+    answer_of = {row["key"]: answer for row, answer in zip(todo, answers, strict=True)}
+    pid = prompt_id(settings.prompt)
+    out: list[dict[str, Any]] = []
+    for row in rows:
+        if row["failure"] is not None:
+            raw: str | None = None
+            attributes: list[str] = []
+            failure: str | None = "caption_failed"
+        else:
+            raw = answer_of[row["key"]]
+            parsed = parse_list(raw, settings.stop_words, settings.max_words)
+            attributes, failure = parsed.attributes, parsed.failure
+        out.append(
+            {
+                "key": row["key"],
+                "web_caption": row["web_caption"],
+                "vlm_caption": row["vlm_caption"],
+                "raw_answer": raw,
+                "attributes": attributes,
+                "model": settings.model,
+                "prompt_id": pid,
+                "failure": failure,
+            }
+        )
+    write_rows_parquet(out_parquet, out, PHASE1_SCHEMA)
+    return _count(out, shard_id, "phase1")
+
+
+def run_phase2(
+    phase1_parquet: str | Path, out_parquet: str | Path, settings: LLMSettings, shard_id: str
+) -> dict[str, int]:
+    rows = read_parquet_rows(phase1_parquet)
+    todo = [row for row in rows if row["failure"] is None and row["attributes"]]
+    answers: list[str] = []
+    if todo:
+        tokenizer, model = load_llm(settings)
+        torch.manual_seed(stable_seed(settings.seed, "phase2", shard_id))
+        prompts = [phase2_prompt(settings.prompt, row["attributes"]) for row in todo]
+        answers = generate_answers(tokenizer, model, prompts, settings, f"phase2 {shard_id}")
+    answer_of = {row["key"]: answer for row, answer in zip(todo, answers, strict=True)}
+    pid = prompt_id(settings.prompt)
+    out: list[dict[str, Any]] = []
+    for row in rows:
+        phase1 = list(row["attributes"] or [])
+        raw = answer_of.get(row["key"])
+        phase2: list[str] = []
+        failure = row["failure"] if row["failure"] is not None else None
+        if failure is None and raw is not None:
+            # An unparseable phase-2 answer costs only the new elements: the phase-1
+            # attributes still stand, so the sample is kept.
+            phase2 = parse_list(raw, settings.stop_words, settings.max_words).attributes
+        merged = merge_phases(phase1, phase2, stable_seed(settings.seed, row["key"]))
+        if failure is None and not merged:
+            failure = "no_attributes"
+        out.append(
+            {
+                "key": row["key"],
+                "raw_answer": raw,
+                "phase1_attributes": phase1,
+                "phase2_attributes": phase2,
+                "attributes": [m.text for m in merged],
+                "attribute_sources": [m.source for m in merged],
+                "model": settings.model,
+                "prompt_id": pid,
+                "failure": failure,
+            }
+        )
+    write_rows_parquet(out_parquet, out, PHASE2_SCHEMA)
+    return _count(out, shard_id, "phase2")
+
+
+def _count(rows: list[dict[str, Any]], shard_id: str, phase: str) -> dict[str, int]:
+    failed = sum(1 for r in rows if r["failure"] is not None)
+    counts = {"in": len(rows), "ok": len(rows) - failed, "failed": failed}
+    log.info("%s shard %s: %s", phase, shard_id, counts)
+    return counts

@@ -1,0 +1,310 @@
+"""HDF5 stage: LLaVA training files in the layout of Cerebras ModelZoo's LLaVA reader.
+
+Per file: dataset ``data`` of shape (n, 4, max_seq_len), int32, chunks (1, 4, max_seq_len),
+gzip, whose rows are input_ids, loss_mask, labels and key_padding_mask (1 = padding, do
+not attend); dataset ``img_path`` (n, 1) of byte strings relative to one image root; and
+the attribute ``n_examples``. Image patches occupy ``num_patches`` pad-token slots that
+the model fills with projected vision features.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from vlmflow.io import atomic_dir, atomic_path, read_parquet_rows, write_json
+from vlmflow.prompts import phase2_answer, phase2_prefix, phase2_prompt
+from vlmflow.shards import iter_samples
+
+log = logging.getLogger(__name__)
+
+INPUT_IDS, LOSS_MASK, LABELS, KEY_PADDING_MASK = range(4)
+
+
+@dataclass(frozen=True)
+class H5Settings:
+    max_seq_len: int = 512
+    phase1_text: str = "attributes"  # attributes | web_caption | vlm_caption
+    instruction: str = "List the objects and attributes in the image."
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    bos: int
+    eos: int
+    pad: int
+
+
+@dataclass
+class Example:
+    """One packed sample: a (4, max_seq_len) int32 array and where its patches start."""
+
+    rows: np.ndarray
+    patch_start: int
+
+
+def pack(
+    prefix: list[int],
+    num_patches: int,
+    prompt: list[int],
+    answer: list[int],
+    ids: TokenIds,
+    max_seq_len: int,
+) -> Example | None:
+    """Lay out ``prefix + patches + prompt + answer + EOS`` with loss on the answer only.
+
+    The last patch slot predicts the first answer token when ``prompt`` is empty, so in
+    phase 1 its loss mask is 1, as Cerebras' phase-1 files have it. Returns ``None`` when
+    the sample does not fit: over-long samples are discarded, never truncated.
+    """
+    tokens = prefix + [ids.pad] * num_patches + prompt + answer + [ids.eos]
+    if len(tokens) - 1 > max_seq_len:
+        return None
+    length = len(tokens) - 1
+    rows = np.zeros((4, max_seq_len), dtype=np.int32)
+    rows[INPUT_IDS, :length] = tokens[:-1]
+    rows[LABELS, :length] = tokens[1:]
+    rows[INPUT_IDS, length:] = ids.pad
+    rows[LABELS, length:] = ids.pad
+    # Position i is trained when its label tokens[i + 1] belongs to the answer or is EOS.
+    first_answer = len(prefix) + num_patches + len(prompt)
+    rows[LOSS_MASK, first_answer - 1 : length] = 1
+    rows[KEY_PADDING_MASK, length:] = 1
+    return Example(rows=rows, patch_start=len(prefix))
+
+
+def phase1_example(
+    tokenizer: Any, text: str, num_patches: int, ids: TokenIds, max_seq_len: int
+) -> Example | None:
+    """[BOS] [patches] text [EOS]: phase 1 drops the text prompt."""
+    answer = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return pack([ids.bos], num_patches, [], answer, ids, max_seq_len)
+
+
+def phase2_example(
+    tokenizer: Any,
+    instruction: str,
+    labels: list[str],
+    num_patches: int,
+    ids: TokenIds,
+    max_seq_len: int,
+) -> Example | None:
+    """vicuna_v1 system prompt, USER: [patches] instruction ASSISTANT: answer [EOS]."""
+    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return pack(
+        [ids.bos, *encode(phase2_prefix())],
+        num_patches,
+        encode(phase2_prompt(instruction)),
+        encode(phase2_answer(labels)),
+        ids,
+        max_seq_len,
+    )
+
+
+def write_h5(
+    path: str | Path, examples: list[Example], img_paths: list[str], max_seq_len: int
+) -> None:
+    """Write one Cerebras-layout file atomically."""
+    data = (
+        np.stack([e.rows for e in examples])
+        if examples
+        else np.zeros((0, 4, max_seq_len), dtype=np.int32)
+    )
+    width = max([len(p.encode()) for p in img_paths], default=1)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset(
+            "data",
+            data=data,
+            dtype="int32",
+            chunks=(1, 4, max_seq_len),
+            compression="gzip",
+            maxshape=(None, 4, max_seq_len),
+        )
+        f.create_dataset(
+            "img_path",
+            data=np.array([[p.encode()] for p in img_paths], dtype=f"S{width}").reshape(-1, 1),
+            chunks=True if img_paths else None,
+            compression="gzip" if img_paths else None,
+            maxshape=(None, 1),
+        )
+        f.attrs["n_examples"] = len(examples)
+
+
+def num_patches_of(vision_tower: str) -> int:
+    """(image size / patch size)^2, read from the vision tower's config."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(vision_tower)
+    config = getattr(config, "vision_config", config)
+    return int((config.image_size // config.patch_size) ** 2)
+
+
+def token_ids(tokenizer: Any) -> TokenIds:
+    if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} lacks a BOS or EOS token")
+    # Without a pad token the EOS id fills patch slots and padding, as Cerebras does.
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return TokenIds(bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id, pad=pad)
+
+
+def run_shard(
+    shard_tar: str | Path,
+    phase1_parquet: str | Path,
+    phase2_parquet: str | Path,
+    language_model: str,
+    vision_tower: str,
+    settings: H5Settings,
+    shard_id: str,
+    out_phase1: str | Path,
+    out_phase2: str | Path,
+    out_images: str | Path,
+    out_params: str | Path,
+) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(language_model)
+    ids = token_ids(tokenizer)
+    num_patches = num_patches_of(vision_tower)
+    captions = {row["key"]: row for row in read_parquet_rows(phase1_parquet)}
+    attributes = {row["key"]: row for row in read_parquet_rows(phase2_parquet)}
+
+    phases: dict[str, dict[str, Any]] = {
+        name: {"examples": [], "img_paths": [], "keys": [], "discarded_too_long": 0}
+        for name in ("phase1", "phase2")
+    }
+    skipped: dict[str, int] = {}
+    with atomic_dir(out_images) as image_dir:
+        for sample in iter_samples(shard_tar):
+            row = attributes.get(sample.key)
+            failure = "missing_attributes" if row is None else row["failure"]
+            if failure is not None:
+                skipped[failure] = skipped.get(failure, 0) + 1
+                continue
+            assert row is not None
+            labels = list(row["attributes"])
+            # Image paths are relative to the dataset's image root (results/D/h5/images).
+            relative = f"{shard_id}/{sample.key}.jpg"
+            (image_dir / f"{sample.key}.jpg").write_bytes(sample.jpg)
+            phase1_text = {
+                "attributes": ", ".join(labels),
+                "web_caption": sample.web_caption,
+                "vlm_caption": captions[sample.key]["vlm_caption"],
+            }[settings.phase1_text]
+            built = {
+                "phase1": phase1_example(
+                    tokenizer, phase1_text, num_patches, ids, settings.max_seq_len
+                ),
+                "phase2": phase2_example(
+                    tokenizer, settings.instruction, labels, num_patches, ids, settings.max_seq_len
+                ),
+            }
+            for name, example in built.items():
+                phase = phases[name]
+                if example is None:
+                    phase["discarded_too_long"] += 1
+                    continue
+                phase["examples"].append(example)
+                phase["img_paths"].append(relative)
+                phase["keys"].append(sample.key)
+
+    params: dict[str, Any] = {
+        "shard": shard_id,
+        "settings": asdict(settings),
+        "language_model": language_model,
+        "vision_tower": vision_tower,
+        "num_patches": num_patches,
+        "bos_id": ids.bos,
+        "eos_id": ids.eos,
+        "pad_id": ids.pad,
+        "vocab_size": len(tokenizer),
+        "skipped": skipped,
+    }
+    for name, out in (("phase1", out_phase1), ("phase2", out_phase2)):
+        phase = phases[name]
+        examples: list[Example] = phase["examples"]
+        write_h5(out, examples, phase["img_paths"], settings.max_seq_len)
+        data = np.stack([e.rows for e in examples]) if examples else np.zeros((0, 4, 1))
+        params[name] = {
+            "file": Path(out).name,
+            "keys": phase["keys"],
+            "n_examples": len(examples),
+            "discarded_too_long": phase["discarded_too_long"],
+            "tokens": int((data[:, KEY_PADDING_MASK] == 0).sum()) if examples else 0,
+            "loss_valid_tokens": int(data[:, LOSS_MASK].sum()) if examples else 0,
+            "image_patch_start_idx": examples[0].patch_start if examples else None,
+        }
+    write_json(out_params, params)
+    log.info(
+        "shard %s: phase1 %d, phase2 %d examples, skipped %s",
+        shard_id,
+        params["phase1"]["n_examples"],
+        params["phase2"]["n_examples"],
+        skipped,
+    )
+    return params
+
+
+def build_index(
+    params_paths: list[str | Path], out_metadata: str | Path, out_data_params: str | Path
+) -> None:
+    """key -> file and row for random access; dataset-wide counts in data_params.json."""
+    metadata: dict[str, dict[str, Any]] = {}
+    totals: dict[str, dict[str, int]] = {
+        name: {"n_examples": 0, "discarded_too_long": 0, "tokens": 0, "loss_valid_tokens": 0}
+        for name in ("phase1", "phase2")
+    }
+    skipped: dict[str, int] = {}
+    first: dict[str, Any] = {}
+    for path in params_paths:
+        from vlmflow.io import read_json
+
+        params = read_json(path)
+        first = first or params
+        for reason, count in params["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + count
+        for name in ("phase1", "phase2"):
+            phase = params[name]
+            for row, key in enumerate(phase["keys"]):
+                entry = metadata.setdefault(key, {"shard": params["shard"]})
+                entry[name] = {"file": f"{name}/{phase['file']}", "row": row}
+            for field in totals[name]:
+                totals[name][field] += phase[field]
+    write_json(out_metadata, metadata)
+    summary = {
+        key: first.get(key)
+        for key in (
+            "settings",
+            "language_model",
+            "vision_tower",
+            "num_patches",
+            "bos_id",
+            "eos_id",
+            "pad_id",
+            "vocab_size",
+        )
+    }
+    summary.update(totals=totals, skipped=skipped, shards=len(params_paths))
+    summary["image_patch_start_idx"] = {
+        name: next(
+            (
+                p[name]["image_patch_start_idx"]
+                for p in map(_read, params_paths)
+                if p[name]["n_examples"]
+            ),
+            None,
+        )
+        for name in ("phase1", "phase2")
+    }
+    write_json(out_data_params, summary)
+
+
+def _read(path: str | Path) -> dict[str, Any]:
+    from vlmflow.io import read_json
+
+    result: dict[str, Any] = read_json(path)
+    return result

