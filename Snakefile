@@ -24,6 +24,6 @@ localrules:
 
 
 rule all:
+    default_target: True
     input:
         get_final_outputs(),
-    default_target: True

@@ -5,17 +5,17 @@ rule attributes_phase1:
         model=get_model_input("llm"),
     output:
         "results/{dataset}/attributes/phase1/{shard}.parquet",
-    params:
-        settings=get_phase1_settings,
     log:
         "logs/attributes_phase1/{dataset}/{shard}.log",
     benchmark:
         "results/benchmarks/attributes_phase1/{dataset}/{shard}.tsv"
+    conda:
+        "../envs/torch.yaml"
     threads: 2
     resources:
         runtime=60,
-    conda:
-        "../envs/torch.yaml"
+    params:
+        settings=get_phase1_settings,
     script:
         "../workflow/scripts/attributes.py"
 
@@ -27,16 +27,16 @@ rule attributes_phase2:
         model=get_model_input("llm"),
     output:
         "results/{dataset}/attributes/phase2/{shard}.parquet",
-    params:
-        settings=get_phase2_settings,
     log:
         "logs/attributes_phase2/{dataset}/{shard}.log",
     benchmark:
         "results/benchmarks/attributes_phase2/{dataset}/{shard}.tsv"
+    conda:
+        "../envs/torch.yaml"
     threads: 2
     resources:
         runtime=60,
-    conda:
-        "../envs/torch.yaml"
+    params:
+        settings=get_phase2_settings,
     script:
         "../workflow/scripts/attributes.py"

@@ -5,16 +5,16 @@ rule caption:
         model=get_model_input("vlm"),
     output:
         "results/{dataset}/captions/{shard}.parquet",
-    params:
-        settings=get_caption_settings,
     log:
         "logs/caption/{dataset}/{shard}.log",
     benchmark:
         "results/benchmarks/caption/{dataset}/{shard}.tsv"
+    conda:
+        "../envs/torch.yaml"
     threads: 2
     resources:
         runtime=60,
-    conda:
-        "../envs/torch.yaml"
+    params:
+        settings=get_caption_settings,
     script:
         "../workflow/scripts/caption.py"

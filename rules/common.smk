@@ -6,7 +6,6 @@ from snakemake.utils import validate
 from vlmflow.ingest import count_rows, rows_digest, shard_ranges
 from vlmflow.models import DEMO_BUILDERS, is_hub_id
 
-
 validate(config, schema="../workflow/schemas/config.schema.yaml")
 
 
@@ -42,7 +41,9 @@ def check_config():
         for part in key.split("."):
             section = section[part]
         if not Path(section["prompt"]).is_file():
-            raise ConfigError(f"config.{key}.prompt: file {section['prompt']!r} does not exist")
+            raise ConfigError(
+                f"config.{key}.prompt: file {section['prompt']!r} does not exist"
+            )
     for key, reference in config["models"].items():
         if key != "trust_remote_code":
             check_model_reference(key, reference)
@@ -206,7 +207,9 @@ def get_eval_inputs(wildcards):
     return {
         "model": "results/train/phase2",
         "shards": expand(
-            "results/{dataset}/shards/{shard}.tar", dataset=wildcards.dataset, shard=shards
+            "results/{dataset}/shards/{shard}.tar",
+            dataset=wildcards.dataset,
+            shard=shards,
         ),
         "attributes": expand(
             "results/{dataset}/attributes/phase2/{shard}.parquet",
@@ -226,10 +229,25 @@ def get_eval_settings(wildcards):
 
 def get_final_outputs():
     outputs = ["results/eval/metrics.tsv", "results/train/loss.png"]
-    outputs += expand("results/{dataset}/ingest_summary.tsv", dataset=config["datasets"])
+    outputs += expand(
+        "results/{dataset}/ingest_summary.tsv", dataset=config["datasets"]
+    )
     outputs += expand(
         "results/{dataset}/h5/{name}.json",
         dataset=config["train_datasets"],
         name=["metadata", "data_params"],
     )
     return outputs
+
+
+def model_param(key):
+    """A params entry for a model reference; a demo model's folder comes from the input."""
+
+    def reference(wildcards, input):
+        return (
+            input[key][0]
+            if DEMO_MODEL.match(config["models"][key])
+            else model_path(key)
+        )
+
+    return reference

@@ -4,17 +4,17 @@ rule evaluate:
     output:
         predictions="results/eval/{dataset}/predictions.parquet",
         metrics="results/eval/{dataset}/metrics.tsv",
-    params:
-        settings=get_eval_settings,
     log:
         "logs/evaluate/{dataset}.log",
     benchmark:
         "results/benchmarks/evaluate/{dataset}.tsv"
+    conda:
+        "../envs/torch.yaml"
     threads: 2
     resources:
         runtime=60,
-    conda:
-        "../envs/torch.yaml"
+    params:
+        settings=get_eval_settings,
     script:
         "../workflow/scripts/evaluate.py"
 

@@ -10,16 +10,16 @@ rule h5:
         phase2="results/{dataset}/h5/phase2/{shard}.h5",
         images=directory("results/{dataset}/h5/images/{shard}"),
         params="results/{dataset}/h5/shards/{shard}.json",
-    params:
-        settings=lookup(dpath="h5", within=config),
-        language_model=model_path("language_model"),
-        vision_tower=model_path("vision_tower"),
     log:
         "logs/h5/{dataset}/{shard}.log",
     benchmark:
         "results/benchmarks/h5/{dataset}/{shard}.tsv"
     conda:
         "../envs/torch.yaml"
+    params:
+        settings=lookup(dpath="h5", within=config),
+        language_model=model_param("language_model"),
+        vision_tower=model_param("vision_tower"),
     script:
         "../workflow/scripts/h5.py"
 

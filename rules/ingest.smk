@@ -4,16 +4,16 @@ rule ingest:
     output:
         tar="results/{dataset}/shards/{shard}.tar",
         stats="results/{dataset}/shards/{shard}.stats.json",
-    params:
-        rows=get_shard_rows,
-        settings=get_ingest_settings,
     log:
         "logs/ingest/{dataset}/{shard}.log",
     benchmark:
         "results/benchmarks/ingest/{dataset}/{shard}.tsv"
-    threads: 2
     conda:
         "../envs/ingest.yaml"
+    threads: 2
+    params:
+        rows=get_shard_rows,
+        settings=get_ingest_settings,
     script:
         "../workflow/scripts/ingest.py"
 

@@ -1,14 +1,14 @@
 rule demo_model:
     output:
         directory("results/models/demo-{kind}"),
-    params:
-        seed=config["seed"],
-        settings=lookup(dpath="demo_models", within=config),
     log:
         "logs/demo_model/{kind}.log",
     benchmark:
         "results/benchmarks/demo_model/{kind}.tsv"
     conda:
         "../envs/torch.yaml"
+    params:
+        seed=config["seed"],
+        settings=lookup(dpath="demo_models", within=config),
     script:
         "../workflow/scripts/demo_model.py"

@@ -3,19 +3,19 @@ rule train_phase1:
         unpack(get_train_phase1_inputs),
     output:
         directory("results/train/phase1"),
-    params:
-        settings=get_train_settings("phase1"),
-        vision_tower=model_path("vision_tower"),
-        language_model=model_path("language_model"),
     log:
         "logs/train/phase1.log",
     benchmark:
         "results/benchmarks/train/phase1.tsv"
+    conda:
+        "../envs/torch.yaml"
     threads: 2
     resources:
         runtime=240,
-    conda:
-        "../envs/torch.yaml"
+    params:
+        settings=get_train_settings("phase1"),
+        vision_tower=model_param("vision_tower"),
+        language_model=model_param("language_model"),
     script:
         "../workflow/scripts/train.py"
 
@@ -25,17 +25,17 @@ rule train_phase2:
         unpack(get_train_phase2_inputs),
     output:
         directory("results/train/phase2"),
-    params:
-        settings=get_train_settings("phase2"),
     log:
         "logs/train/phase2.log",
     benchmark:
         "results/benchmarks/train/phase2.tsv"
+    conda:
+        "../envs/torch.yaml"
     threads: 2
     resources:
         runtime=240,
-    conda:
-        "../envs/torch.yaml"
+    params:
+        settings=get_train_settings("phase2"),
     script:
         "../workflow/scripts/train.py"
 
