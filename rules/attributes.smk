@@ -11,7 +11,7 @@ rule attributes_phase1:
         "results/benchmarks/attributes_phase1/{dataset}/{shard}.tsv"
     conda:
         "../envs/torch.yaml"
-    threads: 2
+    threads: 1
     resources:
         runtime=60,
     params:
@@ -33,7 +33,7 @@ rule attributes_phase2:
         "results/benchmarks/attributes_phase2/{dataset}/{shard}.tsv"
     conda:
         "../envs/torch.yaml"
-    threads: 2
+    threads: 1
     resources:
         runtime=60,
     params:

@@ -11,7 +11,7 @@ rule caption:
         "results/benchmarks/caption/{dataset}/{shard}.tsv"
     conda:
         "../envs/torch.yaml"
-    threads: 2
+    threads: 1
     resources:
         runtime=60,
     params:

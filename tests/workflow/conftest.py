@@ -1,0 +1,105 @@
+"""A copy of the workflow in a temp folder, run on a subset of the sample data."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+WORKFLOW_FILES = ["Snakefile", "rules", "workflow", "config", "profiles"]
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 1200) -> subprocess.CompletedProcess[str]:
+    """Run Snakemake in ``workdir`` with the local profile; output is captured."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    return subprocess.run(
+        [SNAKEMAKE, "--profile", "profiles/local", *args],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The "Job stats" table of a dry run as {rule: count}; {} when nothing is to be done."""
+    if "Nothing to be done" in output:
+        return {}
+    table = output.split("Job stats:", 1)[1]
+    counts = {}
+    for line in table.splitlines()[3:]:
+        match = re.fullmatch(r"(\w+)\s+(\d+)", line.strip())
+        if not match:
+            break
+        counts[match[1]] = int(match[2])
+    counts.pop("total", None)
+    return counts
+
+
+def write_url_list(rows: list[dict[str, str]], images: Path, path: Path) -> None:
+    """A URL list of absolute file:// URLs pointing at copies of the sample images."""
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+        writer.writerow(["key", "url", "caption"])
+        for row in rows:
+            name = Path(row["url"].removeprefix("file:")).name
+            shutil.copy(REPO / "data" / "sample" / "images" / name, images / name)
+            writer.writerow([row["key"], (images / name).as_uri(), row["caption"]])
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
+def make_workdir(root: Path) -> Path:
+    """Copy the workflow and write a small config: 2 train shards and 1 eval shard of 8."""
+    for name in WORKFLOW_FILES:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, root / name)
+        else:
+            shutil.copy(source, root / name)
+    images = root / "data" / "images"
+    images.mkdir(parents=True)
+    sample = REPO / "data" / "sample"
+    write_url_list(read_rows(sample / "train.tsv")[:16], images, root / "data" / "train.tsv")
+    write_url_list(read_rows(sample / "eval.tsv")[:8], images, root / "data" / "eval.tsv")
+    config = load_config(root)
+    config["datasets"] = {
+        "photos": {"url_list": "data/train.tsv", "key_column": "key", "shard_size": 8},
+        "photos_eval": {"url_list": "data/eval.tsv", "key_column": "key", "shard_size": 8},
+    }
+    config["train_datasets"] = ["photos"]
+    config["eval_datasets"] = ["photos_eval"]
+    config["train"] = {"phase1": {"epochs": 1}, "phase2": {"epochs": 1}}
+    save_config(root, config)
+    return root
+
+
+def load_config(workdir: Path) -> dict[str, Any]:
+    with open(workdir / "config" / "config.yaml", encoding="utf-8") as handle:
+        config: dict[str, Any] = yaml.safe_load(handle)
+    return config
+
+
+def save_config(workdir: Path, config: dict[str, Any]) -> None:
+    with open(workdir / "config" / "config.yaml", "w", encoding="utf-8") as handle:
+        yaml.safe_dump(config, handle, sort_keys=False)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_workdir(tmp_path_factory.mktemp("workflow"))

@@ -1,0 +1,133 @@
+"""The whole DAG on a subset of the sample data: outputs, reruns, report.
+
+The tests of this module run in order on one work folder: a full run, then reruns.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import h5py
+import pyarrow.parquet as pq
+import pytest
+
+from tests.workflow.conftest import job_counts, load_config, save_config, snakemake
+
+pytestmark = pytest.mark.workflow
+
+TRAIN, EVAL = "photos", "photos_eval"
+TRAIN_SHARDS = ["000000", "000001"]
+
+# Downstream of one shard's captions: its own chain, then everything that aggregates.
+ONE_SHARD_CHAIN = {
+    "caption": 1,
+    "attributes_phase1": 1,
+    "attributes_phase2": 1,
+    "h5": 1,
+    "h5_index": 1,
+    "train_phase1": 1,
+    "train_phase2": 1,
+    "evaluate": 1,
+    "loss_plot": 1,
+    "metrics_table": 1,
+    "all": 1,
+}
+
+
+def contract_files(workdir: Path) -> list[Path]:
+    files = []
+    for dataset, shards in ((TRAIN, TRAIN_SHARDS), (EVAL, ["000000"])):
+        for shard in shards:
+            files += [
+                workdir / f"results/{dataset}/shards/{shard}.tar",
+                workdir / f"results/{dataset}/shards/{shard}.stats.json",
+                workdir / f"results/{dataset}/captions/{shard}.parquet",
+                workdir / f"results/{dataset}/attributes/phase1/{shard}.parquet",
+                workdir / f"results/{dataset}/attributes/phase2/{shard}.parquet",
+                workdir / f"logs/caption/{dataset}/{shard}.log",
+                workdir / f"results/benchmarks/caption/{dataset}/{shard}.tsv",
+            ]
+    for shard in TRAIN_SHARDS:
+        files += [
+            workdir / f"results/{TRAIN}/h5/phase1/{shard}.h5",
+            workdir / f"results/{TRAIN}/h5/phase2/{shard}.h5",
+        ]
+    files += [
+        workdir / f"results/{TRAIN}/h5/metadata.json",
+        workdir / f"results/{TRAIN}/h5/data_params.json",
+        workdir / "results/train/phase1/config.json",
+        workdir / "results/train/phase1/metrics.jsonl",
+        workdir / "results/train/phase2/model.safetensors",
+        workdir / "results/train/phase2/metrics.jsonl",
+        workdir / "results/train/loss.png",
+        workdir / "results/eval/metrics.tsv",
+    ]
+    return files
+
+
+def test_full_run_writes_every_file_of_the_data_contract(workdir: Path) -> None:
+    run = snakemake(workdir, "all")
+    assert run.returncode == 0, run.stderr[-4000:]
+    missing = [str(p.relative_to(workdir)) for p in contract_files(workdir) if not p.exists()]
+    assert not missing
+    with open(workdir / "results/eval/metrics.tsv", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    assert [(r["dataset"], r["k"]) for r in rows] == [(EVAL, "5"), (EVAL, "10")]
+    assert all(0.0 <= float(r["f1"]) <= 1.0 and int(r["n_images"]) > 0 for r in rows)
+    captions = pq.read_table(workdir / f"results/{TRAIN}/captions/000000.parquet").to_pylist()
+    assert len(captions) == 8
+    with h5py.File(workdir / f"results/{TRAIN}/h5/phase1/000000.h5") as f:
+        assert f["data"].shape[1] == 4 and f["data"].dtype == "int32"
+        assert f.attrs["n_examples"] == f["data"].shape[0] == f["img_path"].shape[0]
+
+
+def test_second_run_has_nothing_to_do(workdir: Path) -> None:
+    dry = snakemake(workdir, "-n", "all")
+    assert dry.returncode == 0, dry.stderr[-4000:]
+    assert job_counts(dry.stdout + dry.stderr) == {}
+
+
+def test_deleting_one_caption_file_reruns_that_shard_chain_and_the_aggregates(
+    workdir: Path,
+) -> None:
+    (workdir / f"results/{TRAIN}/captions/000001.parquet").unlink()
+    untouched = [
+        workdir / f"results/{TRAIN}/captions/000000.parquet",
+        workdir / f"results/{TRAIN}/attributes/phase2/000000.parquet",
+        workdir / f"results/{TRAIN}/h5/phase1/000000.h5",
+        workdir / f"results/{EVAL}/attributes/phase2/000000.parquet",
+        workdir / f"results/{TRAIN}/shards/000001.tar",
+    ]
+    before = {p: p.stat().st_mtime_ns for p in untouched}
+
+    dry = snakemake(workdir, "-n", "all")
+    assert job_counts(dry.stdout + dry.stderr) == ONE_SHARD_CHAIN
+
+    run = snakemake(workdir, "all")
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert {p: p.stat().st_mtime_ns for p in untouched} == before
+    assert (workdir / f"results/{TRAIN}/captions/000001.parquet").exists()
+
+
+def test_changing_a_caption_setting_reruns_caption_and_downstream_but_not_ingest(
+    workdir: Path,
+) -> None:
+    config = load_config(workdir)
+    config["caption"]["max_new_tokens"] += 4
+    save_config(workdir, config)
+    dry = snakemake(workdir, "-n", "all")
+    counts = job_counts(dry.stdout + dry.stderr)
+    assert "ingest" not in counts and "demo_model" not in counts
+    assert counts["caption"] == 3  # both train shards and the eval shard
+    assert counts["attributes_phase1"] == counts["attributes_phase2"] == 3
+    assert counts["h5"] == 2
+    assert counts["train_phase1"] == counts["evaluate"] == 1
+
+
+def test_report_includes_the_eval_table_ingest_stats_and_loss_curve(workdir: Path) -> None:
+    run = snakemake(workdir, "--report", "results/report.html", "all")
+    assert run.returncode == 0, run.stderr[-4000:]
+    html = (workdir / "results/report.html").read_text(encoding="utf-8")
+    for name in ("metrics.tsv", "ingest_summary.tsv", "loss.png"):
+        assert name in html
