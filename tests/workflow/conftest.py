@@ -19,12 +19,14 @@ SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 WORKFLOW_FILES = ["Snakefile", "rules", "workflow", "config", "profiles"]
 
 
-def snakemake(workdir: Path, *args: str, timeout: int = 1200) -> subprocess.CompletedProcess[str]:
-    """Run Snakemake in ``workdir`` with the local profile; output is captured."""
+def snakemake(
+    workdir: Path, *args: str, profile: str = "profiles/local", timeout: int = 1200
+) -> subprocess.CompletedProcess[str]:
+    """Run Snakemake in ``workdir`` with a profile of the repo; output is captured."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     return subprocess.run(
-        [SNAKEMAKE, "--profile", "profiles/local", *args],
+        [SNAKEMAKE, "--profile", profile, *args],
         cwd=workdir,
         env=env,
         capture_output=True,

@@ -131,3 +131,19 @@ def test_report_includes_the_eval_table_ingest_stats_and_loss_curve(workdir: Pat
     html = (workdir / "results/report.html").read_text(encoding="utf-8")
     for name in ("metrics.tsv", "ingest_summary.tsv", "loss.png"):
         assert name in html
+
+
+def test_slurm_profile_dry_run_needs_no_cluster_and_asks_gpus_for_model_rules(
+    workdir: Path,
+) -> None:
+    (workdir / "results/eval/metrics.tsv").unlink()
+    (workdir / f"results/{TRAIN}/captions/000000.parquet").unlink()
+    dry = snakemake(workdir, "-n", "all", profile="profiles/slurm")
+    assert dry.returncode == 0, dry.stderr[-4000:]
+    output = dry.stdout + dry.stderr
+    jobs = output.split("\nrule ")[1:]
+    caption = next(job for job in jobs if job.startswith("caption:"))
+    assert "gpu=1" in caption and "slurm_partition=gpu" in caption
+    # Aggregates stay on the submitting node.
+    local_jobs = output.split("\nlocalrule ")[1:]
+    assert any(job.startswith("metrics_table:") for job in local_jobs)
