@@ -17,13 +17,25 @@ from typing import Any
 import h5py
 import numpy as np
 
-from vlmflow.io import atomic_dir, atomic_path, read_parquet_rows, write_json
+from vlmflow.io import atomic_dir, atomic_path, read_json, read_parquet_rows, write_json
 from vlmflow.prompts import phase2_answer, phase2_prefix, phase2_prompt
 from vlmflow.shards import iter_samples
 
 log = logging.getLogger(__name__)
 
 INPUT_IDS, LOSS_MASK, LABELS, KEY_PADDING_MASK = range(4)
+PHASES = ("phase1", "phase2")
+PHASE_COUNTS = ("n_examples", "discarded_too_long", "tokens", "loss_valid_tokens")
+SHARED_PARAMS = (
+    "settings",
+    "language_model",
+    "vision_tower",
+    "num_patches",
+    "bos_id",
+    "eos_id",
+    "pad_id",
+    "vocab_size",
+)
 
 
 @dataclass(frozen=True)
@@ -175,7 +187,7 @@ def run_shard(
 
     phases: dict[str, dict[str, Any]] = {
         name: {"examples": [], "img_paths": [], "keys": [], "discarded_too_long": 0}
-        for name in ("phase1", "phase2")
+        for name in PHASES
     }
     skipped: dict[str, int] = {}
     with atomic_dir(out_images) as image_dir:
@@ -190,11 +202,12 @@ def run_shard(
             # Image paths are relative to the dataset's image root (results/D/h5/images).
             relative = f"{shard_id}/{sample.key}.jpg"
             (image_dir / f"{sample.key}.jpg").write_bytes(sample.jpg)
-            phase1_text = {
-                "attributes": ", ".join(labels),
-                "web_caption": sample.web_caption,
-                "vlm_caption": captions[sample.key]["vlm_caption"],
-            }[settings.phase1_text]
+            if settings.phase1_text == "attributes":
+                phase1_text = ", ".join(labels)
+            elif settings.phase1_text == "web_caption":
+                phase1_text = sample.web_caption
+            else:
+                phase1_text = captions[sample.key]["vlm_caption"]
             built = {
                 "phase1": phase1_example(
                     tokenizer, phase1_text, num_patches, ids, settings.max_seq_len
@@ -224,7 +237,7 @@ def run_shard(
         "vocab_size": len(tokenizer),
         "skipped": skipped,
     }
-    for name, out in (("phase1", out_phase1), ("phase2", out_phase2)):
+    for name, out in zip(PHASES, (out_phase1, out_phase2), strict=True):
         phase = phases[name]
         examples: list[Example] = phase["examples"]
         write_h5(out, examples, phase["img_paths"], settings.max_seq_len)
@@ -253,58 +266,29 @@ def build_index(
     params_paths: list[str | Path], out_metadata: str | Path, out_data_params: str | Path
 ) -> None:
     """key -> file and row for random access; dataset-wide counts in data_params.json."""
+    shards = [read_json(path) for path in params_paths]
     metadata: dict[str, dict[str, Any]] = {}
-    totals: dict[str, dict[str, int]] = {
-        name: {"n_examples": 0, "discarded_too_long": 0, "tokens": 0, "loss_valid_tokens": 0}
-        for name in ("phase1", "phase2")
-    }
+    totals = {name: dict.fromkeys(PHASE_COUNTS, 0) for name in PHASES}
     skipped: dict[str, int] = {}
-    first: dict[str, Any] = {}
-    for path in params_paths:
-        from vlmflow.io import read_json
-
-        params = read_json(path)
-        first = first or params
+    for params in shards:
         for reason, count in params["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + count
-        for name in ("phase1", "phase2"):
+        for name in PHASES:
             phase = params[name]
             for row, key in enumerate(phase["keys"]):
                 entry = metadata.setdefault(key, {"shard": params["shard"]})
                 entry[name] = {"file": f"{name}/{phase['file']}", "row": row}
-            for field in totals[name]:
-                totals[name][field] += phase[field]
+            for count in PHASE_COUNTS:
+                totals[name][count] += phase[count]
     write_json(out_metadata, metadata)
-    summary = {
-        key: first.get(key)
-        for key in (
-            "settings",
-            "language_model",
-            "vision_tower",
-            "num_patches",
-            "bos_id",
-            "eos_id",
-            "pad_id",
-            "vocab_size",
-        )
-    }
-    summary.update(totals=totals, skipped=skipped, shards=len(params_paths))
+    # Settings and token ids are the same in every shard (they are the rule's params).
+    first = shards[0] if shards else {}
+    summary: dict[str, Any] = {key: first.get(key) for key in SHARED_PARAMS}
+    summary.update(totals=totals, skipped=skipped, shards=len(shards))
     summary["image_patch_start_idx"] = {
         name: next(
-            (
-                p[name]["image_patch_start_idx"]
-                for p in map(_read, params_paths)
-                if p[name]["n_examples"]
-            ),
-            None,
+            (p[name]["image_patch_start_idx"] for p in shards if p[name]["n_examples"]), None
         )
-        for name in ("phase1", "phase2")
+        for name in PHASES
     }
     write_json(out_data_params, summary)
-
-
-def _read(path: str | Path) -> dict[str, Any]:
-    from vlmflow.io import read_json
-
-    result: dict[str, Any] = read_json(path)
-    return result

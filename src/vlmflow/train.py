@@ -267,6 +267,7 @@ def run(
             if (micro + 1) % settings.grad_accum and micro + 1 != len(loader):
                 continue
             torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]  # the rate this step ran at, before stepping
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -277,7 +278,7 @@ def run(
                 "step": step,
                 "epoch": epoch,
                 "loss": float(loss.detach()),
-                "lr": scheduler.get_last_lr()[0],
+                "lr": lr,
                 "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
             }
             history.append(entry)

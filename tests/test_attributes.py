@@ -1,0 +1,315 @@
+"""Tests for the attribute stages with the tiny demo language models."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from vlmflow import attributes
+from vlmflow.attribute_text import phase1_prompt
+from vlmflow.attributes import PHASE1_SCHEMA, PHASE2_SCHEMA, LLMSettings
+from vlmflow.caption import CAPTION_SCHEMA
+from vlmflow.io import write_rows_parquet
+from vlmflow.prompts import prompt_id
+
+PROMPTS = Path(__file__).resolve().parents[1] / "config" / "prompts"
+PHASE1_TEMPLATE = (PROMPTS / "attributes_phase1.txt").read_text(encoding="utf-8")
+PHASE2_TEMPLATE = (PROMPTS / "attributes_phase2.txt").read_text(encoding="utf-8")
+
+
+class Recorder:
+    """Wraps generate_answers to record which prompts reach the model."""
+
+    def __init__(self, answers: list[str] | None = None) -> None:
+        self.prompts: list[str] = []
+        self.answers = answers
+        self.real = attributes.generate_answers
+
+    def __call__(
+        self, tokenizer: Any, model: Any, prompts: list[str], settings: LLMSettings, desc: str
+    ) -> list[str]:
+        self.prompts += prompts
+        if self.answers is not None:
+            return self.answers[: len(prompts)]
+        return self.real(tokenizer, model, prompts, settings, desc)
+
+
+def _caption_rows() -> list[dict[str, Any]]:
+    return [
+        {"key": "k000", "web_caption": "a red car", "vlm_caption": "A red car.", "failure": None},
+        {"key": "k001", "web_caption": "UNREADABLE", "vlm_caption": "", "failure": "caption_error"},
+        {
+            "key": "k002",
+            "web_caption": "a dog on the grass in a green field",
+            "vlm_caption": "The image shows a brown dog lying on green grass near trees.",
+            "failure": None,
+        },
+        {"key": "k003", "web_caption": "a cat", "vlm_caption": "A cat on a sofa.", "failure": None},
+    ]
+
+
+@pytest.fixture
+def captions_parquet(tmp_path: Path) -> Path:
+    path = tmp_path / "captions.parquet"
+    rows = [{**row, "model": "vlm", "prompt_id": "p", "settings": "{}"} for row in _caption_rows()]
+    write_rows_parquet(path, rows, CAPTION_SCHEMA)
+    return path
+
+
+def _phase1_row(key: str, attributes_: list[str], failure: str | None) -> dict[str, Any]:
+    return {
+        "key": key,
+        "web_caption": "w",
+        "vlm_caption": "v",
+        "raw_answer": None if failure == "caption_failed" else "raw",
+        "attributes": attributes_,
+        "model": "llm",
+        "prompt_id": "p",
+        "failure": failure,
+    }
+
+
+@pytest.fixture
+def phase1_parquet(tmp_path: Path) -> Path:
+    path = tmp_path / "phase1.parquet"
+    rows = [
+        _phase1_row("k000", ["red wooden chair", "dogs", "green grass"], None),
+        _phase1_row("k001", [], "caption_failed"),
+        _phase1_row("k002", [], "no_items"),
+        _phase1_row("k003", ["cat", "sofa"], None),
+    ]
+    write_rows_parquet(path, rows, PHASE1_SCHEMA)
+    return path
+
+
+# ---------------------------------------------------------------------------
+# generate_answers: batches are sorted by length, answers come back in prompt order
+# ---------------------------------------------------------------------------
+
+
+def test_answers_come_back_in_prompt_order_whatever_the_batching(
+    demo_models: dict[str, str],
+) -> None:
+    # The base demo LM: its greedy answers differ from prompt to prompt (the instruct
+    # demo LLM is biased toward newlines, which strip to empty answers).
+    settings = LLMSettings(model=demo_models["lm"], prompt="", do_sample=False, max_new_tokens=10)
+    tokenizer, model = attributes.load_llm(settings)
+    assert tokenizer.padding_side == "left"
+    prompts = [
+        "a red car parked on a city street next to a tall building at sunset",
+        "dog",
+        "a cat sleeping on a sofa near a window",
+        "mountains covered with snow above a lake, clouds, forest, rocks, river",
+        "flower",
+    ]
+    alone = [
+        attributes.generate_answers(tokenizer, model, [p], replace(settings, batch_size=1), "")[0]
+        for p in prompts
+    ]
+    assert len(set(alone)) == len(prompts), "answers must differ for the order check to bite"
+    for batch_size in (1, 3, 5):
+        batched = attributes.generate_answers(
+            tokenizer, model, prompts, replace(settings, batch_size=batch_size), ""
+        )
+        assert batched == alone, f"batch_size={batch_size}"
+
+
+def test_generation_stops_on_end_of_turn(
+    demo_models: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = LLMSettings(model=demo_models["llm"], prompt="", do_sample=False, max_new_tokens=4)
+    tokenizer, model = attributes.load_llm(settings)
+    seen: dict[str, Any] = {}
+    real_generate = model.generate
+
+    def spy(**kwargs: Any) -> Any:
+        seen.update(kwargs)
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    attributes.generate_answers(tokenizer, model, ["a dog"], settings, "")
+    assert set(seen["eos_token_id"]) == {
+        tokenizer.eos_token_id,
+        tokenizer.convert_tokens_to_ids("<|eot_id|>"),
+    }
+    assert seen["pad_token_id"] == tokenizer.pad_token_id
+    assert seen["do_sample"] is False
+    assert "temperature" not in seen
+
+
+# ---------------------------------------------------------------------------
+# Phase 1
+# ---------------------------------------------------------------------------
+
+
+def test_phase1_with_demo_llm_keeps_every_key_and_skips_failed_captions(
+    demo_models: dict[str, str],
+    captions_parquet: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    recorder = Recorder()
+    monkeypatch.setattr(attributes, "generate_answers", recorder)
+    settings = LLMSettings(
+        model=demo_models["llm"], prompt=PHASE1_TEMPLATE, max_new_tokens=16, batch_size=2
+    )
+    out = tmp_path / "phase1" / "000000.parquet"
+    counts = attributes.run_phase1(captions_parquet, out, settings, "000000")
+
+    table = pq.read_table(out)
+    assert table.schema.equals(PHASE1_SCHEMA)
+    rows = table.to_pylist()
+    assert [r["key"] for r in rows] == ["k000", "k001", "k002", "k003"]
+    # The model saw the three good captions only, with the cleaned VLM caption.
+    assert len(recorder.prompts) == 3
+    assert not any("UNREADABLE" in p for p in recorder.prompts)
+    assert (
+        phase1_prompt(
+            PHASE1_TEMPLATE,
+            "a dog on the grass in a green field",
+            "a brown dog lying on green grass near trees.",
+        )
+        in recorder.prompts
+    )
+    failed = rows[1]
+    assert failed["failure"] == "caption_failed"
+    assert failed["raw_answer"] is None
+    assert failed["attributes"] == []
+    for row in rows[:1] + rows[2:]:
+        assert row["raw_answer"] is not None
+        assert row["failure"] in (None, "empty_answer", "no_items")
+        assert (row["failure"] is None) == bool(row["attributes"])
+    for row in rows:
+        assert row["model"] == demo_models["llm"]
+        assert row["prompt_id"] == prompt_id(PHASE1_TEMPLATE)
+    n_failed = sum(r["failure"] is not None for r in rows)
+    assert counts == {"in": 4, "ok": 4 - n_failed, "failed": n_failed}
+
+
+def test_phase1_parses_each_answer_for_its_own_key(
+    captions_parquet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answers = ["1. Red car\n2. road", "   ", "Here is the list:\n- cat\n- sofa"]
+    monkeypatch.setattr(attributes, "generate_answers", Recorder(answers))
+    monkeypatch.setattr(attributes, "load_llm", lambda settings: (None, None))
+    out = tmp_path / "phase1.parquet"
+    settings = LLMSettings(model="llm", prompt=PHASE1_TEMPLATE)
+    counts = attributes.run_phase1(captions_parquet, out, settings, "000000")
+    rows = {r["key"]: r for r in pq.read_table(out).to_pylist()}
+    assert rows["k000"]["attributes"] == ["red car", "road"]
+    assert rows["k000"]["failure"] is None
+    assert rows["k001"]["failure"] == "caption_failed"
+    assert rows["k002"]["attributes"] == []
+    assert rows["k002"]["failure"] == "empty_answer"
+    assert rows["k003"]["attributes"] == ["cat", "sofa"]
+    assert counts == {"in": 4, "ok": 2, "failed": 2}
+
+
+def test_phase1_with_only_failed_captions_never_loads_the_model(tmp_path: Path) -> None:
+    captions = tmp_path / "captions.parquet"
+    rows = [
+        {**row, "failure": "caption_error: broken", "model": "m", "prompt_id": "p", "settings": ""}
+        for row in _caption_rows()
+    ]
+    write_rows_parquet(captions, rows, CAPTION_SCHEMA)
+    settings = LLMSettings(model=str(tmp_path / "no-such-model"), prompt=PHASE1_TEMPLATE)
+    counts = attributes.run_phase1(captions, tmp_path / "out.parquet", settings, "000000")
+    assert counts == {"in": 4, "ok": 0, "failed": 4}
+    out = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert [r["failure"] for r in out] == ["caption_failed"] * 4
+
+
+# ---------------------------------------------------------------------------
+# Phase 2
+# ---------------------------------------------------------------------------
+
+
+def test_phase2_with_demo_llm_keeps_every_key_and_aligns_sources(
+    demo_models: dict[str, str],
+    phase1_parquet: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    recorder = Recorder()
+    monkeypatch.setattr(attributes, "generate_answers", recorder)
+    settings = LLMSettings(model=demo_models["llm"], prompt=PHASE2_TEMPLATE, max_new_tokens=16)
+    out = tmp_path / "phase2.parquet"
+    counts = attributes.run_phase2(phase1_parquet, out, settings, "000000")
+
+    table = pq.read_table(out)
+    assert table.schema.equals(PHASE2_SCHEMA)
+    rows = table.to_pylist()
+    assert [r["key"] for r in rows] == ["k000", "k001", "k002", "k003"]
+    # Only the rows with phase-1 attributes go to the model.
+    assert len(recorder.prompts) == 2
+    assert "1. red wooden chair\n2. dogs\n3. green grass" in recorder.prompts[0]
+    for row in rows:
+        assert len(row["attribute_sources"]) == len(row["attributes"])
+        assert set(row["attribute_sources"]) <= {"phase1", "phase2", "both"}
+        assert len(set(row["attributes"])) == len(row["attributes"])
+    by_key = {r["key"]: r for r in rows}
+    assert by_key["k001"]["failure"] == "caption_failed"
+    assert by_key["k001"]["raw_answer"] is None
+    assert by_key["k002"]["failure"] == "no_items"
+    assert by_key["k002"]["attributes"] == []
+    for key in ("k000", "k003"):
+        row = by_key[key]
+        assert row["failure"] is None
+        assert row["raw_answer"] is not None
+    # Phase-1 attributes always stand, whatever phase 2 answered.
+    for key, kept in (("k000", {"red wooden chair", "green grass"}), ("k003", {"cat", "sofa"})):
+        source = dict(zip(by_key[key]["attributes"], by_key[key]["attribute_sources"], strict=True))
+        assert kept <= set(source)
+        assert all(source[text] in ("phase1", "both") for text in kept)
+    assert counts == {"in": 4, "ok": 2, "failed": 2}
+
+
+def test_phase2_merges_new_items_and_is_deterministic(
+    phase1_parquet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answers = ["1. chair\n2. dog\n3. leg", "none"]
+    monkeypatch.setattr(attributes, "generate_answers", Recorder(answers))
+    monkeypatch.setattr(attributes, "load_llm", lambda settings: (None, None))
+    settings = LLMSettings(model="llm", prompt=PHASE2_TEMPLATE)
+    attributes.run_phase2(phase1_parquet, tmp_path / "a.parquet", settings, "000000")
+    attributes.run_phase2(phase1_parquet, tmp_path / "b.parquet", settings, "000000")
+    first = pq.read_table(tmp_path / "a.parquet").to_pylist()
+    assert first == pq.read_table(tmp_path / "b.parquet").to_pylist()
+
+    row = first[0]
+    assert row["phase2_attributes"] == ["chair", "dog", "leg"]
+    source = dict(zip(row["attributes"], row["attribute_sources"], strict=True))
+    # "dogs" is dropped for its singular "dog", which phase 2 supplied.
+    assert source == {
+        "chair": "phase2",
+        "dog": "phase2",
+        "leg": "phase2",
+        "green grass": "phase1",
+        "red wooden chair": "phase1",
+    }
+    # Fewer words first.
+    words = [len(a.split()) for a in row["attributes"]]
+    assert words == sorted(words)
+    # "none" adds nothing, but the phase-1 attributes still stand.
+    cat = first[3]
+    assert cat["phase2_attributes"] == []
+    assert sorted(cat["attributes"]) == ["cat", "sofa"]
+    assert cat["attribute_sources"] == ["phase1", "phase1"]
+    assert cat["failure"] is None
+
+
+def test_phase2_row_without_attributes_fails_as_no_attributes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "phase1.parquet"
+    write_rows_parquet(path, [_phase1_row("k000", [], None)], PHASE1_SCHEMA)
+    settings = LLMSettings(model=str(tmp_path / "no-such-model"), prompt=PHASE2_TEMPLATE)
+    counts = attributes.run_phase2(path, tmp_path / "out.parquet", settings, "000000")
+    assert counts == {"in": 1, "ok": 0, "failed": 1}
+    row = pq.read_table(tmp_path / "out.parquet").to_pylist()[0]
+    assert row["failure"] == "no_attributes"
+    assert row["raw_answer"] is None

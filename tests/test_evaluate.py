@@ -1,0 +1,197 @@
+"""Tests for the eval stage: greedy label lists from a LLaVA folder, soft R/P/F1@k."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from vlmflow import evaluate, h5, train
+from vlmflow.attribute_text import parse_list
+from vlmflow.attributes import PHASE2_SCHEMA
+from vlmflow.evaluate import METRIC_COLUMNS, PREDICTION_SCHEMA, EvalSettings
+from vlmflow.io import write_rows_parquet
+from vlmflow.metrics import sentence_encoder, soft_prf
+from vlmflow.models import packaged_minilm_path
+from vlmflow.shards import iter_samples
+from vlmflow.train import TrainSettings
+
+INSTRUCTION = "List the objects and attributes in the image."
+REFERENCES = {
+    "k000": ["dog", "green grass"],
+    "k002": ["flower", "leaf", "water drop"],
+    "k004": ["mountain", "lake"],
+}
+SETTINGS = EvalSettings(instruction=INSTRUCTION, top_k=(1, 3), max_new_tokens=12, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory: pytest.TempPathFactory, demo_models: dict[str, str]) -> str:
+    """A LLaVA built from the demo towers and saved the way the train stage saves it."""
+    model, processor = train.build_llava(
+        demo_models["vision"], demo_models["lm"], TrainSettings(phase=2)
+    )
+    folder = tmp_path_factory.mktemp("llava") / "model"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def phase2_parquet(tmp_path: Path) -> Path:
+    rows = []
+    for number in range(5):
+        key = f"k{number:03d}"
+        labels = REFERENCES.get(key, [])
+        rows.append(
+            {
+                "key": key,
+                "raw_answer": "",
+                "phase1_attributes": labels,
+                "phase2_attributes": [],
+                "attributes": labels,
+                "attribute_sources": ["phase1"] * len(labels),
+                "model": "llm",
+                "prompt_id": "p",
+                # k001 failed upstream; k003 has no failure but no labels either.
+                "failure": "no_attributes" if key == "k001" else None,
+            }
+        )
+    path = tmp_path / "phase2.parquet"
+    write_rows_parquet(path, rows, PHASE2_SCHEMA)
+    return path
+
+
+def _read_tsv(path: Path) -> list[dict[str, str]]:
+    with open(path, encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
+def test_run_writes_predictions_and_metrics_per_k(
+    llava_dir: str, shard_tar: Path, phase2_parquet: Path, tmp_path: Path
+) -> None:
+    predictions_path = tmp_path / "eval" / "predictions.parquet"
+    metrics_path = tmp_path / "eval" / "metrics.tsv"
+    table = evaluate.run(
+        llava_dir,
+        [shard_tar],
+        [phase2_parquet],
+        packaged_minilm_path(),
+        SETTINGS,
+        "demo",
+        predictions_path,
+        metrics_path,
+    )
+
+    predictions = pq.read_table(predictions_path)
+    assert predictions.schema.equals(PREDICTION_SCHEMA)
+    rows = predictions.to_pylist()
+    # One row per image with references, in shard order.
+    assert [r["key"] for r in rows] == ["k000", "k002", "k004"]
+    for row in rows:
+        assert row["references"] == REFERENCES[row["key"]]
+        assert row["predictions"] == parse_list(row["raw_answer"]).attributes
+
+    with open(metrics_path, encoding="utf-8") as handle:
+        assert handle.readline().rstrip("\n").split("\t") == METRIC_COLUMNS
+    written = _read_tsv(metrics_path)
+    assert [int(r["k"]) for r in written] == [1, 3]
+    for line, returned in zip(written, table, strict=True):
+        assert line["dataset"] == "demo"
+        assert int(line["n_images"]) == 3
+        for column in ("recall", "precision", "f1"):
+            value = float(line[column])
+            assert 0.0 <= value <= 1.0
+            assert value == returned[column]
+    assert sorted(p.name for p in metrics_path.parent.iterdir()) == [
+        "metrics.tsv",
+        "predictions.parquet",
+    ]
+
+    # The tsv holds soft_prf of the first k parsed predictions.
+    embed = sentence_encoder(packaged_minilm_path())
+    for line in written:
+        k = int(line["k"])
+        scores = soft_prf(
+            [r["references"] for r in rows], [r["predictions"][:k] for r in rows], embed
+        )
+        assert float(line["recall"]) == pytest.approx(scores.recall, abs=1e-4)
+        assert float(line["precision"]) == pytest.approx(scores.precision, abs=1e-4)
+        assert float(line["f1"]) == pytest.approx(scores.f1, abs=1e-4)
+
+
+def test_eval_prompt_is_the_phase2_training_layout(llava_dir: str, shard_tar: Path) -> None:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(llava_dir).eval()
+    processor = AutoProcessor.from_pretrained(llava_dir)
+    seen: list[dict[str, Any]] = []
+    real_generate = model.generate
+
+    def spy(**kwargs: Any) -> Any:
+        seen.append(kwargs)
+        return real_generate(**kwargs)
+
+    model.generate = spy  # type: ignore[method-assign]
+    samples = list(iter_samples(shard_tar))[:2]
+    evaluate.predict(model, processor, samples, SETTINGS)
+    assert len(seen) == 1
+    assert seen[0]["do_sample"] is False
+    prompt = seen[0]["input_ids"]
+
+    # The same sample as the h5 stage packs it for phase 2, with its patch slots turned
+    # into image tokens as the train stage does: everything before the answer matches.
+    tokenizer = processor.tokenizer
+    ids = h5.token_ids(tokenizer)
+    example = h5.phase2_example(tokenizer, INSTRUCTION, ["dog"], 16, ids, max_seq_len=256)
+    assert example is not None
+    trained = train.model_inputs(
+        torch.from_numpy(np.stack([example.rows])).long(),
+        ids.pad,
+        model.config.image_token_index,
+        16,
+    )["input_ids"][0]
+    answer_start = int(np.argmax(example.rows[h5.LOSS_MASK])) + 1
+    assert prompt.shape == (2, answer_start)
+    assert prompt[0].tolist() == trained[:answer_start].tolist()
+    assert prompt[1].tolist() == prompt[0].tolist()
+
+
+def test_predictions_are_greedy_and_independent_of_batching(
+    llava_dir: str, shard_tar: Path
+) -> None:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(llava_dir).eval()
+    processor = AutoProcessor.from_pretrained(llava_dir)
+    samples = list(iter_samples(shard_tar))
+    first = evaluate.predict(model, processor, samples, replace(SETTINGS, batch_size=1))
+    again = evaluate.predict(model, processor, samples, replace(SETTINGS, batch_size=3))
+    assert len(first) == len(samples)
+    assert first == again
+
+
+def test_run_without_references_fails_clearly(
+    llava_dir: str, shard_tar: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "phase2.parquet"
+    write_rows_parquet(path, [], PHASE2_SCHEMA)
+    with pytest.raises(ValueError, match="no image with reference"):
+        evaluate.run(
+            llava_dir,
+            [shard_tar],
+            [path],
+            packaged_minilm_path(),
+            SETTINGS,
+            "demo",
+            tmp_path / "p.parquet",
+            tmp_path / "m.tsv",
+        )
+    assert not (tmp_path / "p.parquet").exists()
+    assert not (tmp_path / "m.tsv").exists()

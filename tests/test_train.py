@@ -1,0 +1,380 @@
+"""Tests for the training stage: a tiny LLaVA trained on H5 files built by the h5 stage."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+from safetensors.torch import load_file
+
+from vlmflow import h5, train
+from vlmflow.attributes import PHASE1_SCHEMA, PHASE2_SCHEMA
+from vlmflow.h5 import H5Settings, TokenIds, pack
+from vlmflow.io import read_json, write_rows_parquet
+from vlmflow.models import IMAGE
+from vlmflow.train import H5Source, TrainSettings
+
+KEYS = [f"k{n:03d}" for n in range(5)]
+LABELS = {
+    "k000": ["dog", "green grass"],
+    "k001": ["red car", "building", "street"],
+    "k002": ["flower", "leaf"],
+    "k003": ["cat", "sofa", "window"],
+    "k004": ["mountain", "lake", "snow"],
+}
+P = 16
+
+
+@dataclass(frozen=True)
+class H5Files:
+    phase1: H5Source
+    phase2: H5Source
+
+
+def _jpeg(colour: tuple[int, int, int], width: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, 30), colour).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def h5_files(tmp_path_factory: pytest.TempPathFactory, demo_models: dict[str, str]) -> H5Files:
+    """One shard through the h5 stage (module-scoped: the shard_tar fixture is per test)."""
+    root = tmp_path_factory.mktemp("train-data")
+    tar = root / "000000.tar"
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (90, 90, 90)]
+    with wds.TarWriter(str(tar)) as writer:
+        for number, (key, colour) in enumerate(zip(KEYS, colours, strict=True)):
+            writer.write(
+                {
+                    "__key__": key,
+                    "jpg": _jpeg(colour, 40 + 7 * number),
+                    "txt": f"web caption {number}",
+                    "json": json.dumps({"key": key}),
+                }
+            )
+    common = {"model": "llm", "prompt_id": "p", "failure": None, "raw_answer": ""}
+    phase1 = [
+        {**common, "key": k, "web_caption": "w", "vlm_caption": "v", "attributes": LABELS[k]}
+        for k in KEYS
+    ]
+    phase2 = [
+        {
+            **common,
+            "key": k,
+            "phase1_attributes": LABELS[k],
+            "phase2_attributes": [],
+            "attributes": LABELS[k],
+            "attribute_sources": ["phase1"] * len(LABELS[k]),
+        }
+        for k in KEYS
+    ]
+    write_rows_parquet(root / "phase1.parquet", phase1, PHASE1_SCHEMA)
+    write_rows_parquet(root / "phase2.parquet", phase2, PHASE2_SCHEMA)
+    out = root / "h5"
+    h5.run_shard(
+        tar,
+        root / "phase1.parquet",
+        root / "phase2.parquet",
+        demo_models["lm"],
+        demo_models["vision"],
+        H5Settings(max_seq_len=128),
+        "000000",
+        out / "phase1" / "000000.h5",
+        out / "phase2" / "000000.h5",
+        out / "images" / "000000",
+        out / "params" / "000000.json",
+    )
+    return H5Files(
+        phase1=H5Source(out / "phase1" / "000000.h5", out / "images"),
+        phase2=H5Source(out / "phase2" / "000000.h5", out / "images"),
+    )
+
+
+PHASE1 = TrainSettings(phase=1, epochs=2, batch_size=2, lr=1e-2, seed=3)
+PHASE2 = TrainSettings(phase=2, epochs=1, batch_size=2, lr=1e-2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def phase1_model(
+    tmp_path_factory: pytest.TempPathFactory, demo_models: dict[str, str], h5_files: H5Files
+) -> tuple[Path, list[dict[str, Any]]]:
+    out = tmp_path_factory.mktemp("phase1") / "model"
+    history = train.run(
+        [h5_files.phase1],
+        out,
+        PHASE1,
+        vision_tower=demo_models["vision"],
+        language_model=demo_models["lm"],
+    )
+    return out, history
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _is_projector(name: str) -> bool:
+    return "multi_modal_projector" in name
+
+
+def _is_vision(name: str) -> bool:
+    return "vision_tower" in name
+
+
+# ---------------------------------------------------------------------------
+# Pure helpers
+# ---------------------------------------------------------------------------
+
+
+def test_model_inputs_replaces_exactly_the_patch_slots() -> None:
+    ids = TokenIds(bos=0, eos=1, pad=2)
+    phase1 = pack([0], 3, [], [10, 11], ids, max_seq_len=10)
+    phase2 = pack([0, 50, 51], 3, [60], [70], ids, max_seq_len=10)
+    assert phase1 is not None
+    assert phase2 is not None
+    rows = torch.from_numpy(np.stack([phase1.rows, phase2.rows])).long()
+    before = rows.clone()
+    inputs = train.model_inputs(rows, pad_id=2, image_token_id=99, num_patches=3)
+    assert inputs["input_ids"].tolist() == [
+        [0, 99, 99, 99, 10, 11, 2, 2, 2, 2],
+        [0, 50, 51, 99, 99, 99, 60, 70, 2, 2],
+    ]
+    assert inputs["attention_mask"].tolist() == [
+        [1, 1, 1, 1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 1, 1, 1, 1, 0, 0],
+    ]
+    assert torch.equal(inputs["labels"], rows[:, h5.LABELS])
+    assert torch.equal(inputs["loss_mask"], rows[:, h5.LOSS_MASK])
+    assert torch.equal(rows, before)  # the H5 rows themselves are not modified
+
+
+def test_masked_loss_is_the_mean_over_masked_positions() -> None:
+    logits = torch.tensor([[[2.0, 0.0, -1.0], [0.5, 0.5, 0.5], [0.0, 3.0, 1.0], [1.0, 2.0, 3.0]]])
+    labels = torch.tensor([[0, 1, 2, 2]])
+    mask = torch.tensor([[1, 0, 1, 0]])
+
+    def nll(row: list[float], label: int) -> float:
+        return -(row[label] - math.log(sum(math.exp(v) for v in row)))
+
+    expected = (nll([2.0, 0.0, -1.0], 0) + nll([0.0, 3.0, 1.0], 2)) / 2
+    assert float(train.masked_loss(logits, labels, mask)) == pytest.approx(expected, rel=1e-6)
+    # Nothing to train on: zero, not NaN.
+    assert float(train.masked_loss(logits, labels, torch.zeros_like(mask))) == 0.0
+
+
+# ---------------------------------------------------------------------------
+# build_llava
+# ---------------------------------------------------------------------------
+
+
+def test_build_llava_reuses_the_pretrained_towers(demo_models: dict[str, str]) -> None:
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    model, processor = train.build_llava(demo_models["vision"], demo_models["lm"], PHASE1)
+    model.eval()
+    lm = AutoModelForCausalLM.from_pretrained(demo_models["lm"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(demo_models["lm"])
+    ids = tokenizer("a red car parked on a city street", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        ours = model(input_ids=ids).logits
+        theirs = lm(input_ids=ids).logits
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+    vision = AutoModel.from_pretrained(demo_models["vision"])
+    ours_vision = model.model.vision_tower.state_dict()
+    for name, tensor in vision.state_dict().items():
+        assert torch.equal(ours_vision[name], tensor), name
+
+    assert model.config.image_token_index == tokenizer.convert_tokens_to_ids(IMAGE)
+    assert set(model.generation_config.eos_token_id) == set(lm.generation_config.eos_token_id)
+    # The processor expands one <image> into one token per patch.
+    text = f"{IMAGE} a photo"
+    batch = processor(images=[Image.new("RGB", (40, 30))], text=[text], return_tensors="pt")
+    assert int((batch["input_ids"] == model.config.image_token_index).sum()) == P
+
+
+def test_build_llava_projector_depends_on_the_seed(demo_models: dict[str, str]) -> None:
+    def projector(seed: int) -> dict[str, torch.Tensor]:
+        settings = TrainSettings(phase=1, seed=seed)
+        model, _ = train.build_llava(demo_models["vision"], demo_models["lm"], settings)
+        return model.model.multi_modal_projector.state_dict()
+
+    first, again, other = projector(0), projector(0), projector(1)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["linear_1.weight"], other["linear_1.weight"])
+
+
+# ---------------------------------------------------------------------------
+# The data set
+# ---------------------------------------------------------------------------
+
+
+def test_h5_examples_pair_rows_with_their_images(
+    demo_models: dict[str, str], h5_files: H5Files
+) -> None:
+    from transformers import AutoImageProcessor
+
+    image_processor = AutoImageProcessor.from_pretrained(demo_models["vision"])
+    dataset = train.H5Examples([h5_files.phase1, h5_files.phase2], image_processor)
+    assert len(dataset) == 10
+    with h5py.File(h5_files.phase2.path, "r") as f:
+        expected_rows = f["data"][4]
+        relative = f["img_path"][4, 0].decode()
+    item = dataset[9]  # the last row of the second file
+    assert item["rows"].dtype == torch.int64
+    assert item["rows"].tolist() == expected_rows.tolist()
+    assert relative == "000000/k004.jpg"
+    with Image.open(h5_files.phase2.image_root / relative) as img:
+        expected_pixels = image_processor(images=img.convert("RGB"), return_tensors="pt")
+    assert torch.equal(item["pixel_values"], expected_pixels["pixel_values"][0])
+    assert tuple(item["pixel_values"].shape) == (3, 32, 32)
+
+
+# ---------------------------------------------------------------------------
+# run(): phase 1 then phase 2
+# ---------------------------------------------------------------------------
+
+
+def test_phase1_trains_the_projector_only(
+    demo_models: dict[str, str], phase1_model: tuple[Path, list[dict[str, Any]]]
+) -> None:
+    folder, _ = phase1_model
+    fresh, _ = train.build_llava(demo_models["vision"], demo_models["lm"], PHASE1)
+    # Keys as save_pretrained writes them.
+    fresh_folder = folder.parent / "fresh"
+    fresh.save_pretrained(fresh_folder)
+    before, after = _weights(fresh_folder), _weights(folder)
+    assert before.keys() == after.keys()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed
+    assert all(_is_projector(name) for name in changed), sorted(changed)
+    assert {name for name in before if _is_projector(name)} == changed
+
+
+def test_phase1_writes_one_metrics_line_per_step(
+    phase1_model: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    folder, history = phase1_model
+    lines = (folder / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    entries = [json.loads(line) for line in lines]
+    # 5 examples in batches of 2 -> 3 optimiser steps per epoch, 2 epochs.
+    assert len(entries) == 6
+    assert entries == history
+    assert [e["step"] for e in entries] == list(range(1, 7))
+    assert [e["epoch"] for e in entries] == [0, 0, 0, 1, 1, 1]
+    for entry in entries:
+        assert entry["phase"] == 1
+        assert math.isfinite(entry["loss"])
+        assert entry["loss"] > 0
+        assert 0.0 <= entry["lr"] <= PHASE1.lr
+        assert entry["tokens_per_s"] > 0
+    params = read_json(folder / "train_params.json")
+    assert params["steps"] == 6
+    assert params["examples"] == 5
+    assert params["settings"]["phase"] == 1
+    assert params["init_from"] is None
+
+
+def test_gradient_accumulation_counts_optimiser_steps(
+    tmp_path: Path, demo_models: dict[str, str], h5_files: H5Files
+) -> None:
+    settings = TrainSettings(phase=1, epochs=1, batch_size=2, grad_accum=2)
+    history = train.run(
+        [h5_files.phase1],
+        tmp_path / "model",
+        settings,
+        vision_tower=demo_models["vision"],
+        language_model=demo_models["lm"],
+    )
+    # 3 micro-batches: one full accumulation, then the short remainder still steps.
+    assert [e["step"] for e in history] == [1, 2]
+    lines = (tmp_path / "model" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2
+
+
+def test_same_seed_gives_the_same_losses(
+    tmp_path: Path,
+    demo_models: dict[str, str],
+    h5_files: H5Files,
+    phase1_model: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    _, history = phase1_model
+    again = train.run(
+        [h5_files.phase1],
+        tmp_path / "again",
+        PHASE1,
+        vision_tower=demo_models["vision"],
+        language_model=demo_models["lm"],
+    )
+    assert [e["loss"] for e in again] == [e["loss"] for e in history]
+    first, second = _weights(phase1_model[0]), _weights(tmp_path / "again")
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    other = train.run(
+        [h5_files.phase1],
+        tmp_path / "other",
+        replace(PHASE1, seed=4),
+        vision_tower=demo_models["vision"],
+        language_model=demo_models["lm"],
+    )
+    assert [e["loss"] for e in other] != [e["loss"] for e in history]
+
+
+def test_phase2_trains_projector_and_language_model(
+    tmp_path: Path, h5_files: H5Files, phase1_model: tuple[Path, list[dict[str, Any]]]
+) -> None:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    phase1_folder, _ = phase1_model
+    out = tmp_path / "phase2"
+    history = train.run([h5_files.phase2], out, PHASE2, init_from=str(phase1_folder))
+    assert len(history) == 3
+    assert all(e["phase"] == 2 for e in history)
+    assert read_json(out / "train_params.json")["init_from"] == str(phase1_folder)
+
+    before, after = _weights(phase1_folder), _weights(out)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert not any(_is_vision(name) for name in changed)
+    assert any(_is_projector(name) for name in changed)
+    assert any("language_model" in name for name in changed)
+    assert any(name.endswith("lm_head.weight") for name in changed)
+
+    # Any transformers user can load the result.
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    inputs = processor(images=[Image.new("RGB", (40, 30))], text=[text], return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_index).sum()) == P
+    with torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert output.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_run_refuses_an_empty_data_set(tmp_path: Path, demo_models: dict[str, str]) -> None:
+    empty = tmp_path / "empty.h5"
+    h5.write_h5(empty, [], [], 64)
+    with pytest.raises(ValueError, match="skipped"):
+        train.run(
+            [H5Source(empty, tmp_path)],
+            tmp_path / "model",
+            PHASE1,
+            vision_tower=demo_models["vision"],
+            language_model=demo_models["lm"],
+        )
+    assert not (tmp_path / "model").exists()
+
+
+def test_run_needs_a_model_to_start_from(tmp_path: Path, h5_files: H5Files) -> None:
+    with pytest.raises(ValueError, match="init_from"):
+        train.run([h5_files.phase1], tmp_path / "model", PHASE1)
