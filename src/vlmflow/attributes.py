@@ -24,7 +24,7 @@ from vlmflow.attribute_text import (
     phase2_prompt,
 )
 from vlmflow.io import read_parquet_rows, stable_seed, write_rows_parquet
-from vlmflow.models import device, torch_dtype
+from vlmflow.models import GenerationSettings
 from vlmflow.prompts import prompt_id
 
 log = logging.getLogger(__name__)
@@ -58,17 +58,9 @@ PHASE2_SCHEMA = pa.schema(
 
 
 @dataclass(frozen=True)
-class LLMSettings:
-    model: str
-    prompt: str
-    max_new_tokens: int = 128
-    do_sample: bool = True
-    temperature: float = 0.6
-    top_p: float = 0.7
-    batch_size: int = 16
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-    seed: int = 0
+class LLMSettings(GenerationSettings):
+    """Generation settings of an attribute phase, plus how its answers are parsed."""
+
     stop_words: tuple[str, ...] = field(default_factory=tuple)
     max_words: int = 6
 
@@ -76,7 +68,6 @@ class LLMSettings:
 def load_llm(settings: LLMSettings) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    on = device()
     tokenizer = AutoTokenizer.from_pretrained(
         settings.model, trust_remote_code=settings.trust_remote_code
     )
@@ -84,12 +75,7 @@ def load_llm(settings: LLMSettings) -> tuple[Any, Any]:
     if tokenizer.pad_token_id is None:
         # Llama-3 ships without a pad token; padded positions are masked out anyway.
         tokenizer.pad_token = tokenizer.eos_token
-    model: Any = AutoModelForCausalLM.from_pretrained(
-        settings.model,
-        dtype=torch_dtype(settings.dtype, on),
-        trust_remote_code=settings.trust_remote_code,
-    )
-    model = model.to(on).eval()
+    model = settings.load_pretrained(AutoModelForCausalLM)
     return tokenizer, model
 
 
@@ -106,15 +92,12 @@ def generate_answers(
     # Batches of similar length waste less compute on padding.
     lengths = [len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in chats]
     order = sorted(range(len(chats)), key=lambda i: (lengths[i], i))
-    kwargs: dict[str, Any] = {
-        "max_new_tokens": settings.max_new_tokens,
-        "do_sample": settings.do_sample,
+    kwargs = {
+        **settings.generation_kwargs(),
         # Stop on every end-of-turn id the model declares (Llama-3: <|eot_id|> and EOS).
         "eos_token_id": model.generation_config.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
-    if settings.do_sample:
-        kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
     answers: dict[int, str] = {}
     steps = range(0, len(order), settings.batch_size)
     for start in tqdm(steps, desc=desc, unit="batch"):

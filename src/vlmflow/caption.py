@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from vlmflow.io import stable_seed, write_rows_parquet
-from vlmflow.models import device, torch_dtype
+from vlmflow.models import GenerationSettings
 from vlmflow.prompts import prompt_id
 from vlmflow.shards import Sample, iter_samples
 
@@ -37,41 +37,21 @@ CAPTION_SCHEMA = pa.schema(
 
 
 @dataclass(frozen=True)
-class CaptionSettings:
-    model: str
-    prompt: str
-    max_new_tokens: int = 168
-    do_sample: bool = True
-    temperature: float = 0.6
-    top_p: float = 0.7
-    batch_size: int = 6
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-    seed: int = 0
+class CaptionSettings(GenerationSettings):
+    """Model, prompt and sampling settings of the caption stage."""
 
-    def generation_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": self.max_new_tokens,
-            "do_sample": self.do_sample,
-        }
-        if self.do_sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p)
-        return kwargs
+    # InternVL-Chat-V1.5's captioning settings as ROVI ran them.
+    max_new_tokens: int = 168
+    batch_size: int = 6
 
 
 def load_vlm(settings: CaptionSettings) -> tuple[Any, Any]:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    on = device()
     processor = AutoProcessor.from_pretrained(
         settings.model, trust_remote_code=settings.trust_remote_code
     )
-    model: Any = AutoModelForImageTextToText.from_pretrained(
-        settings.model,
-        dtype=torch_dtype(settings.dtype, on),
-        trust_remote_code=settings.trust_remote_code,
-    )
-    model = model.to(on).eval()
+    model = settings.load_pretrained(AutoModelForImageTextToText)
     # Batched generation with a decoder-only LM needs the padding on the left.
     processor.tokenizer.padding_side = "left"
     return processor, model

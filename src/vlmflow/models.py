@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -248,6 +249,41 @@ def torch_dtype(name: str, on: torch.device) -> torch.dtype:
         raise ValueError(
             f"unknown dtype {name!r}: expected auto, float32, bfloat16 or float16"
         ) from None
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """What the generating stages (caption, attributes) share: model, prompt, sampling."""
+
+    model: str
+    prompt: str
+    max_new_tokens: int = 128
+    do_sample: bool = True
+    temperature: float = 0.6
+    top_p: float = 0.7
+    batch_size: int = 8
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    seed: int = 0
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": self.do_sample,
+        }
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p)
+        return kwargs
+
+    def load_pretrained(self, auto_class: Any) -> Any:
+        """``auto_class.from_pretrained`` with this dtype and remote-code policy, on device."""
+        on = device()
+        model = auto_class.from_pretrained(
+            self.model,
+            dtype=torch_dtype(self.dtype, on),
+            trust_remote_code=self.trust_remote_code,
+        )
+        return model.to(on).eval()
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
