@@ -235,15 +235,30 @@ def get_eval_settings(wildcards):
 
 
 def get_final_outputs():
+    """Every file of the data contract, so that a deleted one is made again."""
     outputs = ["results/eval/metrics.tsv", "results/train/loss.png"]
-    outputs += expand(
-        "results/{dataset}/ingest_summary.tsv", dataset=config["datasets"]
-    )
-    outputs += expand(
-        "results/{dataset}/h5/{name}.json",
-        dataset=config["train_datasets"],
-        name=["metadata", "data_params"],
-    )
+    per_shard = [
+        "results/{dataset}/shards/{shard}.tar",
+        "results/{dataset}/shards/{shard}.stats.json",
+        "results/{dataset}/captions/{shard}.parquet",
+        "results/{dataset}/attributes/phase1/{shard}.parquet",
+        "results/{dataset}/attributes/phase2/{shard}.parquet",
+    ]
+    for dataset in config["datasets"]:
+        outputs.append(f"results/{dataset}/ingest_summary.tsv")
+        outputs += expand(per_shard, dataset=dataset, shard=get_shard_ids(dataset))
+    for dataset in config["train_datasets"]:
+        outputs += expand(
+            "results/{dataset}/h5/{name}.json",
+            dataset=dataset,
+            name=["metadata", "data_params"],
+        )
+        outputs += expand(
+            "results/{dataset}/h5/{phase}/{shard}.h5",
+            dataset=dataset,
+            phase=["phase1", "phase2"],
+            shard=get_shard_ids(dataset),
+        )
     return outputs
 
 

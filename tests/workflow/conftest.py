@@ -16,7 +16,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
-WORKFLOW_FILES = ["Snakefile", "rules", "workflow", "config", "profiles"]
+WORKFLOW_FILES = ["Snakefile", "rules", "workflow", "config", "profiles", "envs"]
 
 
 def snakemake(

@@ -144,6 +144,5 @@ def test_slurm_profile_dry_run_needs_no_cluster_and_asks_gpus_for_model_rules(
     jobs = output.split("\nrule ")[1:]
     caption = next(job for job in jobs if job.startswith("caption:"))
     assert "gpu=1" in caption and "slurm_partition=gpu" in caption
-    # Aggregates stay on the submitting node.
-    local_jobs = output.split("\nlocalrule ")[1:]
-    assert any(job.startswith("metrics_table:") for job in local_jobs)
+    h5 = next(job for job in jobs if job.startswith("h5:"))
+    assert "gpu=" not in h5 and "slurm_partition=cpu" in h5
