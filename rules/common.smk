@@ -4,7 +4,7 @@ from pathlib import Path
 from snakemake.utils import validate
 
 from vlmflow.ingest import count_rows, rows_digest, shard_ranges
-from vlmflow.models import DEMO_BUILDERS, hub_offline, in_hub_cache, is_hub_id
+from vlmflow.models import DEMO_BUILDERS, DEMO_OPTIONS, hub_offline, in_hub_cache, is_hub_id
 
 validate(config, schema="../workflow/schemas/config.schema.yaml")
 
@@ -72,6 +72,10 @@ def check_model_reference(key, reference):
 
 
 check_config()
+
+
+def get_demo_model_settings(wildcards):
+    return {key: config["demo_models"][key] for key in DEMO_OPTIONS[wildcards.kind]}
 
 
 def get_shard_ids(dataset):

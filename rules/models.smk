@@ -9,6 +9,6 @@ rule demo_model:
         "../envs/torch.yaml"
     params:
         seed=config["seed"],
-        settings=lookup(dpath="demo_models", within=config),
+        settings=get_demo_model_settings,
     script:
         "../workflow/scripts/demo_model.py"

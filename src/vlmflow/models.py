@@ -228,6 +228,15 @@ DEMO_BUILDERS = {
     "lm": build_demo_language_model,
 }
 
+# The config.demo_models settings each builder takes: a rule's params hold only these, so
+# changing one kind's setting rebuilds only that kind.
+DEMO_OPTIONS: dict[str, tuple[str, ...]] = {
+    "vlm": ("image_size", "patch_size"),
+    "llm": ("delimiter_bias",),
+    "vision": ("image_size", "patch_size"),
+    "lm": (),
+}
+
 
 def device() -> torch.device:
     import torch
