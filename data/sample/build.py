@@ -3,8 +3,9 @@
     python data/sample/build.py EXTRACTED_ROOT [OUT_DIR]
 
 EXTRACTED_ROOT is a folder into which the packages listed in README.md were unpacked with
-`dpkg -x PACKAGE.deb EXTRACTED_ROOT`. Each image is the crop box of its source photograph,
-resized so that its longer side is 320 px, and saved as RGB JPEG quality 85 without metadata.
+`dpkg -x PACKAGE.deb EXTRACTED_ROOT`. Each image is the crop box of its source photograph (the
+whole photograph when the box is "full"), resized so that its longer side is 320 px, and saved
+as RGB JPEG quality 85 without metadata.
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ def build(root: Path, out_dir: Path) -> int:
     for row in rows:
         with Image.open(root / row["source_file"]) as photo:
             photo = photo.convert("RGB")
-            left, top, right, bottom = (int(v) for v in row["crop_box"].split(","))
-            crop = photo.crop((left, top, right, bottom))
+            if row["crop_box"] == "full":
+                crop = photo
+            else:
+                left, top, right, bottom = (int(v) for v in row["crop_box"].split(","))
+                crop = photo.crop((left, top, right, bottom))
         scale = LONGER_SIDE / max(crop.size)
         size = (round(crop.width * scale), round(crop.height * scale))
         crop.resize(size, Image.Resampling.LANCZOS).save(
