@@ -9,7 +9,7 @@ export PATH := $(BIN):$(PATH)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo report test lint unit clean-results
+.PHONY: setup demo test test-slurm lint unit clean-results
 
 setup: $(STAMP)
 
@@ -36,7 +36,12 @@ unit: setup
 	$(BIN)/pytest -m "not workflow"
 
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not slurm"
+
+# Starts a one-node Slurm cluster on localhost (needs root and apt), runs the workflow on
+# it with profiles/slurm, and stops the cluster again.
+test-slurm: setup
+	$(BIN)/pytest -m slurm tests/slurm
 
 clean-results:
 	rm -rf results logs .snakemake

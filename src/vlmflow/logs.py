@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,9 +21,17 @@ def log_to(path: str | Path) -> Iterator[logging.Logger]:
         root.addHandler(handler)
         root.setLevel(logging.INFO)
         logging.captureWarnings(True)
+        log = logging.getLogger("vlmflow")
+        # Where a job ran, and which GPUs Slurm gave it, is the first thing to check.
+        log.info(
+            "host %s, Slurm job %s, CUDA_VISIBLE_DEVICES=%s",
+            socket.gethostname(),
+            os.environ.get("SLURM_JOB_ID", "-"),
+            os.environ.get("CUDA_VISIBLE_DEVICES", "-"),
+        )
         try:
             with contextlib.redirect_stderr(handle):
-                yield logging.getLogger("vlmflow")
+                yield log
         except BaseException:
             logging.getLogger("vlmflow").exception("job failed")
             raise

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# A real one-node Slurm cluster on localhost for the tests: two fake GPUs, a `cpu` and a
+# `gpu` partition (the names profiles/slurm uses), no accounting daemon.
+#
+#   tests/slurm/cluster.sh start   install (apt) if needed, configure, start, wait for idle
+#   tests/slurm/cluster.sh stop    stop the daemons this script started, by PID
+#
+# Needs root (it writes /etc/slurm, /etc/munge and /dev/fake-gpu*). The config must sit at
+# /etc/slurm/slurm.conf: the executor plugin strips SLURM_* variables inside jobs, so a
+# SLURM_CONF pointing elsewhere would break the inner srun.
+set -euo pipefail
+
+STATE=${VLMFLOW_SLURM_STATE:-/tmp/vlmflow-slurm}
+PIDS="$STATE/pids"
+
+install() {
+  if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
+  fi
+}
+
+configure() {
+  mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm "$STATE"
+  # Slurm only sets CUDA_VISIBLE_DEVICES for GPUs backed by character devices.
+  for n in 0 1; do
+    [ -c "/dev/fake-gpu$n" ] || { rm -f "/dev/fake-gpu$n"; mknod "/dev/fake-gpu$n" c 1 3; }
+  done
+  # The node advertises more CPUs and memory than this machine has (config_overrides),
+  # so the repo's own profile (8 CPUs per GPU, 64 GB) schedules here unchanged.
+  cat >/etc/slurm/slurm.conf <<CONF
+ClusterName=vlmflow-test
+SlurmctldHost=localhost
+SlurmUser=root
+AuthType=auth/munge
+StateSaveLocation=/var/spool/slurmctld
+SlurmdSpoolDir=/var/spool/slurmd
+SlurmctldPidFile=$STATE/slurmctld.pid
+SlurmdPidFile=$STATE/slurmd.pid
+SlurmctldLogFile=/var/log/slurm/slurmctld.log
+SlurmdLogFile=/var/log/slurm/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+SlurmdParameters=config_overrides
+GresTypes=gpu
+ReturnToService=2
+# squeue must still see finished jobs when Snakemake asks (no accounting here).
+MinJobAge=300
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=1
+SchedulerParameters=batch_sched_delay=0,sched_min_interval=100000
+DefMemPerCPU=1000
+NodeName=localhost CPUs=32 RealMemory=262144 Gres=gpu:2 State=UNKNOWN
+PartitionName=cpu Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+PartitionName=gpu Nodes=localhost MaxTime=INFINITE State=UP
+CONF
+  cat >/etc/slurm/gres.conf <<CONF
+NodeName=localhost Name=gpu File=/dev/fake-gpu[0-1]
+CONF
+  rm -f /etc/slurm/cgroup.conf
+  if [ ! -s /etc/munge/munge.key ]; then
+    mkdir -p /etc/munge
+    dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key status=none
+  fi
+  chown -R munge:munge /etc/munge /var/lib/munge /var/log/munge 2>/dev/null || true
+  chmod 400 /etc/munge/munge.key
+  mkdir -p /run/munge && chown munge:munge /run/munge
+}
+
+start() {
+  install
+  configure
+  : >"$PIDS"
+  runuser -u munge -- munged --force
+  pgrep -u munge -x munged >>"$PIDS"
+  slurmctld -i
+  sleep 0.5
+  cat "$STATE/slurmctld.pid" >>"$PIDS"
+  slurmd -N localhost
+  sleep 0.5
+  cat "$STATE/slurmd.pid" >>"$PIDS"
+  for _ in $(seq 1 60); do
+    if sinfo -h -N -o '%T' 2>/dev/null | grep -qx idle; then
+      echo "slurm: node idle"
+      return 0
+    fi
+    sleep 0.5
+  done
+  echo "slurm: node did not become idle" >&2
+  sinfo -N -l >&2 || true
+  tail -n 20 /var/log/slurm/slurmctld.log /var/log/slurm/slurmd.log >&2 || true
+  return 1
+}
+
+stop() {
+  [ -f "$PIDS" ] || return 0
+  scancel --user=root 2>/dev/null || true
+  tac "$PIDS" | while read -r pid; do
+    kill "$pid" 2>/dev/null || true
+  done
+  rm -f "$PIDS"
+}
+
+case "${1:-}" in
+  start) start ;;
+  stop) stop ;;
+  *) echo "usage: $0 start|stop" >&2; exit 2 ;;
+esac
