@@ -50,6 +50,16 @@ def job_counts(output: str) -> dict[str, int]:
     return counts
 
 
+def job_outputs(output: str, rule: str) -> list[str]:
+    """The ``output:`` line of every job of ``rule`` in a dry run's job listing."""
+    outputs = []
+    for block in re.split(r"\n(?:local)?rule ", output)[1:]:
+        if block.startswith(f"{rule}:"):
+            match = re.search(r"^\s+output: (.*)$", block, flags=re.MULTILINE)
+            outputs.append(match[1] if match else "")
+    return outputs
+
+
 def write_url_list(rows: list[dict[str, str]], images: Path, path: Path) -> None:
     """A URL list of absolute file:// URLs pointing at copies of the sample images."""
     with open(path, "w", encoding="utf-8", newline="") as handle:

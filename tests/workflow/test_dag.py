@@ -5,14 +5,16 @@ The tests of this module run in order on one work folder: a full run, then rerun
 
 from __future__ import annotations
 
+import contextlib
 import csv
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
 import pyarrow.parquet as pq
 import pytest
 
-from tests.workflow.conftest import job_counts, load_config, save_config, snakemake
+from tests.workflow.conftest import job_counts, job_outputs, load_config, save_config, snakemake
 
 pytestmark = pytest.mark.workflow
 
@@ -110,19 +112,73 @@ def test_deleting_one_caption_file_reruns_that_shard_chain_and_the_aggregates(
     assert (workdir / f"results/{TRAIN}/captions/000001.parquet").exists()
 
 
+@contextlib.contextmanager
+def edited(path: Path) -> Iterator[None]:
+    """Restore ``path`` after the block, so each dry-run test starts from the full run."""
+    original = path.read_bytes()
+    try:
+        yield
+    finally:
+        path.write_bytes(original)
+
+
 def test_changing_a_caption_setting_reruns_caption_and_downstream_but_not_ingest(
     workdir: Path,
 ) -> None:
-    config = load_config(workdir)
-    config["caption"]["max_new_tokens"] += 4
-    save_config(workdir, config)
-    dry = snakemake(workdir, "-n", "all")
+    with edited(workdir / "config" / "config.yaml"):
+        config = load_config(workdir)
+        config["caption"]["max_new_tokens"] += 4
+        save_config(workdir, config)
+        dry = snakemake(workdir, "-n", "all")
     counts = job_counts(dry.stdout + dry.stderr)
     assert "ingest" not in counts and "demo_model" not in counts
     assert counts["caption"] == 3  # both train shards and the eval shard
     assert counts["attributes_phase1"] == counts["attributes_phase2"] == 3
     assert counts["h5"] == 2
     assert counts["train_phase1"] == counts["evaluate"] == 1
+
+
+def test_changing_a_training_setting_reruns_only_training_and_eval(workdir: Path) -> None:
+    with edited(workdir / "config" / "config.yaml"):
+        config = load_config(workdir)
+        config["train"]["phase2"]["lr"] = 1.0e-4
+        save_config(workdir, config)
+        dry = snakemake(workdir, "-n", "all")
+    assert job_counts(dry.stdout + dry.stderr) == {
+        "train_phase2": 1,
+        "evaluate": 1,
+        "loss_plot": 1,
+        "metrics_table": 1,
+        "all": 1,
+    }
+
+
+def test_appending_rows_runs_only_the_new_shard_chain(workdir: Path) -> None:
+    url_list = workdir / "data" / "train.tsv"
+    with edited(url_list):
+        rows = url_list.read_text(encoding="utf-8").splitlines(keepends=True)
+        # Eight more rows (the same images under new keys) make one new full shard.
+        extra = [row.replace("\t", "x\t", 1) for row in rows[1:9]]
+        url_list.write_text("".join(rows + extra), encoding="utf-8")
+        dry = snakemake(workdir, "-n", "all")
+    counts = job_counts(dry.stdout + dry.stderr)
+    assert counts["ingest"] == counts["caption"] == counts["h5"] == 1
+    assert counts["attributes_phase1"] == counts["attributes_phase2"] == 1
+    assert counts["ingest_summary"] == counts["h5_index"] == 1
+    [ingest] = job_outputs(dry.stdout + dry.stderr, "ingest")
+    assert ingest.startswith("results/photos/shards/000002.tar")
+
+
+def test_editing_a_row_reruns_only_its_shard(workdir: Path) -> None:
+    url_list = workdir / "data" / "train.tsv"
+    with edited(url_list):
+        rows = url_list.read_text(encoding="utf-8").splitlines(keepends=True)
+        key, url, caption = rows[12].rstrip("\n").split("\t")  # a row of shard 000001
+        rows[12] = "\t".join([key, url, caption + " at noon"]) + "\n"
+        url_list.write_text("".join(rows), encoding="utf-8")
+        dry = snakemake(workdir, "-n", "all")
+    [ingest] = job_outputs(dry.stdout + dry.stderr, "ingest")
+    assert ingest.startswith("results/photos/shards/000001.tar")
 
 
 def test_report_includes_the_eval_table_ingest_stats_and_loss_curve(workdir: Path) -> None:
