@@ -4,7 +4,13 @@ from pathlib import Path
 from snakemake.utils import validate
 
 from vlmflow.ingest import count_rows, rows_digest, shard_ranges
-from vlmflow.models import DEMO_BUILDERS, DEMO_OPTIONS, hub_offline, in_hub_cache, is_hub_id
+from vlmflow.models import (
+    DEMO_BUILDERS,
+    DEMO_OPTIONS,
+    hub_offline,
+    in_hub_cache,
+    is_hub_id,
+)
 
 validate(config, schema="../workflow/schemas/config.schema.yaml")
 
