@@ -33,7 +33,7 @@ lint: setup
 	$(BIN)/snakemake --lint
 
 unit: setup
-	$(BIN)/pytest -m "not workflow"
+	$(BIN)/pytest -m "not workflow and not slurm"
 
 test: lint
 	$(BIN)/pytest -m "not slurm"
