@@ -20,7 +20,7 @@ from tqdm import tqdm
 from vlmflow.attribute_text import parse_list
 from vlmflow.io import atomic_open, read_parquet_rows, write_rows_parquet
 from vlmflow.metrics import sentence_encoder, soft_prf
-from vlmflow.models import device
+from vlmflow.models import device, num_image_tokens, pad_token_id
 from vlmflow.prompts import phase2_prefix, phase2_prompt
 from vlmflow.shards import Sample, iter_samples
 
@@ -50,16 +50,13 @@ def predict(model: Any, processor: Any, samples: list[Sample], settings: EvalSet
     """Greedy answers for a list of images, in the phase-2 training layout."""
     tokenizer = processor.tokenizer
     encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    vision = model.config.vision_config
-    num_patches = (vision.image_size // vision.patch_size) ** 2
+    num_patches = num_image_tokens(model.config.vision_config)
     prompt_ids = (
         [tokenizer.bos_token_id, *encode(phase2_prefix())]
         + [model.config.image_token_index] * num_patches
         + encode(phase2_prompt(settings.instruction))
     )
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
+    pad_id = pad_token_id(tokenizer)
     answers: list[str] = []
     batches = range(0, len(samples), settings.batch_size)
     for start in tqdm(batches, desc="eval", unit="batch"):

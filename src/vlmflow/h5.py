@@ -17,13 +17,23 @@ from typing import Any
 import h5py
 import numpy as np
 
-from vlmflow.io import atomic_dir, atomic_path, read_json, read_parquet_rows, write_json
+from vlmflow.io import (
+    INPUT_IDS,
+    KEY_PADDING_MASK,
+    LABELS,
+    LOSS_MASK,
+    atomic_dir,
+    atomic_path,
+    read_json,
+    read_parquet_rows,
+    write_json,
+)
+from vlmflow.models import num_image_tokens, pad_token_id
 from vlmflow.prompts import phase2_answer, phase2_prefix, phase2_prompt
 from vlmflow.shards import iter_samples
 
 log = logging.getLogger(__name__)
 
-INPUT_IDS, LOSS_MASK, LABELS, KEY_PADDING_MASK = range(4)
 PHASES = ("phase1", "phase2")
 PHASE_COUNTS = ("n_examples", "discarded_too_long", "tokens", "loss_valid_tokens")
 SHARED_PARAMS = (
@@ -152,16 +162,16 @@ def num_patches_of(vision_tower: str) -> int:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(vision_tower)
-    config = getattr(config, "vision_config", config)
-    return int((config.image_size // config.patch_size) ** 2)
+    return num_image_tokens(getattr(config, "vision_config", config))
 
 
 def token_ids(tokenizer: Any) -> TokenIds:
     if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} lacks a BOS or EOS token")
-    # Without a pad token the EOS id fills patch slots and padding, as Cerebras does.
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return TokenIds(bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id, pad=pad)
+    # Without a pad token the EOS id fills patch slots and padding.
+    return TokenIds(
+        bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id, pad=pad_token_id(tokenizer)
+    )
 
 
 def run_shard(
@@ -241,14 +251,13 @@ def run_shard(
         phase = phases[name]
         examples: list[Example] = phase["examples"]
         write_h5(out, examples, phase["img_paths"], settings.max_seq_len)
-        data = np.stack([e.rows for e in examples]) if examples else np.zeros((0, 4, 1))
         params[name] = {
             "file": Path(out).name,
             "keys": phase["keys"],
             "n_examples": len(examples),
             "discarded_too_long": phase["discarded_too_long"],
-            "tokens": int((data[:, KEY_PADDING_MASK] == 0).sum()) if examples else 0,
-            "loss_valid_tokens": int(data[:, LOSS_MASK].sum()) if examples else 0,
+            "tokens": sum(int((e.rows[KEY_PADDING_MASK] == 0).sum()) for e in examples),
+            "loss_valid_tokens": sum(int(e.rows[LOSS_MASK].sum()) for e in examples),
             "image_patch_start_idx": examples[0].patch_start if examples else None,
         }
     write_json(out_params, params)

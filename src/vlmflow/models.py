@@ -303,6 +303,17 @@ def is_hub_id(reference: str) -> bool:
     return bool(_HUB_ID.match(reference)) and not Path(reference).exists()
 
 
+def num_image_tokens(vision_config: Any) -> int:
+    """Image tokens per image: (image size / patch size)^2 (CLS dropped, as LLaVA does)."""
+    return int((vision_config.image_size // vision_config.patch_size) ** 2)
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The pad id, or EOS for tokenizers without one (Llama-3), as Cerebras does."""
+    pad = tokenizer.pad_token_id
+    return int(pad if pad is not None else tokenizer.eos_token_id)
+
+
 def hub_offline() -> bool:
     from huggingface_hub import constants
 

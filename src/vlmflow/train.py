@@ -23,12 +23,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from vlmflow.io import atomic_dir, write_json
-from vlmflow.models import IMAGE, device
+from vlmflow.io import INPUT_IDS, KEY_PADDING_MASK, LABELS, LOSS_MASK, atomic_dir, write_json
+from vlmflow.models import IMAGE, device, num_image_tokens, pad_token_id
 
 log = logging.getLogger(__name__)
-
-INPUT_IDS, LOSS_MASK, LABELS, KEY_PADDING_MASK = range(4)
 
 
 @dataclass(frozen=True)
@@ -236,11 +234,8 @@ def run(
         optimizer, math.ceil(settings.warmup_ratio * total_steps), total_steps
     )
     tokenizer = processor.tokenizer
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
-    vision_config = model.config.vision_config
-    num_patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    pad_id = pad_token_id(tokenizer)
+    num_patches = num_image_tokens(model.config.vision_config)
     image_token_id = model.config.image_token_index
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
