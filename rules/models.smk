@@ -1,3 +1,9 @@
+# The demo models are tiny (seconds on one CPU): on a cluster they are built where
+# Snakemake runs rather than queued as jobs. Real models are never built here.
+localrules:
+    demo_model,
+
+
 rule demo_model:
     output:
         directory("results/models/demo-{kind}"),

@@ -378,3 +378,43 @@ def test_run_refuses_an_empty_data_set(tmp_path: Path, demo_models: dict[str, st
 def test_run_needs_a_model_to_start_from(tmp_path: Path, h5_files: H5Files) -> None:
     with pytest.raises(ValueError, match="init_from"):
         train.run([h5_files.phase1], tmp_path / "model", PHASE1)
+
+
+def test_two_processes_train_one_model_with_gloo(
+    tmp_path: Path, demo_models: dict[str, str], h5_files: H5Files
+) -> None:
+    # The same path as a Slurm job with `mpi: srun`, started here by torchrun on the CPU.
+    job = train.TrainJob(
+        [h5_files.phase1],
+        str(tmp_path / "model"),
+        PHASE1,
+        vision_tower=demo_models["vision"],
+        language_model=demo_models["lm"],
+    )
+    log_file = tmp_path / "train.log"
+    with open(log_file, "w", encoding="utf-8") as handle:
+        train.launch(job, "torchrun --standalone --nproc-per-node=2", handle)
+    text = log_file.read_text(encoding="utf-8")
+    assert "rank 0 of 2" in text and "rank 1 of 2" in text
+    entries = [
+        json.loads(line)
+        for line in (tmp_path / "model" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
+    # 5 examples padded to 6 over 2 ranks, 1 per rank per step -> 3 steps per epoch.
+    assert [e["step"] for e in entries] == list(range(1, 7))
+    assert all(e["processes"] == 2 and math.isfinite(e["loss"]) for e in entries)
+    assert read_json(tmp_path / "model" / "train_params.json")["processes"] == 2
+    assert not list(tmp_path.glob(".model*")), "the job file and temp dirs are cleaned up"
+    model, _ = train.load_llava(str(tmp_path / "model"))
+    assert model.config.image_token_index is not None
+
+
+def test_a_failing_rank_fails_the_launch(tmp_path: Path, h5_files: H5Files) -> None:
+    job = train.TrainJob([h5_files.phase1], str(tmp_path / "model"), PHASE1)  # no model given
+    with (
+        open(tmp_path / "train.log", "w", encoding="utf-8") as handle,
+        pytest.raises(RuntimeError, match="training processes failed"),
+    ):
+        train.launch(job, "torchrun --standalone --nproc-per-node=2", handle)
+    assert "needs init_from" in (tmp_path / "train.log").read_text(encoding="utf-8")
+    assert not (tmp_path / "model").exists()

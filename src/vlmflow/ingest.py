@@ -41,7 +41,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import requests
 import urllib3
-import webdataset as wds
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlmflow.io import atomic_open, jpeg_bytes, write_json
@@ -611,6 +610,10 @@ def ingest_shard(
     shard_id: str,
 ) -> dict[str, Any]:
     """Download rows [start, end) into a WebDataset tar; write and return the stats."""
+    # Imported here: webdataset pulls in torch, and Snakemake imports this module (for
+    # count_rows and shard_ranges) every time it parses the workflow.
+    import webdataset as wds
+
     path = _check_list(url_list)
     rows = read_rows(path, start, end, settings)
     jobs = _plan_jobs(path, rows, start, settings)

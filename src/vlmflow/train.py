@@ -8,23 +8,36 @@ transformers user can load the result.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import random
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import h5py
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from vlmflow.io import INPUT_IDS, KEY_PADDING_MASK, LABELS, LOSS_MASK, atomic_dir, write_json
-from vlmflow.models import IMAGE, device, num_image_tokens, pad_token_id
+from vlmflow import distributed
+from vlmflow.io import (
+    INPUT_IDS,
+    KEY_PADDING_MASK,
+    LABELS,
+    LOSS_MASK,
+    atomic_dir,
+    read_json,
+    write_json,
+)
+from vlmflow.models import IMAGE, num_image_tokens, pad_token_id
 
 log = logging.getLogger(__name__)
 
@@ -206,9 +219,21 @@ def run(
     language_model: str | None = None,
     init_from: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Train one phase and save the model, its processor and the per-step log."""
+    """Train one phase and save the model, its processor and the per-step log.
+
+    Runs on one process, or on every rank of a torchrun/srun launch (see
+    vlmflow.distributed): each rank takes ``batch_size / world_size`` examples of every
+    global batch, DDP averages the gradients, and rank 0 writes the output.
+    """
     from transformers import get_cosine_schedule_with_warmup
 
+    rank = distributed.rank_from_env()
+    on = distributed.init(rank)
+    if settings.batch_size % rank.world_size:
+        raise ValueError(
+            f"train batch_size {settings.batch_size} cannot be split over "
+            f"{rank.world_size} processes: make it a multiple of the process count"
+        )
     generator = seed_everything(settings.seed)
     if init_from is not None:
         model, processor = load_llava(init_from)
@@ -216,7 +241,6 @@ def run(
         model, processor = build_llava(vision_tower, language_model, settings)
     else:
         raise ValueError("train.run needs init_from, or vision_tower and language_model")
-    on = device()
     model.to(on)
     dataset = H5Examples(sources, processor.image_processor)
     if len(dataset) == 0:
@@ -225,8 +249,26 @@ def run(
             f"no training examples in {files}: every sample was skipped upstream; "
             "see the 'skipped' counts in each dataset's h5/data_params.json"
         )
-    loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, generator=generator)
+    sampler: DistributedSampler[dict[str, torch.Tensor]] | None = (
+        DistributedSampler(
+            dataset, num_replicas=rank.world_size, rank=rank.rank, shuffle=True, seed=settings.seed
+        )
+        if rank.world_size > 1
+        else None
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=settings.batch_size // rank.world_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=generator,
+    )
     trainable = set_trainable(model, settings.phase)
+    forward = model
+    if rank.world_size > 1:
+        forward = DistributedDataParallel(
+            model, device_ids=[on.index] if on.type == "cuda" else None
+        )
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(len(loader) / settings.grad_accum)
     total_steps = steps_per_epoch * settings.epochs
@@ -242,24 +284,43 @@ def run(
         if on.type == "cuda"
         else torch.autocast("cpu", enabled=False)
     )
+    log.info(
+        "rank %d of %d on %s: %d examples, %d per step on this rank, %d optimiser steps",
+        rank.rank,
+        rank.world_size,
+        on,
+        len(dataset),
+        settings.batch_size // rank.world_size,
+        total_steps,
+    )
 
     history: list[dict[str, Any]] = []
     step, tokens, started = 0, 0, time.perf_counter()
     model.train()
     for epoch in range(settings.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         for micro, batch in enumerate(loader):
             inputs = model_inputs(batch["rows"], pad_id, image_token_id, num_patches)
             inputs = {k: v.to(on) for k, v in inputs.items()}
-            with autocast:
-                logits = model(
-                    input_ids=inputs["input_ids"],
-                    attention_mask=inputs["attention_mask"],
-                    pixel_values=batch["pixel_values"].to(on, model.dtype),
-                ).logits
-            loss = masked_loss(logits, inputs["labels"], inputs["loss_mask"])
-            (loss / settings.grad_accum).backward()
-            tokens += int(inputs["attention_mask"].sum())
-            if (micro + 1) % settings.grad_accum and micro + 1 != len(loader):
+            steps_now = not (micro + 1) % settings.grad_accum or micro + 1 == len(loader)
+            # DDP averages gradients on backward; between optimiser steps that is wasted work.
+            sync = (
+                contextlib.nullcontext()
+                if steps_now or not isinstance(forward, DistributedDataParallel)
+                else forward.no_sync()
+            )
+            with sync:
+                with autocast:
+                    logits = forward(
+                        input_ids=inputs["input_ids"],
+                        attention_mask=inputs["attention_mask"],
+                        pixel_values=batch["pixel_values"].to(on, model.dtype),
+                    ).logits
+                loss = masked_loss(logits, inputs["labels"], inputs["loss_mask"])
+                (loss / settings.grad_accum).backward()
+            tokens += int(inputs["attention_mask"].sum()) * rank.world_size
+            if not steps_now:
                 continue
             torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
             lr = scheduler.get_last_lr()[0]  # the rate this step ran at, before stepping
@@ -272,13 +333,17 @@ def run(
                 "phase": settings.phase,
                 "step": step,
                 "epoch": epoch,
-                "loss": float(loss.detach()),
+                "loss": distributed.mean_across_ranks(loss),
                 "lr": lr,
                 "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+                "processes": rank.world_size,
             }
             history.append(entry)
             log.info(json.dumps(entry))
 
+    if not rank.is_main:
+        distributed.finish()
+        return history
     model.eval()
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
@@ -296,6 +361,93 @@ def run(
                 "init_from": init_from,
                 "vision_tower": vision_tower,
                 "language_model": language_model,
+                "processes": rank.world_size,
             },
         )
+    distributed.finish()
     return history
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything one training phase needs, as a file the launched processes read."""
+
+    sources: list[H5Source]
+    out_dir: str
+    settings: TrainSettings
+    vision_tower: str | None = None
+    language_model: str | None = None
+    init_from: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sources": [
+                {"path": str(source.path), "image_root": str(source.image_root)}
+                for source in self.sources
+            ],
+            "out_dir": self.out_dir,
+            "settings": asdict(self.settings),
+            "vision_tower": self.vision_tower,
+            "language_model": self.language_model,
+            "init_from": self.init_from,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainJob:
+        return cls(
+            sources=[H5Source(Path(s["path"]), Path(s["image_root"])) for s in data["sources"]],
+            out_dir=data["out_dir"],
+            settings=TrainSettings(**data["settings"]),
+            vision_tower=data["vision_tower"],
+            language_model=data["language_model"],
+            init_from=data["init_from"],
+        )
+
+    def run(self) -> list[dict[str, Any]]:
+        return run(
+            self.sources,
+            self.out_dir,
+            self.settings,
+            vision_tower=self.vision_tower,
+            language_model=self.language_model,
+            init_from=self.init_from,
+        )
+
+
+def launch(job: TrainJob, launcher: str | None, log_file: IO[str]) -> None:
+    """Run ``job`` here (no launcher) or on every process ``launcher`` starts.
+
+    ``launcher`` is the training rule's ``mpi`` resource from the profile, e.g. ``srun``
+    (one task per GPU of the Slurm allocation) or ``torchrun --standalone
+    --nproc-per-node=2``. The processes write their logs to ``log_file``.
+    """
+    if not launcher:
+        job.run()
+        return
+    spec = Path(job.out_dir).parent / f".{Path(job.out_dir).name}.job.json"
+    write_json(spec, job.to_json())
+    try:
+        argv, env = distributed.launch_command(launcher, "vlmflow.train", [str(spec)])
+        log.info("launching %s", " ".join(argv))
+        log_file.flush()
+        done = subprocess.run(argv, env=env, stdout=log_file, stderr=log_file, check=False)
+    finally:
+        spec.unlink(missing_ok=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"training processes failed (exit {done.returncode}); see above")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of each launched process: ``python -m vlmflow.train JOB.json``."""
+    args = sys.argv[1:] if argv is None else argv
+    rank = distributed.rank_from_env()
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s rank {rank.rank}/{rank.world_size} %(levelname)s %(message)s",
+    )
+    TrainJob.from_json(read_json(args[0])).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# A real one-node Slurm cluster on localhost for the tests: two fake GPUs, a `cpu` and a
-# `gpu` partition (the names profiles/slurm uses), no accounting daemon.
+# A real one-node Slurm cluster on localhost for the tests: four fake GPUs (so the test
+# scenarios can run side by side), a `cpu` and a `gpu` partition (the names profiles/slurm uses), no accounting daemon.
 #
 #   tests/slurm/cluster.sh start   install (apt) if needed, configure, start, wait for idle
 #   tests/slurm/cluster.sh stop    stop the daemons this script started, by PID
@@ -23,7 +23,7 @@ install() {
 configure() {
   mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm "$STATE"
   # Slurm only sets CUDA_VISIBLE_DEVICES for GPUs backed by character devices.
-  for n in 0 1; do
+  for n in 0 1 2 3; do
     [ -c "/dev/fake-gpu$n" ] || { rm -f "/dev/fake-gpu$n"; mknod "/dev/fake-gpu$n" c 1 3; }
   done
   # The node advertises more CPUs and memory than this machine has (config_overrides),
@@ -46,19 +46,25 @@ SelectTypeParameters=CR_Core_Memory
 SlurmdParameters=config_overrides
 GresTypes=gpu
 ReturnToService=2
-# squeue must still see finished jobs when Snakemake asks (no accounting here).
-MinJobAge=300
+# squeue must still see finished jobs when Snakemake asks (no accounting here), and
+# the tests read every job of a scenario back from scontrol.
+MinJobAge=3600
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=1
-SchedulerParameters=batch_sched_delay=0,sched_min_interval=100000
+# Without cgroups, memory limits are enforced by polling: a job over its --mem is
+# killed (OUT_OF_MEMORY), so Snakemake retries it with the next attempt's memory.
+JobAcctGatherParams=OverMemoryKill
+# Backfill every second: without it a GPU job waiting for a GPU holds back CPU jobs
+# behind it on the same node for the default 30 s.
+SchedulerParameters=batch_sched_delay=0,sched_min_interval=100000,bf_interval=1
 DefMemPerCPU=1000
-NodeName=localhost CPUs=32 RealMemory=262144 Gres=gpu:2 State=UNKNOWN
+NodeName=localhost CPUs=64 RealMemory=524288 Gres=gpu:4 State=UNKNOWN
 PartitionName=cpu Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=localhost MaxTime=INFINITE State=UP
 CONF
   cat >/etc/slurm/gres.conf <<CONF
-NodeName=localhost Name=gpu File=/dev/fake-gpu[0-1]
+NodeName=localhost Name=gpu File=/dev/fake-gpu[0-3]
 CONF
   rm -f /etc/slurm/cgroup.conf
   if [ ! -s /etc/munge/munge.key ]; then

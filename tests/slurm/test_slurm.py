@@ -1,120 +1,632 @@
 """The workflow on a real one-node Slurm cluster, with the repo's own profile.
 
 The cluster (tests/slurm/cluster.sh) is started for this module and stopped after it.
-Snakemake asks squeue for job states (the test cluster has no accounting daemon) and
-checks often, so a chain of small jobs takes seconds rather than minutes.
+Snakemake asks squeue for job states (the test cluster has no accounting daemon).
+
+One reference run goes first. The scenarios after it (what reruns after an edit, and
+the faults: scancel, a job over its memory limit, Snakemake killed, chaos) each work on
+their own copy of the reference folder, or a fresh one, and run side by side: the
+cluster's jobs are told apart by their working directory. Each scenario checks its own
+assertions; its test re-raises what it found.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import json
+import os
+import random
+import re
+import shutil
+import signal
 import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import h5py
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
+import yaml
 
-from tests.workflow.conftest import job_counts, make_workdir, snakemake
+from tests.workflow.conftest import (
+    REPO,
+    SNAKEMAKE,
+    job_counts,
+    job_outputs,
+    load_config,
+    make_workdir,
+    read_rows,
+    save_config,
+)
 
 pytestmark = pytest.mark.slurm
 
 CLUSTER = Path(__file__).resolve().parent / "cluster.sh"
+# The first status check 6 s after a submission, then 16 s later, then 26 s ...
+# (the plugin adds 10 s per check that finds nothing finished): a job of the
+# test's size is seen finished at its first or second check.
 FAST_STATUS = (
     "--slurm-status-command",
     "squeue",
     "--slurm-init-seconds-before-status-checks",
-    "1",
+    "6",
     "--seconds-between-status-checks",
     "2",
 )
-GPU_RULES = {
-    "caption",
-    "attributes_phase1",
-    "attributes_phase2",
-    "train_phase1",
-    "train_phase2",
-    "evaluate",
-}
+GPU_RULES = {"caption", "attributes_phase1", "attributes_phase2", "evaluate"}
+TRAIN_RULES = {"train_phase1", "train_phase2"}
+SHARD_CHAIN = ["caption", "attributes_phase1", "attributes_phase2", "h5"]
+AGGREGATES = ["train_phase1", "train_phase2", "evaluate"]
+RUN_TIMEOUT = 900
+
+
+# ---------------------------------------------------------------------------
+# The cluster and its jobs
+# ---------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def cluster() -> object:
+def cluster() -> Iterator[None]:
     subprocess.run([str(CLUSTER), "start"], check=True, timeout=300)
     yield None
     subprocess.run([str(CLUSTER), "stop"], check=False, timeout=60)
 
 
-@pytest.fixture(scope="module")
-def workdir(cluster: object, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_workdir(tmp_path_factory.mktemp("slurm"))
+@dataclass(frozen=True)
+class SlurmJob:
+    id: int
+    rule: str
+    wildcards: str
+    state: str
+    reason: str
+    workdir: str
+    tres: str
+    mem_mb: int
+    num_tasks: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.rule}[{self.wildcards}]" if self.wildcards else self.rule
 
 
-def slurm_jobs() -> dict[str, dict[str, str]]:
-    """Every job the controller remembers (MinJobAge=300): id -> scontrol fields."""
+def _mem_mb(value: str) -> int:
+    match = re.fullmatch(r"(\d+)([MGT]?)", value)
+    if not match:
+        return 0
+    return int(match[1]) * {"": 1, "M": 1, "G": 1024, "T": 1024 * 1024}[match[2]]
+
+
+def slurm_jobs(workdir: Path) -> list[SlurmJob]:
+    """Every job the controller remembers that ran in ``workdir``, oldest first."""
     output = subprocess.run(
         ["scontrol", "show", "job", "-o"], capture_output=True, text=True, check=False
     ).stdout
-    jobs = {}
+    jobs = []
     for line in output.splitlines():
         fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
-        if "JobId" in fields:
-            jobs[fields["JobId"]] = fields
-    return jobs
+        if "JobId" not in fields or fields.get("WorkDir") != str(workdir):
+            continue
+        # The plugin puts "rule_<name>_wildcards_<values>" into the job comment.
+        comment = fields.get("Comment", "").removeprefix("rule_")
+        rule, _, wildcards = comment.partition("_wildcards_")
+        jobs.append(
+            SlurmJob(
+                id=int(fields["JobId"]),
+                rule=rule,
+                wildcards=wildcards,
+                state=fields.get("JobState", ""),
+                reason=fields.get("Reason", ""),
+                workdir=fields["WorkDir"],
+                tres=fields.get("TresPerJob", ""),
+                mem_mb=_mem_mb(fields.get("MinMemoryNode", "")),
+                num_tasks=int(fields.get("NumTasks", "1")),
+            )
+        )
+    return sorted(jobs, key=lambda job: job.id)
 
 
-def rule_of(job: dict[str, str]) -> str:
-    # The plugin puts "rule_<name>_wildcards_<...>" into the job comment.
-    comment = job.get("Comment", "")
-    return comment.removeprefix("rule_").split("_wildcards_")[0]
+def new_jobs(workdir: Path, before: list[SlurmJob]) -> list[SlurmJob]:
+    seen = {job.id for job in before}
+    return [job for job in slurm_jobs(workdir) if job.id not in seen]
 
 
-def run_on_slurm(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return snakemake(workdir, *FAST_STATUS, *args, profile="profiles/slurm", timeout=1500)
+def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+# ---------------------------------------------------------------------------
+# Running Snakemake with the repo's profile
+# ---------------------------------------------------------------------------
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    return env
+
+
+@dataclass
+class Background:
+    """A Snakemake run in the background; its output goes to a file we can watch."""
+
+    process: subprocess.Popen[str]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+    def wait(self, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess[str]:
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+        return subprocess.CompletedProcess(self.process.args, code, self.output(), "")
+
+
+_run_numbers = Counter[str]()
+
+
+def start(workdir: Path, *args: str, profile: str = "profiles/slurm") -> Background:
+    _run_numbers[str(workdir)] += 1
+    log = workdir / f"snakemake-run-{_run_numbers[str(workdir)]}.out"
+    handle = open(log, "w", encoding="utf-8")  # noqa: SIM115 - the child keeps writing it
+    process = subprocess.Popen(
+        [SNAKEMAKE, "--profile", profile, *FAST_STATUS, *args],
+        cwd=workdir,
+        env=_env(),
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    handle.close()
+    return Background(process, log)
+
+
+def run(
+    workdir: Path, *args: str, profile: str = "profiles/slurm"
+) -> subprocess.CompletedProcess[str]:
+    return start(workdir, *args, profile=profile).wait()
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == 0, result.stdout[-6000:]
+
+
+def dry_run_counts(workdir: Path) -> dict[str, int]:
+    result = run(workdir, "-n", "all")
+    ok(result)
+    return job_counts(result.stdout)
+
+
+def mtimes(workdir: Path, patterns: list[str]) -> dict[str, int]:
+    return {
+        str(path.relative_to(workdir)): path.stat().st_mtime_ns
+        for pattern in patterns
+        for path in sorted(workdir.glob(pattern))
+    }
+
+
+def parquet_keys(path: Path) -> list[str]:
+    return [str(key) for key in pq.read_table(path, columns=["key"]).column("key").to_pylist()]
+
+
+def fresh_workdir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return make_workdir(path)
+
+
+def copy_workdir(source: Path, target: Path) -> Path:
+    """A copy with mtimes and Snakemake's metadata, so it is up to date as the source is."""
+    shutil.copytree(source, target, symlinks=True)
+    for old_log in target.glob("snakemake-run-*.out"):
+        old_log.unlink()
+    return target
+
+
+# ---------------------------------------------------------------------------
+# The reference run
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reference:
+    workdir: Path
+    result: subprocess.CompletedProcess[str]
+    jobs: list[SlurmJob]
+
+
+@pytest.fixture(scope="module")
+def reference(cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Reference:
+    workdir = fresh_workdir(tmp_path_factory.mktemp("slurm") / "reference")
+    result = run(workdir, "all")
+    return Reference(workdir, result, slurm_jobs(workdir))
 
 
 def test_full_run_submits_one_job_per_rule_instance_with_gpus_for_model_rules(
-    workdir: Path,
+    reference: Reference,
 ) -> None:
-    before = set(slurm_jobs())
-    run = run_on_slurm(workdir, "all")
-    assert run.returncode == 0, (run.stdout + run.stderr)[-6000:]
-    submitted = {i: job for i, job in slurm_jobs().items() if i not in before}
-    rules = [rule_of(job) for job in submitted.values()]
-    assert rules.count("caption") == 3 and rules.count("ingest") == 3
-    assert rules.count("train_phase1") == rules.count("train_phase2") == 1
-    for job in submitted.values():
-        wants_gpu = "gres:gpu:1" in job.get("TresPerJob", "")
-        assert wants_gpu == (rule_of(job) in GPU_RULES), job
-        assert job["JobState"] == "COMPLETED", job
-    for log in (workdir / "logs" / "caption").rglob("*.log"):
-        assert "CUDA_VISIBLE_DEVICES=0" in log.read_text() or "CUDA_VISIBLE_DEVICES=1" in (
-            log.read_text()
-        )
-    assert (workdir / "results/eval/metrics.tsv").exists()
+    ok(reference.result)
+    rules = Counter(job.rule for job in reference.jobs)
+    assert rules == {
+        "ingest": 3,
+        "caption": 3,
+        "attributes_phase1": 3,
+        "attributes_phase2": 3,
+        "h5": 2,
+        "train_phase1": 1,
+        "train_phase2": 1,
+        "evaluate": 1,
+    }
+    for job in reference.jobs:
+        assert job.state == "COMPLETED", job
+        if job.rule in GPU_RULES:
+            assert job.tres == "gres:gpu:1", job
+        elif job.rule in TRAIN_RULES:
+            assert job.tres == "gres:gpu:2" and job.num_tasks == 2, job
+        else:
+            assert "gpu" not in job.tres, job
+    # Each log is where the README says, and names the GPU Slurm gave the job.
+    for rule in GPU_RULES:
+        logs = sorted((reference.workdir / "logs" / rule).rglob("*.log"))
+        assert logs, rule
+        for log in logs:
+            assert re.search(r"Slurm job \d+, CUDA_VISIBLE_DEVICES=\d", log.read_text()), log
+    assert (reference.workdir / "results/eval/metrics.tsv").exists()
 
 
-def test_second_run_submits_nothing(workdir: Path) -> None:
-    before = set(slurm_jobs())
-    run = run_on_slurm(workdir, "all")
-    assert run.returncode == 0, run.stderr[-4000:]
-    assert "Nothing to be done" in run.stdout + run.stderr
-    assert set(slurm_jobs()) == before
+def test_training_runs_as_two_slurm_tasks_that_train_one_model(reference: Reference) -> None:
+    ok(reference.result)
+    for phase in (1, 2):
+        text = (reference.workdir / f"logs/train/phase{phase}.log").read_text()
+        assert "launching srun --ntasks=2" in text
+        assert "rank 0 of 2" in text and "rank 1 of 2" in text
+        lines = (reference.workdir / f"results/train/phase{phase}/metrics.jsonl").read_text()
+        assert '"processes": 2' in lines
 
 
-def test_removing_one_caption_file_resubmits_only_that_shard_chain(workdir: Path) -> None:
-    (workdir / "results/photos/captions/000001.parquet").unlink()
-    dry = run_on_slurm(workdir, "-n", "all")
-    assert job_counts(dry.stdout + dry.stderr)["caption"] == 1
-    before = set(slurm_jobs())
-    run = run_on_slurm(workdir, "all")
-    assert run.returncode == 0, run.stderr[-4000:]
-    rules = sorted(rule_of(job) for i, job in slurm_jobs().items() if i not in before)
-    assert rules == sorted(
-        [
-            "caption",
-            "attributes_phase1",
-            "attributes_phase2",
-            "h5",
-            "train_phase1",
-            "train_phase2",
-            "evaluate",
-        ]
+def test_second_run_submits_nothing(reference: Reference) -> None:
+    ok(reference.result)
+    before = slurm_jobs(reference.workdir)
+    result = run(reference.workdir, "all")
+    ok(result)
+    assert "Nothing to be done" in result.stdout
+    assert new_jobs(reference.workdir, before) == []
+
+
+# ---------------------------------------------------------------------------
+# Scenarios, side by side
+# ---------------------------------------------------------------------------
+
+
+def scenario_caption_removed_and_its_job_cancelled(workdir: Path) -> None:
+    """Only-stale 2 and fault 1: one shard's caption output removed; its job scancel'ed."""
+    others = mtimes(
+        workdir,
+        ["results/photos/*/000000.*", "results/photos/*/*/000000.*", "results/photos_eval/**/*.*"],
     )
+    (workdir / "results/photos/captions/000001.parquet").unlink()
+    counts = dry_run_counts(workdir)
+    for rule in [*SHARD_CHAIN, *AGGREGATES]:
+        assert counts.pop(rule) == 1, (rule, counts)
+    assert set(counts) <= {"h5_index", "loss_plot", "metrics_table", "all"}, counts
+
+    before = slurm_jobs(workdir)
+    first = start(workdir, "--retries", "0", "all")
+    victim = wait_for(
+        lambda: [
+            j for j in new_jobs(workdir, before) if j.rule == "caption" and j.state == "RUNNING"
+        ],
+        300,
+        "the caption job to run",
+    )[0]
+    time.sleep(4)  # let it get into the model
+    subprocess.run(["scancel", str(victim.id)], check=True)
+    failed = first.wait()
+    assert failed.returncode != 0
+    assert f"SLURM-job '{victim.id}' failed" in failed.stdout and "CANCELLED" in failed.stdout
+
+    ok(run(workdir, "all"))
+    jobs = new_jobs(workdir, before)
+    assert sorted(job.rule for job in jobs) == sorted(["caption", *SHARD_CHAIN, *AGGREGATES])
+    assert {job.wildcards for job in jobs if job.rule in SHARD_CHAIN} == {"photos_000001"}
+    assert [j.state for j in jobs if j.rule == "caption"] == ["CANCELLED", "COMPLETED"]
+    shard_keys = [row["key"] for row in read_rows(workdir / "data/train.tsv")[8:16]]
+    assert sorted(parquet_keys(workdir / "results/photos/captions/000001.parquet")) == sorted(
+        shard_keys
+    )
+    assert mtimes(workdir, list(others)) == others, "another shard's files were rewritten"
+
+
+def scenario_rows_appended(workdir: Path) -> None:
+    """Only-stale 3: eight rows appended to the URL list make one new shard."""
+    old = mtimes(workdir, ["results/photos/*/00000[01].*", "results/photos/*/*/00000[01].*"])
+    # Appended as a user would: the existing lines stay byte for byte as they were.
+    with open(workdir / "data/train.tsv", "a", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+        for row in read_rows(REPO / "data/sample/train.tsv")[16:24]:
+            image = REPO / "data/sample/images" / Path(row["url"]).name
+            writer.writerow([row["key"], image.as_uri(), row["caption"]])
+    counts = dry_run_counts(workdir)
+    for rule in ["ingest", *SHARD_CHAIN, *AGGREGATES]:
+        assert counts.pop(rule) == 1, (rule, counts)
+    assert set(counts) <= {"ingest_summary", "h5_index", "loss_plot", "metrics_table", "all"}
+
+    before = slurm_jobs(workdir)
+    ok(run(workdir, "all"))
+    jobs = new_jobs(workdir, before)
+    assert sorted(job.rule for job in jobs) == sorted(["ingest", *SHARD_CHAIN, *AGGREGATES])
+    assert {job.wildcards for job in jobs if job.rule in ["ingest", *SHARD_CHAIN]} == {
+        "photos_000002"
+    }
+    assert mtimes(workdir, list(old)) == old, "an existing shard was rebuilt"
+    assert len(parquet_keys(workdir / "results/photos/captions/000002.parquet")) == 8
+
+
+def scenario_training_edited_and_eval_over_memory(workdir: Path) -> None:
+    """Only-stale 4b and fault 2: a training setting edited; evaluate's first attempt gets
+    too little memory, is killed by Slurm, and is resubmitted with attempt 2's memory."""
+    config = load_config(workdir)
+    config["train"]["phase2"]["lr"] = 0.002
+    save_config(workdir, config)
+    counts = dry_run_counts(workdir)
+    assert {rule: counts.get(rule, 0) for rule in ["train_phase2", "evaluate"]} == {
+        "train_phase2": 1,
+        "evaluate": 1,
+    }
+    assert set(counts) <= {"train_phase2", "evaluate", "loss_plot", "metrics_table", "all"}
+
+    # The repo's profile with one value changed: evaluate's memory on attempt 1.
+    profile = yaml.safe_load((workdir / "profiles/slurm/config.yaml").read_text())
+    profile["set-resources"]["evaluate"]["mem_mb"] = "300 if attempt == 1 else 64000 * attempt"
+    (workdir / "profiles/slurm-lowmem").mkdir()
+    (workdir / "profiles/slurm-lowmem/config.yaml").write_text(yaml.safe_dump(profile))
+
+    before = slurm_jobs(workdir)
+    result = run(workdir, "all", profile="profiles/slurm-lowmem")
+    ok(result)
+    jobs = new_jobs(workdir, before)
+    assert [job.rule for job in jobs] == ["train_phase2", "evaluate", "evaluate"], jobs
+    first, second = jobs[1], jobs[2]
+    # Without cgroups Slurm kills the step when polling sees it over --mem; the job then
+    # ends FAILED (OUT_OF_MEMORY with cgroups) and its Slurm log says why.
+    assert first.state in {"OUT_OF_MEMORY", "FAILED"} and first.mem_mb == 300, first
+    slurm_log = workdir / f".snakemake/slurm_logs/rule_evaluate/photos_eval/{first.id}.log"
+    assert "Exceeded job memory limit" in slurm_log.read_text(), slurm_log
+    assert second.state == "COMPLETED" and second.mem_mb == 128000, second
+    assert f"SLURM-job '{first.id}' failed" in result.stdout
+
+
+def _finished_outputs(output: str) -> set[str]:
+    """Outputs of the jobs a (killed) Snakemake run reported as finished."""
+    outputs = {}
+    for block in re.split(r"\n(?:local)?rule ", output)[1:]:
+        jobid = re.search(r"^\s+jobid: (\d+)$", block, flags=re.MULTILINE)
+        out = re.search(r"^\s+output: (.*)$", block, flags=re.MULTILINE)
+        if jobid and out:
+            outputs[jobid[1]] = out[1]
+    finished = re.findall(r"Finished jobid: (\d+)", output)
+    return {outputs[j] for j in finished if j in outputs}
+
+
+def scenario_caption_edited_and_snakemake_killed(workdir: Path) -> None:
+    """Only-stale 4a and fault 3: a caption setting edited; Snakemake SIGKILLed mid-run."""
+    ingest_files = mtimes(workdir, ["results/*/shards/*"])
+    config = load_config(workdir)
+    config["caption"]["max_new_tokens"] = int(config["caption"].get("max_new_tokens", 32)) + 4
+    save_config(workdir, config)
+    counts = dry_run_counts(workdir)
+    assert {rule: counts.get(rule, 0) for rule in [*SHARD_CHAIN, *AGGREGATES]} == {
+        "caption": 3,
+        "attributes_phase1": 3,
+        "attributes_phase2": 3,
+        "h5": 2,
+        "train_phase1": 1,
+        "train_phase2": 1,
+        "evaluate": 1,
+    }
+    assert "ingest" not in counts
+
+    before = slurm_jobs(workdir)
+    first = start(workdir, "all")
+    wait_for(lambda: "Rule: attributes_phase1" in first.output(), 600, "a finished attributes job")
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait()
+    done_before_kill = _finished_outputs(first.output())
+    assert done_before_kill
+    kept = mtimes(workdir, sorted(done_before_kill))
+
+    # A killed Snakemake leaves its lock behind: --unlock, then the same command again.
+    subprocess.run(
+        [SNAKEMAKE, "--profile", "profiles/slurm", "--unlock"], cwd=workdir, env=_env(), check=True
+    )
+    second = run(workdir, "all")
+    ok(second)
+    redone = {out for rule in SHARD_CHAIN for out in job_outputs(second.stdout, rule)}
+    assert not redone & done_before_kill, sorted(redone & done_before_kill)
+    assert mtimes(workdir, sorted(done_before_kill)) == kept
+    jobs = new_jobs(workdir, before)
+    assert "ingest" not in {job.rule for job in jobs}
+    assert mtimes(workdir, list(ingest_files)) == ingest_files
+    assert "Nothing to be done" in run(workdir, "-n", "all").stdout
+    for path in sorted(workdir.glob("results/*/captions/*.parquet")):
+        settings = pq.read_table(path, columns=["settings"]).column("settings").to_pylist()
+        used = {json.loads(row)["max_new_tokens"] for row in settings}
+        assert used == {config["caption"]["max_new_tokens"]}, path
+
+
+def _job_processes(job_id: int) -> list[int]:
+    """The rule's own process (the script Snakemake runs) of a running job, if started."""
+    listed = subprocess.run(
+        ["scontrol", "listpids", str(job_id)], capture_output=True, text=True, check=False
+    ).stdout.split()
+    pids = []
+    for pid in listed:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if b".snakemake/scripts/" in cmdline or b"-m vlmflow.train" in cmdline:
+            pids.append(int(pid))
+    return pids
+
+
+def _kill_rule_process(job_id: int, timeout: float = 30) -> bool:
+    """SIGKILL the rule's process of a running job, as the OOM killer would."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = _job_processes(job_id)
+        if pids:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            return True
+        time.sleep(0.3)
+    return False
+
+
+@dataclass
+class ChaosReport:
+    kills: list[tuple[str, str]]
+    runs: int
+    jobs_seen: int
+
+
+def scenario_chaos(workdir: Path, reference: Path) -> ChaosReport:
+    """Fault 4: a third of the running jobs killed (scancel or SIGKILL), rerun until done;
+    the results equal the undisturbed reference run's."""
+    rng = random.Random(7)
+    decided: dict[str, bool] = {}
+    kills: list[tuple[str, str]] = []
+    runs = 0
+    result = None
+    while runs < 4:
+        runs += 1
+        background = start(workdir, "all")
+        while background.process.poll() is None:
+            for job in slurm_jobs(workdir):
+                if job.state != "RUNNING" or job.name in decided:
+                    continue
+                decided[job.name] = rng.random() < 1 / 3
+                if not decided[job.name]:
+                    continue
+                how = "scancel" if len(kills) % 2 == 0 else "SIGKILL"
+                if how == "scancel":
+                    subprocess.run(["scancel", str(job.id)], check=False)
+                elif not _kill_rule_process(job.id):
+                    continue  # it finished before its script started: spared
+                kills.append((job.name, how))
+            time.sleep(1)
+        result = background.wait()
+        if result.returncode == 0:
+            break
+        subprocess.run(
+            [SNAKEMAKE, "--profile", "profiles/slurm", "--unlock"], cwd=workdir, env=_env()
+        )
+    assert result is not None
+    ok(result)
+    assert len(kills) >= 3, kills
+    assert {how for _, how in kills} == {"scancel", "SIGKILL"}
+
+    for pattern in ["results/*/captions/*.parquet", "results/*/attributes/*/*.parquet"]:
+        ours = sorted(p.relative_to(workdir) for p in workdir.glob(pattern))
+        theirs = sorted(p.relative_to(reference) for p in reference.glob(pattern))
+        assert ours == theirs
+        for relative in ours:
+            assert parquet_keys(workdir / relative) == parquet_keys(reference / relative), relative
+            assert pq.read_table(workdir / relative).equals(pq.read_table(reference / relative))
+    h5_files = sorted(p.relative_to(reference) for p in reference.glob("results/*/h5/*/*.h5"))
+    assert h5_files
+    for relative in h5_files:
+        with h5py.File(workdir / relative) as ours_h5, h5py.File(reference / relative) as ref:
+            assert np.array_equal(ours_h5["data"][:], ref["data"][:]), relative
+            assert list(ours_h5["img_path"][:]) == list(ref["img_path"][:]), relative
+    for table in ["results/eval/metrics.tsv", "results/photos/ingest_summary.tsv"]:
+        assert (workdir / table).read_text() == (reference / table).read_text(), table
+    return ChaosReport(kills, runs, len(decided))
+
+
+@pytest.fixture(scope="module")
+def scenarios(reference: Reference, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    ok(reference.result)
+    root = tmp_path_factory.mktemp("scenarios")
+    work = {
+        "removed": lambda: scenario_caption_removed_and_its_job_cancelled(
+            copy_workdir(reference.workdir, root / "removed")
+        ),
+        "appended": lambda: scenario_rows_appended(
+            copy_workdir(reference.workdir, root / "appended")
+        ),
+        "training": lambda: scenario_training_edited_and_eval_over_memory(
+            copy_workdir(reference.workdir, root / "training")
+        ),
+        "killed": lambda: scenario_caption_edited_and_snakemake_killed(
+            copy_workdir(reference.workdir, root / "killed")
+        ),
+        "chaos": lambda: scenario_chaos(fresh_workdir(root / "chaos"), reference.workdir),
+    }
+    results: dict[str, Any] = {}
+    lock = threading.Lock()
+
+    def capture(name: str) -> None:
+        try:
+            value: Any = work[name]()
+        except BaseException as error:  # re-raised by the scenario's test
+            value = error
+        with lock:
+            results[name] = value
+
+    with ThreadPoolExecutor(max_workers=len(work)) as pool:
+        list(pool.map(capture, work))
+    return results
+
+
+def outcome(scenarios: dict[str, Any], name: str) -> Any:
+    value = scenarios[name]
+    if isinstance(value, BaseException):
+        raise value
+    return value
+
+
+def test_removed_caption_reruns_only_its_shard_and_a_cancelled_job_is_redone(
+    scenarios: dict[str, Any],
+) -> None:
+    outcome(scenarios, "removed")
+
+
+def test_appended_rows_run_only_the_new_shard(scenarios: dict[str, Any]) -> None:
+    outcome(scenarios, "appended")
+
+
+def test_training_edit_reruns_train_and_eval_and_memory_kill_is_retried_bigger(
+    scenarios: dict[str, Any],
+) -> None:
+    outcome(scenarios, "training")
+
+
+def test_caption_edit_reruns_captions_on_and_a_killed_snakemake_resumes(
+    scenarios: dict[str, Any],
+) -> None:
+    outcome(scenarios, "killed")
+
+
+def test_chaos_kills_leave_results_identical_to_an_undisturbed_run(
+    scenarios: dict[str, Any],
+) -> None:
+    report = outcome(scenarios, "chaos")
+    print(f"chaos: {len(report.kills)} kills of {report.jobs_seen} jobs in {report.runs} runs")

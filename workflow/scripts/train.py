@@ -1,5 +1,11 @@
-"""Train one phase of the LLaVA-style model (see vlmflow.train)."""
+"""Train one phase of the LLaVA-style model (see vlmflow.train).
 
+The profile decides how many processes train: a rule with an ``mpi`` resource (e.g.
+``srun`` on a Slurm cluster) starts one process per task of the job; without it the
+phase trains in this process.
+"""
+
+import sys
 from pathlib import Path
 
 from vlmflow import train
@@ -13,7 +19,7 @@ with log_to(snakemake.log[0]):
     ]
     settings = train.TrainSettings(**snakemake.params.settings)
     if settings.phase == 1:
-        train.run(
+        job = train.TrainJob(
             sources,
             snakemake.output[0],
             settings,
@@ -21,4 +27,7 @@ with log_to(snakemake.log[0]):
             language_model=snakemake.params.language_model,
         )
     else:
-        train.run(sources, snakemake.output[0], settings, init_from=snakemake.input.init)
+        job = train.TrainJob(sources, snakemake.output[0], settings, init_from=snakemake.input.init)
+    launcher = snakemake.resources.get("mpi")
+    # log_to points stderr at the rule's log file; the launched processes write there too.
+    train.launch(job, launcher, sys.stderr)
