@@ -41,7 +41,7 @@ test: lint
 # Starts a one-node Slurm cluster on localhost (needs root and apt), runs the workflow on
 # it with profiles/slurm, and stops the cluster again.
 test-slurm: setup
-	$(BIN)/pytest -m slurm tests/slurm
+	$(BIN)/pytest -m slurm -rP tests/slurm
 
 clean-results:
 	rm -rf results logs .snakemake

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A real one-node Slurm cluster on localhost for the tests: four fake GPUs (so the test
+# A real one-node Slurm cluster on localhost for the tests: eight fake GPUs (so the test
 # scenarios can run side by side), a `cpu` and a `gpu` partition (the names profiles/slurm uses), no accounting daemon.
 #
 #   tests/slurm/cluster.sh start   install (apt) if needed, configure, start, wait for idle
@@ -23,7 +23,7 @@ install() {
 configure() {
   mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm "$STATE"
   # Slurm only sets CUDA_VISIBLE_DEVICES for GPUs backed by character devices.
-  for n in 0 1 2 3; do
+  for n in 0 1 2 3 4 5 6 7; do
     [ -c "/dev/fake-gpu$n" ] || { rm -f "/dev/fake-gpu$n"; mknod "/dev/fake-gpu$n" c 1 3; }
   done
   # The node advertises more CPUs and memory than this machine has (config_overrides),
@@ -59,12 +59,12 @@ JobAcctGatherParams=OverMemoryKill
 # behind it on the same node for the default 30 s.
 SchedulerParameters=batch_sched_delay=0,sched_min_interval=100000,bf_interval=1
 DefMemPerCPU=1000
-NodeName=localhost CPUs=64 RealMemory=524288 Gres=gpu:4 State=UNKNOWN
+NodeName=localhost CPUs=128 RealMemory=1048576 Gres=gpu:8 State=UNKNOWN
 PartitionName=cpu Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=localhost MaxTime=INFINITE State=UP
 CONF
   cat >/etc/slurm/gres.conf <<CONF
-NodeName=localhost Name=gpu File=/dev/fake-gpu[0-3]
+NodeName=localhost Name=gpu File=/dev/fake-gpu[0-7]
 CONF
   rm -f /etc/slurm/cgroup.conf
   if [ ! -s /etc/munge/munge.key ]; then

@@ -3,11 +3,12 @@
 The cluster (tests/slurm/cluster.sh) is started for this module and stopped after it.
 Snakemake asks squeue for job states (the test cluster has no accounting daemon).
 
-One reference run goes first. The scenarios after it (what reruns after an edit, and
-the faults: scancel, a job over its memory limit, Snakemake killed, chaos) each work on
-their own copy of the reference folder, or a fresh one, and run side by side: the
-cluster's jobs are told apart by their working directory. Each scenario checks its own
-assertions; its test re-raises what it found.
+The runs share the cluster side by side, and its jobs are told apart by their working
+directory: the undisturbed reference run of the full DAG and, beside it, the chaos run
+of the same DAG in another folder; after the reference, the scenarios (what reruns
+after an edit, and the faults: scancel, a job over its memory limit, Snakemake killed),
+each on its own copy of the reference folder. Each scenario checks its own assertions;
+its test re-raises what it found.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -249,13 +250,18 @@ class Reference:
     workdir: Path
     result: subprocess.CompletedProcess[str]
     jobs: list[SlurmJob]
+    chaos: Future[ChaosRun]
 
 
 @pytest.fixture(scope="module")
-def reference(cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Reference:
-    workdir = fresh_workdir(tmp_path_factory.mktemp("slurm") / "reference")
-    result = run(workdir, "all")
-    return Reference(workdir, result, slurm_jobs(workdir))
+def reference(cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Reference]:
+    """The undisturbed full run; the chaos run of the same DAG goes on beside it."""
+    root = tmp_path_factory.mktemp("slurm")
+    workdir, chaos_dir = fresh_workdir(root / "reference"), fresh_workdir(root / "chaos")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        chaos = pool.submit(run_with_chaos, chaos_dir)
+        result = run(workdir, "all")
+        yield Reference(workdir, result, slurm_jobs(workdir), chaos)
 
 
 def test_full_run_submits_one_job_per_rule_instance_with_gpus_for_model_rules(
@@ -501,21 +507,22 @@ def _kill_rule_process(job_id: int, timeout: float = 30) -> bool:
 
 
 @dataclass
-class ChaosReport:
+class ChaosRun:
+    workdir: Path
+    result: subprocess.CompletedProcess[str]
     kills: list[tuple[str, str]]
     runs: int
     jobs_seen: int
 
 
-def scenario_chaos(workdir: Path, reference: Path) -> ChaosReport:
-    """Fault 4: a third of the running jobs killed (scancel or SIGKILL), rerun until done;
-    the results equal the undisturbed reference run's."""
+def run_with_chaos(workdir: Path) -> ChaosRun:
+    """A full run in which a random third of the running jobs are killed (alternately
+    scancel and SIGKILL of the rule's process); rerun until complete."""
     rng = random.Random(7)
     decided: dict[str, bool] = {}
     kills: list[tuple[str, str]] = []
     runs = 0
-    result = None
-    while runs < 4:
+    while True:
         runs += 1
         background = start(workdir, "all")
         while background.process.poll() is None:
@@ -533,32 +540,8 @@ def scenario_chaos(workdir: Path, reference: Path) -> ChaosReport:
                 kills.append((job.name, how))
             time.sleep(1)
         result = background.wait()
-        if result.returncode == 0:
-            break
-        subprocess.run(
-            [SNAKEMAKE, "--profile", "profiles/slurm", "--unlock"], cwd=workdir, env=_env()
-        )
-    assert result is not None
-    ok(result)
-    assert len(kills) >= 3, kills
-    assert {how for _, how in kills} == {"scancel", "SIGKILL"}
-
-    for pattern in ["results/*/captions/*.parquet", "results/*/attributes/*/*.parquet"]:
-        ours = sorted(p.relative_to(workdir) for p in workdir.glob(pattern))
-        theirs = sorted(p.relative_to(reference) for p in reference.glob(pattern))
-        assert ours == theirs
-        for relative in ours:
-            assert parquet_keys(workdir / relative) == parquet_keys(reference / relative), relative
-            assert pq.read_table(workdir / relative).equals(pq.read_table(reference / relative))
-    h5_files = sorted(p.relative_to(reference) for p in reference.glob("results/*/h5/*/*.h5"))
-    assert h5_files
-    for relative in h5_files:
-        with h5py.File(workdir / relative) as ours_h5, h5py.File(reference / relative) as ref:
-            assert np.array_equal(ours_h5["data"][:], ref["data"][:]), relative
-            assert list(ours_h5["img_path"][:]) == list(ref["img_path"][:]), relative
-    for table in ["results/eval/metrics.tsv", "results/photos/ingest_summary.tsv"]:
-        assert (workdir / table).read_text() == (reference / table).read_text(), table
-    return ChaosReport(kills, runs, len(decided))
+        if result.returncode == 0 or runs == 4:
+            return ChaosRun(workdir, result, kills, runs, len(decided))
 
 
 @pytest.fixture(scope="module")
@@ -578,7 +561,6 @@ def scenarios(reference: Reference, tmp_path_factory: pytest.TempPathFactory) ->
         "killed": lambda: scenario_caption_edited_and_snakemake_killed(
             copy_workdir(reference.workdir, root / "killed")
         ),
-        "chaos": lambda: scenario_chaos(fresh_workdir(root / "chaos"), reference.workdir),
     }
     results: dict[str, Any] = {}
     lock = threading.Lock()
@@ -626,7 +608,33 @@ def test_caption_edit_reruns_captions_on_and_a_killed_snakemake_resumes(
 
 
 def test_chaos_kills_leave_results_identical_to_an_undisturbed_run(
-    scenarios: dict[str, Any],
+    reference: Reference,
 ) -> None:
-    report = outcome(scenarios, "chaos")
-    print(f"chaos: {len(report.kills)} kills of {report.jobs_seen} jobs in {report.runs} runs")
+    ok(reference.result)
+    chaos = reference.chaos.result(timeout=RUN_TIMEOUT)
+    ok(chaos.result)
+    print(f"chaos: {len(chaos.kills)} kills of {chaos.jobs_seen} jobs in {chaos.runs} runs")
+    assert len(chaos.kills) >= 3, chaos.kills
+    assert {how for _, how in chaos.kills} == {"scancel", "SIGKILL"}
+    workdir = chaos.workdir
+    for pattern in ["results/*/captions/*.parquet", "results/*/attributes/*/*.parquet"]:
+        ours = sorted(p.relative_to(workdir) for p in workdir.glob(pattern))
+        theirs = sorted(p.relative_to(reference.workdir) for p in reference.workdir.glob(pattern))
+        assert ours == theirs
+        for relative in ours:
+            ref = reference.workdir / relative
+            assert parquet_keys(workdir / relative) == parquet_keys(ref), relative
+            assert pq.read_table(workdir / relative).equals(pq.read_table(ref)), relative
+    h5_files = sorted(
+        p.relative_to(reference.workdir) for p in reference.workdir.glob("results/*/h5/*/*.h5")
+    )
+    assert h5_files
+    for relative in h5_files:
+        with (
+            h5py.File(workdir / relative) as ours_h5,
+            h5py.File(reference.workdir / relative) as ref_h5,
+        ):
+            assert np.array_equal(ours_h5["data"][:], ref_h5["data"][:]), relative
+            assert list(ours_h5["img_path"][:]) == list(ref_h5["img_path"][:]), relative
+    for table in ["results/eval/metrics.tsv", "results/photos/ingest_summary.tsv"]:
+        assert (workdir / table).read_text() == (reference.workdir / table).read_text(), table
