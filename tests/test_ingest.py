@@ -11,10 +11,11 @@ import tarfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -457,6 +458,10 @@ def test_file_too_large_by_bytes(tmp_path: Path, images: dict[str, Path]) -> Non
 # --------------------------------------------------------------------------- http shards
 
 
+# The test server is on loopback, which ingest refuses unless allowed.
+LOCAL = ("127.0.0.0/8",)
+
+
 class _Handler(BaseHTTPRequestHandler):
     image: ClassVar[bytes] = b""
     hits: ClassVar[dict[str, int]] = {}
@@ -484,6 +489,20 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(302)
             self.send_header("Location", "/loop")
             self.end_headers()
+        elif path == "/to-metadata":
+            self.send_response(302)
+            self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+            self.end_headers()
+        elif path == "/to-image":
+            self.send_response(301)
+            self.send_header("Location", "/img.jpg")
+            self.end_headers()
+        elif path.startswith("/robots/"):
+            self.send_response(200)
+            self.send_header("X-Robots-Tag", unquote(path.removeprefix("/robots/")))
+            self.send_header("Content-Length", str(len(self.image)))
+            self.end_headers()
+            self.wfile.write(self.image)
         elif path == "/huge":
             self._send(200, b"\xff" * 50_000)
         elif path == "/huge-no-length":
@@ -531,7 +550,9 @@ def test_http_outcomes(tmp_path: Path, server: str) -> None:
         {"url": "http://127.0.0.1:1/refused.jpg", "caption": "connection refused"},
     ]
     url_list = write_list(tmp_path / "list.tsv", rows)
-    settings = IngestSettings(timeout_s=0.5, retries=0, max_bytes=20_000, threads=8)
+    settings = IngestSettings(
+        timeout_s=0.5, retries=0, max_bytes=20_000, threads=8, allowed_networks=LOCAL
+    )
     started = time.monotonic()
     stats = run_shard(url_list, settings, tmp_path)
     assert time.monotonic() - started < 5
@@ -560,12 +581,67 @@ def test_http_5xx_is_retried_4xx_is_not(tmp_path: Path, server: str) -> None:
         {"url": f"{server}/missing", "caption": "404"},
     ]
     url_list = write_list(tmp_path / "list.tsv", rows)
-    stats = run_shard(url_list, IngestSettings(retries=1, timeout_s=2), tmp_path)
+    settings = IngestSettings(retries=1, timeout_s=2, allowed_networks=LOCAL)
+    stats = run_shard(url_list, settings, tmp_path)
     assert [(f["reason"], f["detail"]) for f in stats["failures"]] == [
         ("http_status", "503"),
         ("http_status", "404"),
     ]
     assert _Handler.hits == {"/error": 2, "/missing": 1}
+
+
+def test_non_public_addresses_are_blocked_by_default(tmp_path: Path, server: str) -> None:
+    rows = [
+        {"url": f"{server}/img.jpg", "caption": "loopback"},
+        {"url": "http://169.254.169.254/latest/meta-data/", "caption": "cloud metadata"},
+        {"url": "http://10.1.2.3/a.jpg", "caption": "private"},
+        {"url": "http://[::1]:9/a.jpg", "caption": "IPv6 loopback"},
+        {"url": "http://[::ffff:192.168.0.1]/a.jpg", "caption": "v4-mapped private"},
+        {"url": "http://0.0.0.0/a.jpg", "caption": "unspecified"},
+    ]
+    url_list = write_list(tmp_path / "list.tsv", rows)
+    stats = run_shard(url_list, IngestSettings(retries=0, timeout_s=1), tmp_path)
+    assert reasons_by_row(stats) == dict.fromkeys(range(6), "blocked")
+    assert stats["ok"] == 0 and stats["failed"] == {"blocked": 6}
+    assert "169.254.169.254" in stats["failures"][1]["detail"]
+    assert _Handler.hits == {}, "nothing was requested"
+
+
+def test_every_redirect_hop_is_checked(tmp_path: Path, server: str) -> None:
+    rows = [
+        {"url": f"{server}/to-metadata", "caption": "redirect to the metadata endpoint"},
+        {"url": f"{server}/to-image", "caption": "redirect within the allowed network"},
+    ]
+    url_list = write_list(tmp_path / "list.tsv", rows)
+    settings = IngestSettings(retries=0, timeout_s=1, allowed_networks=LOCAL)
+    stats = run_shard(url_list, settings, tmp_path)
+    assert reasons_by_row(stats) == {0: "blocked"}
+    assert stats["ok"] == 1
+    assert _Handler.hits == {"/to-metadata": 1, "/to-image": 1, "/img.jpg": 1}
+
+
+def test_x_robots_tag_noai_is_honoured_unless_turned_off(tmp_path: Path, server: str) -> None:
+    rows = [
+        {"url": f"{server}/robots/noai", "caption": "noai"},
+        {"url": f"{server}/robots/noindex,%20noimageai", "caption": "noimageai in a list"},
+        {"url": f"{server}/robots/otherbot:%20noai", "caption": "scoped to another crawler"},
+        {"url": f"{server}/robots/vlmflow:%20noimageai", "caption": "scoped to us"},
+        {"url": f"{server}/robots/noindex", "caption": "not about AI"},
+    ]
+    url_list = write_list(tmp_path / "list.tsv", rows)
+    settings = IngestSettings(retries=0, timeout_s=1, allowed_networks=LOCAL)
+    stats = run_shard(url_list, settings, tmp_path / "on")
+    assert reasons_by_row(stats) == {0: "robots", 1: "robots", 3: "robots"}
+    assert stats["failures"][0]["detail"] == "X-Robots-Tag: noai"
+    assert stats["ok"] == 2
+    off = run_shard(url_list, replace(settings, respect_robots_header=False), tmp_path / "off")
+    assert off["ok"] == 5 and off["failures"] == []
+
+
+def test_allowed_networks_must_be_networks() -> None:
+    with pytest.raises(IngestError, match=r"ingest.allowed_networks: 'intranet' is not a network"):
+        IngestSettings(allowed_networks=["intranet"])  # type: ignore[arg-type]
+    assert IngestSettings(allowed_networks=["10.0.0.0/8"]).allowed_networks == ("10.0.0.0/8",)
 
 
 # --------------------------------------------------------------------------- summary

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import io
+import ipaddress
 import itertools
 import json
 import os
 import re
+import socket
 import time
 import urllib.request
 from collections import deque
@@ -35,7 +38,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -60,7 +63,13 @@ FAILURE_REASONS = (
     "not_image",
     "decode_error",
     "too_small",
+    "blocked",
+    "robots",
 )
+
+# X-Robots-Tag directives that say "do not use this image for AI training".
+NO_AI_DIRECTIVES = frozenset({"noai", "noimageai"})
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 # Fields this stage writes into {key}.json; extra columns with these names get a prefix.
 RESERVED_FIELDS = frozenset(
@@ -88,6 +97,22 @@ class IngestSettings:
     retries: int = 2  # retries with exponential backoff on timeouts/connection errors/5xx
     threads: int = 8  # downloads in flight
     user_agent: str = "vlmflow/0.1 (image ingest)"
+    # Addresses a URL may resolve to although they are loopback, private, link-local
+    # (cloud metadata endpoints) or otherwise not public, as CIDRs. Default: none.
+    allowed_networks: tuple[str, ...] = ()
+    respect_robots_header: bool = True  # X-Robots-Tag noai / noimageai -> "robots"
+
+    def __post_init__(self) -> None:
+        # From YAML this is a list; a bad CIDR is a config error, named here.
+        networks = tuple(self.allowed_networks)
+        for cidr in networks:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                raise IngestError(
+                    f"ingest.allowed_networks: {cidr!r} is not a network: {exc}"
+                ) from None
+        object.__setattr__(self, "allowed_networks", networks)
 
 
 class IngestError(ValueError):
@@ -341,31 +366,93 @@ def _fetch_file(url: str, settings: IngestSettings) -> bytes:
         raise _Failure("missing_file", f"{path}: {exc.strerror or exc}") from None
 
 
+# Letters, digits, '-', '_' and '.' (names); ':' and '%' for IPv6 literals and zones.
+_HOST_CHARS = re.compile(r"[A-Za-z0-9._:%-]+")
+
+
+def _resolve(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to (what the connection may end up using)."""
+    infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+    return sorted({str(info[4][0]) for info in infos})
+
+
+@functools.lru_cache(maxsize=64)
+def _networks(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
+
+
+def _check_address(url: str, settings: IngestSettings) -> None:
+    """Refuse URLs whose host is, or resolves to, a non-public address.
+
+    On a cluster node, loopback, private and link-local addresses reach services that
+    are not on the internet (cloud metadata endpoints at 169.254.169.254, admin pages);
+    a URL list from the web must not be able to make the job fetch them. Checked before
+    the first request and again for every redirect.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname
+    if host is None:
+        raise _Failure("invalid_url", "no host")
+    try:
+        ascii_host = host.encode("idna").decode("ascii") if not host.isascii() else host
+    except UnicodeError as exc:
+        raise _Failure("invalid_url", f"host {host!r}: {exc}") from None
+    if not _HOST_CHARS.fullmatch(ascii_host):
+        raise _Failure("invalid_url", f"host {host!r} has characters a host name cannot have")
+    try:
+        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+        addresses = _resolve(host, port)
+    except (socket.gaierror, UnicodeError, ValueError) as exc:
+        raise _Failure("connection_error", f"cannot resolve {host}: {exc}") from None
+    allowed = _networks(settings.allowed_networks)
+    for text in addresses:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        if address.is_global or any(address in network for network in allowed):
+            continue
+        raise _Failure(
+            "blocked",
+            f"{host} resolves to non-public address {address} "
+            "(ingest.allowed_networks lists the ones to allow)",
+        )
+
+
+def _robots_forbid(header: str, user_agent: str) -> str | None:
+    """The X-Robots-Tag directive that forbids AI use for us, if any.
+
+    Directives may be scoped to a crawler ("otherbot: noai"); only unscoped ones and
+    those naming our user agent's product token apply.
+    """
+    product = user_agent.split("/", 1)[0].strip().lower()
+    for part in header.split(","):
+        scope, _, directive = part.rpartition(":")
+        scope, directive = scope.strip().lower(), directive.strip().lower()
+        if directive in NO_AI_DIRECTIVES and scope in ("", product):
+            return part.strip()
+    return None
+
+
 def _http_once(url: str, settings: IngestSettings, session: requests.Session) -> bytes:
     timeout = (settings.timeout_s, settings.timeout_s)
     try:
-        with session.get(url, stream=True, timeout=timeout) as response:
-            status = response.status_code
-            if not 200 <= status < 300:
-                raise _Failure("http_status", str(status), retryable=status >= 500)
-            length = response.headers.get("Content-Length", "")
-            if length.isdigit() and int(length) > settings.max_bytes:
-                raise _Failure("too_large", f"Content-Length {length} > {settings.max_bytes}")
-            body = bytearray()
-            # Counted after content decoding, so a gzip bomb is caught as well.
-            for chunk in response.iter_content(CHUNK_BYTES):
-                body += chunk
-                if len(body) > settings.max_bytes:
-                    raise _Failure("too_large", f"body > max_bytes {settings.max_bytes}")
-            return bytes(body)
-    except requests.TooManyRedirects as exc:
-        code = exc.response.status_code if exc.response is not None else "3xx"
-        raise _Failure("http_status", f"{code} (more than {MAX_REDIRECTS} redirects)") from None
+        # Redirects are followed here, not by requests, so each hop's address is checked.
+        for _hop in range(MAX_REDIRECTS + 1):
+            _check_address(url, settings)
+            with session.get(url, stream=True, timeout=timeout, allow_redirects=False) as response:
+                status = response.status_code
+                location = response.headers.get("Location")
+                if status in REDIRECT_STATUSES and location:
+                    url = urljoin(url, location)
+                    continue
+                return _read_body(response, settings)
+        raise _Failure("http_status", f"{status} (more than {MAX_REDIRECTS} redirects)")
     except requests.Timeout as exc:
         raise _Failure("timeout", str(exc), retryable=True) from None
     except (
         requests.exceptions.InvalidURL,
         requests.exceptions.InvalidSchema,
+        requests.exceptions.MissingSchema,
         urllib3.exceptions.LocationParseError,
         UnicodeError,  # IDNA encoding of the host name failed
     ) as exc:
@@ -377,6 +464,26 @@ def _http_once(url: str, settings: IngestSettings, session: requests.Session) ->
         raise _Failure(reason or "connection_error", str(exc), retryable=True) from None
     except requests.RequestException as exc:  # e.g. a broken gzip body or invalid headers
         raise _Failure("connection_error", f"{type(exc).__name__}: {exc}") from None
+
+
+def _read_body(response: requests.Response, settings: IngestSettings) -> bytes:
+    status = response.status_code
+    if not 200 <= status < 300:
+        raise _Failure("http_status", str(status), retryable=status >= 500)
+    if settings.respect_robots_header:
+        forbidden = _robots_forbid(response.headers.get("X-Robots-Tag", ""), settings.user_agent)
+        if forbidden:
+            raise _Failure("robots", f"X-Robots-Tag: {forbidden}")
+    length = response.headers.get("Content-Length", "")
+    if length.isdigit() and int(length) > settings.max_bytes:
+        raise _Failure("too_large", f"Content-Length {length} > {settings.max_bytes}")
+    body = bytearray()
+    # Counted after content decoding, so a gzip bomb is caught as well.
+    for chunk in response.iter_content(CHUNK_BYTES):
+        body += chunk
+        if len(body) > settings.max_bytes:
+            raise _Failure("too_large", f"body > max_bytes {settings.max_bytes}")
+    return bytes(body)
 
 
 def _fetch_http(url: str, settings: IngestSettings, session: requests.Session) -> bytes:
