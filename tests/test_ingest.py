@@ -45,8 +45,12 @@ BLUE = (0, 0, 255)
 
 
 def write_list(path: Path, rows: list[dict[str, Any]]) -> Path:
-    """Write rows as .tsv / .csv / .parquet depending on the suffix."""
+    """Write rows as .tsv / .csv / .parquet / .jsonl depending on the suffix."""
     columns = list(rows[0])
+    if path.suffix == ".jsonl":
+        lines = [json.dumps(row, ensure_ascii=False) for row in rows]
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return path
     if path.suffix == ".parquet":
         # Small row groups so that slicing across row-group boundaries is exercised.
         pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=3)
@@ -159,7 +163,7 @@ def test_shard_ranges_cover_rows_and_appending_keeps_full_shards() -> None:
         shard_ranges(10, 0)
 
 
-@pytest.mark.parametrize("suffix", [".tsv", ".csv", ".parquet"])
+@pytest.mark.parametrize("suffix", [".tsv", ".csv", ".parquet", ".jsonl"])
 def test_count_and_read_rows_all_formats(tmp_path: Path, suffix: str) -> None:
     rows: list[dict[str, Any]] = [
         {"url": f"http://example.com/{i}.jpg", "caption": f"cap {i}", "lang": "en"}
@@ -171,6 +175,47 @@ def test_count_and_read_rows_all_formats(tmp_path: Path, suffix: str) -> None:
     assert count_rows(path) == 7
     got = read_rows(path, 2, 6, IngestSettings())
     assert got == rows[2:6]
+
+
+def test_jsonl_lists_keep_unicode_nested_and_late_fields(tmp_path: Path) -> None:
+    path = tmp_path / "list.jsonl"
+    path.write_text(
+        '{"url": "http://a/1.jpg", "caption": "Straße am Fluss 🌉", "id": 7}\n'
+        "\n"
+        '{"url": "http://a/2.jpg", "id": 8, "meta": {"b": 1, "a": [2]}}\n',
+        encoding="utf-8",
+    )
+    assert count_rows(path) == 2
+    first, second = read_rows(path, 0, 2, IngestSettings())
+    assert first == {"url": "http://a/1.jpg", "caption": "Straße am Fluss 🌉", "id": "7"}
+    assert second == {
+        "url": "http://a/2.jpg",
+        "caption": None,
+        "id": "8",
+        "meta": '{"a": [2], "b": 1}',
+    }
+
+
+def test_jsonl_digest_sees_fields_beyond_the_first_record(tmp_path: Path) -> None:
+    path = tmp_path / "list.jsonl"
+    path.write_text('{"url": "u1"}\n{"url": "u2", "caption": "a"}\n', encoding="utf-8")
+    before = rows_digest(path, 1, 2)
+    path.write_text('{"url": "u1"}\n{"url": "u2", "caption": "b"}\n', encoding="utf-8")
+    assert rows_digest(path, 1, 2) != before
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"url": "u", "caption": "c"}\n{"url": oops}\n', r"list.jsonl: line 2: not JSON"),
+        ('{"url": "u", "caption": "c"}\n["u", "c"]\n', r"line 2: expected a JSON object, got list"),
+    ],
+)
+def test_bad_jsonl_names_file_and_line(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "list.jsonl"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(IngestError, match=message):
+        count_rows(path)
 
 
 def test_count_rows_counts_records_not_lines(tmp_path: Path) -> None:

@@ -1,13 +1,15 @@
 """Ingest stage: download the images of a URL list into WebDataset shards.
 
-A URL list (.tsv, .csv or .parquet) is cut into fixed row ranges ("shards"). Each shard
+A URL list (.tsv, .csv, .parquet or .jsonl) is cut into fixed row ranges ("shards"). Each shard
 becomes one tar with ``{key}.jpg``, ``{key}.txt`` and ``{key}.json`` per downloaded image,
 plus a stats json that accounts for every input row: either it is in the tar ("ok") or it
 is listed under ``failures`` with a reason.
 
 Conventions worth knowing:
 
-* Cells are read as strings; an empty CSV/TSV cell and a parquet null both become ``None``.
+* Cells are read as strings; an empty CSV/TSV cell, a parquet null and a missing or null
+  JSON Lines field all become ``None``. A JSON Lines file's columns are the fields of its
+  first record (as a CSV header); fields only later records have are kept as extras.
 * TSV files are read without quote handling (captions often contain stray ``"``); a TSV
   field therefore cannot contain a tab or a newline. CSV files use standard CSV quoting.
 * ``file:relative/path.jpg`` URLs are resolved against the URL list's folder.
@@ -48,7 +50,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlmflow.io import atomic_open, jpeg_bytes, write_json
 
-SUPPORTED_SUFFIXES = (".tsv", ".csv", ".parquet")
+SUPPORTED_SUFFIXES = (".tsv", ".csv", ".parquet", ".jsonl")
 
 # Every failure reason, in the column order used by summarize_stats.
 FAILURE_REASONS = (
@@ -159,6 +161,8 @@ def _cell(value: Any) -> str | None:
         return None
     if isinstance(value, bytes):
         value = value.decode("utf-8", errors="replace")
+    if isinstance(value, (dict, list)):  # nested JSON stays JSON, not a Python repr
+        value = json.dumps(value, ensure_ascii=False, sort_keys=True)
     text = str(value)
     return text if text != "" else None
 
@@ -204,6 +208,16 @@ def _read_slice(path: Path, start: int, end: int) -> tuple[list[str], list[dict[
         raise IngestError(f"{path}: invalid row range [{start}, {end})")
     if path.suffix.lower() == ".parquet":
         columns, rows = _parquet_slice(path, start, end)
+    elif path.suffix.lower() == ".jsonl":
+        with contextlib.closing(_jsonl_records(path)) as records:
+            first = next(records, None)
+            columns = list(first) if first is not None else []
+            rows = [
+                _jsonl_row(columns, record)
+                for record in itertools.islice(
+                    itertools.chain([first] if first else [], records), start, end
+                )
+            ]
     else:
         # closing(): islice stops early, so close the generator (and its file) now, not at GC.
         with contextlib.closing(_csv_records(path)) as records:
@@ -218,6 +232,33 @@ def _read_slice(path: Path, start: int, end: int) -> tuple[list[str], list[dict[
             "(the list shrank since shards were planned?)"
         )
     return columns, rows
+
+
+def _jsonl_records(path: Path) -> Generator[dict[str, Any], None, None]:
+    """Yield the objects of a JSON Lines file (blank lines skipped); errors name the line."""
+    with open(path, encoding="utf-8") as handle:
+        try:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise IngestError(f"{path}: line {number}: not JSON: {exc.msg}") from None
+                if not isinstance(record, dict):
+                    raise IngestError(
+                        f"{path}: line {number}: expected a JSON object, got "
+                        f"{type(record).__name__}"
+                    )
+                yield record
+        except UnicodeDecodeError as exc:
+            raise IngestError(f"{path}: not valid UTF-8: {exc.reason}") from None
+
+
+def _jsonl_row(columns: list[str], record: dict[str, Any]) -> dict[str, Any]:
+    row = {name: _cell(record.get(name)) for name in columns}
+    row.update({name: _cell(value) for name, value in record.items() if name not in row})
+    return row
 
 
 def _csv_row(path: Path, columns: list[str], index: int, record: list[str]) -> dict[str, Any]:
@@ -261,6 +302,9 @@ def count_rows(url_list: str | Path) -> int:
             return int(pq.ParquetFile(path).metadata.num_rows)
         except (pa.ArrowException, OSError) as exc:
             raise IngestError(f"{path}: cannot read parquet: {exc}") from None
+    if path.suffix.lower() == ".jsonl":
+        with contextlib.closing(_jsonl_records(path)) as json_records:
+            return sum(1 for _ in json_records)
     with contextlib.closing(_csv_records(path)) as records:
         _csv_header(path, records)
         # Count records, not lines: a quoted CSV caption may span several lines.
@@ -300,11 +344,21 @@ def rows_digest(url_list: str | Path, start: int, end: int) -> str:
     path = _check_list(url_list)
     columns, rows = _read_slice(path, start, end)
     canonical = json.dumps(
-        {"columns": columns, "rows": [[row[name] for name in columns] for row in rows]},
+        {"columns": columns, "rows": [_digest_cells(columns, row) for row in rows]},
         ensure_ascii=False,
         separators=(",", ":"),
     )
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def _digest_cells(columns: list[str], row: dict[str, Any]) -> list[Any]:
+    cells: list[Any] = [row[name] for name in columns]
+    # Fields beyond the columns (later JSON Lines fields) count too; none in CSV/parquet,
+    # whose digests therefore stay what they were.
+    extras = sorted((name, value) for name, value in row.items() if name not in columns)
+    if extras:
+        cells.append(extras)
+    return cells
 
 
 def resolve_url(url: str, url_list: Path) -> str:
