@@ -67,6 +67,16 @@ GPU_RULES = {"caption", "attributes_phase1", "attributes_phase2", "evaluate"}
 TRAIN_RULES = {"train_phase1", "train_phase2"}
 SHARD_CHAIN = ["caption", "attributes_phase1", "attributes_phase2", "h5"]
 AGGREGATES = ["train_phase1", "train_phase2", "evaluate"]
+# Slurm jobs of the full test DAG after ingest: 2 train shards + 1 eval shard (no h5).
+AFTER_INGEST = {
+    "caption": 3,
+    "attributes_phase1": 3,
+    "attributes_phase2": 3,
+    "h5": 2,
+    "train_phase1": 1,
+    "train_phase2": 1,
+    "evaluate": 1,
+}
 RUN_TIMEOUT = 900
 
 
@@ -269,16 +279,7 @@ def test_full_run_submits_one_job_per_rule_instance_with_gpus_for_model_rules(
 ) -> None:
     ok(reference.result)
     rules = Counter(job.rule for job in reference.jobs)
-    assert rules == {
-        "ingest": 3,
-        "caption": 3,
-        "attributes_phase1": 3,
-        "attributes_phase2": 3,
-        "h5": 2,
-        "train_phase1": 1,
-        "train_phase2": 1,
-        "evaluate": 1,
-    }
+    assert rules == {"ingest": 3, **AFTER_INGEST}
     for job in reference.jobs:
         assert job.state == "COMPLETED", job
         if job.rule in GPU_RULES:
@@ -437,15 +438,7 @@ def scenario_caption_edited_and_snakemake_killed(workdir: Path) -> None:
     config["caption"]["max_new_tokens"] = int(config["caption"].get("max_new_tokens", 32)) + 4
     save_config(workdir, config)
     counts = dry_run_counts(workdir)
-    assert {rule: counts.get(rule, 0) for rule in [*SHARD_CHAIN, *AGGREGATES]} == {
-        "caption": 3,
-        "attributes_phase1": 3,
-        "attributes_phase2": 3,
-        "h5": 2,
-        "train_phase1": 1,
-        "train_phase2": 1,
-        "evaluate": 1,
-    }
+    assert {rule: counts.get(rule, 0) for rule in [*SHARD_CHAIN, *AGGREGATES]} == AFTER_INGEST
     assert "ingest" not in counts
 
     before = slurm_jobs(workdir)
