@@ -394,8 +394,8 @@ def sanitize_key(raw: str) -> str:
 def _make_session(settings: IngestSettings) -> requests.Session:
     session = requests.Session()
     session.headers["User-Agent"] = settings.user_agent
-    session.max_redirects = MAX_REDIRECTS
-    # Retries are done by _fetch_http (with backoff and our own failure reasons).
+    # Retries are done by _fetch_http (with backoff and our own failure reasons), and
+    # redirects by _http_once (each hop's address is checked).
     adapter = requests.adapters.HTTPAdapter(
         pool_connections=settings.threads, pool_maxsize=settings.threads, max_retries=0
     )

@@ -48,6 +48,7 @@ from tests.workflow.conftest import (
     read_rows,
     save_config,
 )
+from vlmflow.distributed import parse_scontrol_job
 
 pytestmark = pytest.mark.slurm
 
@@ -123,7 +124,7 @@ def slurm_jobs(workdir: Path) -> list[SlurmJob]:
     ).stdout
     jobs = []
     for line in output.splitlines():
-        fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+        fields = parse_scontrol_job(line)
         if "JobId" not in fields or fields.get("WorkDir") != str(workdir):
             continue
         # The plugin puts "rule_<name>_wildcards_<values>" into the job comment.
