@@ -196,6 +196,15 @@ def test_jsonl_lists_keep_unicode_nested_and_late_fields(tmp_path: Path) -> None
     }
 
 
+def test_jsonl_empty_first_record_is_still_a_row(tmp_path: Path) -> None:
+    path = tmp_path / "list.jsonl"
+    path.write_text('{}\n{"url": "u2", "caption": "c"}\n', encoding="utf-8")
+    assert count_rows(path) == 2
+    assert rows_digest(path, 0, 1) != rows_digest(path, 1, 2)
+    with pytest.raises(IngestError, match="column 'url'"):
+        read_rows(path, 1, 2, IngestSettings())  # the first record names no columns
+
+
 def test_jsonl_digest_sees_fields_beyond_the_first_record(tmp_path: Path) -> None:
     path = tmp_path / "list.jsonl"
     path.write_text('{"url": "u1"}\n{"url": "u2", "caption": "a"}\n', encoding="utf-8")

@@ -215,7 +215,7 @@ def _read_slice(path: Path, start: int, end: int) -> tuple[list[str], list[dict[
             rows = [
                 _jsonl_row(columns, record)
                 for record in itertools.islice(
-                    itertools.chain([first] if first else [], records), start, end
+                    itertools.chain([first] if first is not None else [], records), start, end
                 )
             ]
     else:
