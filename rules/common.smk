@@ -3,7 +3,8 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from vlmflow.ingest import count_rows, rows_digest, shard_ranges
+from vlmflow.ingest import IngestError
+from vlmflow.sources import source_from_config
 from vlmflow.models import (
     DEMO_BUILDERS,
     DEMO_OPTIONS,
@@ -38,10 +39,11 @@ def check_config():
                     f"(defined: {', '.join(sorted(datasets))})"
                 )
     for name, dataset in datasets.items():
-        if not Path(dataset["url_list"]).is_file():
+        if "url_list" in dataset and not Path(dataset["url_list"]).is_file():
             raise ConfigError(
                 f"config.datasets.{name}.url_list: file {dataset['url_list']!r} does not exist"
             )
+        get_source(name)
     for key in ("caption", "attributes.phase1", "attributes.phase2"):
         section = config
         for part in key.split("."):
@@ -77,15 +79,28 @@ def check_model_reference(key, reference):
     )
 
 
-check_config()
-
-
 def get_demo_model_settings(wildcards):
     return {key: config["demo_models"][key] for key in DEMO_OPTIONS[wildcards.kind]}
 
 
+_SOURCES = {}
+
+
+def get_source(dataset):
+    """The dataset's source (URL list, image folder, COCO, HF dataset or tars), read once."""
+    if dataset not in _SOURCES:
+        try:
+            _SOURCES[dataset] = source_from_config(config["datasets"][dataset], dataset)
+        except IngestError as exc:
+            raise ConfigError(f"config.datasets.{dataset}: {exc}") from None
+    return _SOURCES[dataset]
+
+
+check_config()
+
+
 def get_shard_ids(dataset):
-    """Shard ids of a dataset: one per fixed range of rows of its URL list."""
+    """Shard ids of a dataset: one per fixed range of rows of its source."""
     return list(_shard_rows(dataset))
 
 
@@ -94,25 +109,30 @@ _SHARD_ROWS = {}
 
 def _shard_rows(dataset):
     if dataset not in _SHARD_ROWS:
-        settings = config["datasets"][dataset]
-        n_rows = count_rows(settings["url_list"])
+        shard_size = config["datasets"][dataset]["shard_size"]
+        ranges = get_source(dataset).shard_ranges(shard_size)
         _SHARD_ROWS[dataset] = {
-            f"{number:06d}": rows
-            for number, rows in enumerate(shard_ranges(n_rows, settings["shard_size"]))
+            f"{number:06d}": rows for number, rows in enumerate(ranges)
         }
     return _SHARD_ROWS[dataset]
 
 
-def get_url_list(wildcards):
-    # ancient: appending rows to the list must not make existing shards stale; the
-    # shard's row range and a digest of its rows (params) decide instead.
-    return ancient(config["datasets"][wildcards.dataset]["url_list"])
+def get_source_inputs(wildcards):
+    # ancient: appending rows to a list (or images to a folder) must not make existing
+    # shards stale; the shard's row range and a digest of its rows (params) decide instead.
+    return [ancient(path) for path in get_source(wildcards.dataset).inputs()]
+
+
+def get_source_params(wildcards):
+    """The dataset's source settings (shard_size acts through the row ranges)."""
+    dataset = config["datasets"][wildcards.dataset]
+    return {key: value for key, value in dataset.items() if key != "shard_size"}
 
 
 def get_shard_rows(wildcards):
     start, end = _shard_rows(wildcards.dataset)[wildcards.shard]
-    url_list = config["datasets"][wildcards.dataset]["url_list"]
-    return {"start": start, "end": end, "digest": rows_digest(url_list, start, end)}
+    digest = get_source(wildcards.dataset).digest(start, end)
+    return {"start": start, "end": end, "digest": digest}
 
 
 def get_ingest_settings(wildcards):

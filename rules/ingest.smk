@@ -1,6 +1,6 @@
 rule ingest:
     input:
-        url_list=get_url_list,
+        source=get_source_inputs,
     output:
         tar="results/{dataset}/shards/{shard}.tar",
         stats="results/{dataset}/shards/{shard}.stats.json",
@@ -12,6 +12,7 @@ rule ingest:
         "../envs/ingest.yaml"
     threads: 1
     params:
+        source=get_source_params,
         rows=get_shard_rows,
         settings=get_ingest_settings,
     script:

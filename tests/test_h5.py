@@ -278,7 +278,7 @@ def test_run_shard_and_build_index(
                 relative = f["img_path"][location["row"], 0].decode()
                 rows = f["data"][location["row"]]
             assert relative == f"000000/{key}.jpg"
-            assert (image_root / relative).read_bytes() == samples[key].jpg
+            assert (image_root / relative).read_bytes() == samples[key].image_data
             if name == "phase1":
                 expected = h5.phase1_example(tokenizer, ", ".join(ATTRIBUTES[key]), P, ids, 128)
             else:

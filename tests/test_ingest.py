@@ -105,9 +105,15 @@ def run_shard(
     url_list: Path, settings: IngestSettings, out: Path, start: int = 0, end: int | None = None
 ) -> dict[str, Any]:
     end = count_rows(url_list) if end is None else end
-    return ingest_shard(
+    stats = ingest_shard(
         url_list, start, end, settings, out / "shard.tar", out / "shard.json", "shard-000"
     )
+    # Nothing lost: every row is a sample in the tar or a counted failure with a reason.
+    assert stats["rows_in"] == end - start == stats["ok"] + sum(stats["failed"].values())
+    assert len(stats["failures"]) == sum(stats["failed"].values())
+    assert all(f["reason"] in ingest.FAILURE_REASONS for f in stats["failures"])
+    assert len(read_tar(out / "shard.tar")) == stats["ok"]
+    return stats
 
 
 # --------------------------------------------------------------------------- images
@@ -141,6 +147,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "exif": save(exif_img, folder / "exif.jpg", exif=exif, quality=95),
         "text": text,
         "truncated": truncated,
+        # 400 megapixels in a 50 kB file: a decompression bomb.
+        "bomb": save(Image.new("1", (20_000, 20_000)), folder / "bomb.png", optimize=True),
     }
 
 
@@ -518,6 +526,8 @@ LOCAL = ("127.0.0.0/8",)
 
 class _Handler(BaseHTTPRequestHandler):
     image: ClassVar[bytes] = b""
+    truncated: ClassVar[bytes] = b""
+    bomb: ClassVar[bytes] = b""
     hits: ClassVar[dict[str, int]] = {}
 
     def log_message(self, format: str, *args: Any) -> None:  # keep test output clean
@@ -557,17 +567,24 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(self.image)))
             self.end_headers()
             self.wfile.write(self.image)
+        elif path == "/truncated.jpg":
+            self._send(200, self.truncated)
+        elif path == "/page.html":
+            self._send(200, b"<!doctype html><html><body>Moved</body></html>", "text/html")
+        elif path == "/bomb.png":
+            self._send(200, self.bomb, "image/png")
         elif path == "/huge":
-            self._send(200, b"\xff" * 50_000)
+            self._send(200, b"\xff" * 500_000)
         elif path == "/huge-no-length":
             self.send_response(200)
             self.end_headers()  # HTTP/1.0: body ends when the connection closes
-            self.wfile.write(b"\xff" * 50_000)
+            self.wfile.write(b"\xff" * 500_000)
         else:
             self._send(404, b"?")
 
-    def _send(self, code: int, body: bytes) -> None:
+    def _send(self, code: int, body: bytes, content_type: str = "image/jpeg") -> None:
         self.send_response(code)
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -579,6 +596,8 @@ def server(images: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> Iterator
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     _Handler.image = images["rgb"].read_bytes()
+    _Handler.truncated = images["truncated"].read_bytes()
+    _Handler.bomb = images["bomb"].read_bytes()
     _Handler.hits = {}
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     httpd.daemon_threads = True
@@ -602,10 +621,14 @@ def test_http_outcomes(tmp_path: Path, server: str) -> None:
         {"url": f"{server}/img.jpg", "caption": "ok"},
         {"url": f"{server}/img.jpg", "caption": "duplicate url"},
         {"url": "http://127.0.0.1:1/refused.jpg", "caption": "connection refused"},
+        {"url": f"{server}/truncated.jpg", "caption": "truncated JPEG"},
+        {"url": f"{server}/page.html", "caption": "HTML instead of an image"},
+        {"url": f"{server}/bomb.png", "caption": "20,000 x 20,000 PNG"},
+        {"url": f"{server}/error", "caption": "500-class error"},
     ]
     url_list = write_list(tmp_path / "list.tsv", rows)
     settings = IngestSettings(
-        timeout_s=0.5, retries=0, max_bytes=20_000, threads=8, allowed_networks=LOCAL
+        timeout_s=0.5, retries=0, max_bytes=100_000, threads=8, allowed_networks=LOCAL
     )
     started = time.monotonic()
     stats = run_shard(url_list, settings, tmp_path)
@@ -619,14 +642,20 @@ def test_http_outcomes(tmp_path: Path, server: str) -> None:
         5: "http_status",
         7: "duplicate",
         8: "connection_error",
+        9: "decode_error",
+        10: "not_image",
+        11: "too_large",
+        12: "http_status",
     }
     details = {f["row"]: f["detail"] for f in stats["failures"]}
-    assert details[1] == "404"
+    assert details[1] == "404" and details[12] == "503"
+    assert "400000000 pixels" in details[11]  # refused before decoding a pixel
     assert details[5].startswith("302")
     assert stats["ok"] == 2
     keys = [hashlib.sha1(rows[i]["url"].encode()).hexdigest()[:16] for i in (0, 6)]
     assert tar_member_order(tmp_path / "shard.tar") == keys
     assert _Handler.hits["/img.jpg"] == 3  # the duplicate was not downloaded
+    assert _Handler.hits["/bomb.png"] == 1
 
 
 def test_http_5xx_is_retried_4xx_is_not(tmp_path: Path, server: str) -> None:
@@ -728,3 +757,65 @@ def test_summarize_stats_bad_file_names_it(tmp_path: Path) -> None:
     bad.write_text("{not json")
     with pytest.raises(IngestError, match=r"broken\.json"):
         summarize_stats([bad])
+
+
+# --------------------------------------------------------------------------- resize, format
+
+
+@pytest.mark.parametrize(
+    ("mode", "size"),
+    [("keep_ratio", (32, 16)), ("center_crop", (32, 32)), ("pad", (32, 32)), ("none", (100, 50))],
+)
+def test_resize_modes(tmp_path: Path, mode: str, size: tuple[int, int]) -> None:
+    # Left half red, right half blue, 100 x 50.
+    image = Image.new("RGB", (100, 50), BLUE)
+    image.paste(RED, (0, 0, 50, 50))
+    path = save(image, tmp_path / "wide.png")
+    url_list = write_list(tmp_path / "list.tsv", [{"url": path.as_uri(), "caption": mode}])
+    settings = IngestSettings(resize_mode=mode, max_side=32)
+    run_shard(url_list, settings, tmp_path)
+    [sample] = read_tar(tmp_path / "shard.tar").values()
+    out = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+    assert out.size == size
+    meta = json.loads(sample["json"])
+    assert (meta["width"], meta["height"]) == size
+    assert (meta["original_width"], meta["original_height"]) == (100, 50)
+    if mode == "pad":  # scaled to 32 x 16, black bars above and below
+        assert close_to(out.getpixel((16, 1)), (0, 0, 0))
+        assert close_to(out.getpixel((2, 16)), RED) and close_to(out.getpixel((29, 16)), BLUE)
+    if mode == "center_crop":  # the middle square: both colours, no bars
+        assert close_to(out.getpixel((2, 1)), RED) and close_to(out.getpixel((29, 30)), BLUE)
+
+
+def test_center_crop_enlarges_small_images_keep_ratio_does_not(tmp_path: Path) -> None:
+    path = save(Image.new("RGB", (20, 10), RED), tmp_path / "small.png")
+    url_list = write_list(tmp_path / "list.tsv", [{"url": path.as_uri(), "caption": ""}])
+    for mode, size in (("keep_ratio", (20, 10)), ("center_crop", (32, 32))):
+        run_shard(url_list, IngestSettings(resize_mode=mode, max_side=32), tmp_path / mode)
+        [sample] = read_tar(tmp_path / mode / "shard.tar").values()
+        assert Image.open(io.BytesIO(sample["jpg"])).size == size
+
+
+def test_webp_shards_are_read_by_every_stage(tmp_path: Path, images: dict[str, Path]) -> None:
+    from vlmflow.shards import iter_samples
+
+    rows = [{"url": images["rgb"].as_uri(), "caption": "red"}]
+    url_list = write_list(tmp_path / "list.tsv", rows)
+    run_shard(url_list, IngestSettings(encode_format="webp", webp_quality=80), tmp_path)
+    [sample] = read_tar(tmp_path / "shard.tar").values()
+    assert set(sample) == {"webp", "txt", "json"}
+    assert Image.open(io.BytesIO(sample["webp"])).format == "WEBP"
+    [read] = iter_samples(tmp_path / "shard.tar")
+    assert read.image_ext == "webp" and close_to(read.image().getpixel((3, 3)), RED)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("resize_mode", "stretch", "ingest.resize_mode: 'stretch' is not one of"),
+        ("encode_format", "png", "ingest.encode_format: 'png' is not one of"),
+    ],
+)
+def test_bad_resize_mode_or_format_is_named(field: str, value: str, message: str) -> None:
+    with pytest.raises(IngestError, match=message):
+        IngestSettings(**{field: value})  # type: ignore[arg-type]

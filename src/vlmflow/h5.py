@@ -210,8 +210,9 @@ def run_shard(
             assert row is not None
             labels = list(row["attributes"])
             # Image paths are relative to the dataset's image root (results/D/h5/images).
-            relative = f"{shard_id}/{sample.key}.jpg"
-            (image_dir / f"{sample.key}.jpg").write_bytes(sample.jpg)
+            name = f"{sample.key}.{sample.image_ext}"
+            relative = f"{shard_id}/{name}"
+            (image_dir / name).write_bytes(sample.image_data)
             if settings.phase1_text == "attributes":
                 phase1_text = ", ".join(labels)
             elif settings.phase1_text == "web_caption":

@@ -78,6 +78,11 @@ RESERVED_FIELDS = frozenset(
     {"key", "url", "caption", "row", "width", "height", "original_width", "original_height"}
 )
 
+RESIZE_MODES = ("keep_ratio", "center_crop", "pad", "none")
+# Tar member extension -> Pillow format name.
+ENCODE_FORMATS = {"jpg": "JPEG", "webp": "WEBP"}
+PAD_COLOR = (0, 0, 0)
+
 MAX_KEY_LEN = 128
 MAX_REDIRECTS = 5
 BACKOFF_BASE_S = 0.5
@@ -90,9 +95,15 @@ class IngestSettings:
     url_column: str = "url"
     caption_column: str = "caption"
     key_column: str | None = None  # None: key = sha1(url) hex [:16]
-    max_side: int = 512  # keep-ratio resize so the longer side <= max_side (only if bigger)
+    # keep_ratio: shrink so the longer side <= max_side (never enlarges); center_crop:
+    # scale the shorter side to max_side, crop the middle square; pad: scale the longer
+    # side to max_side, pad to a square; none: keep the size.
+    resize_mode: str = "keep_ratio"
+    max_side: int = 512
     min_side: int = 8  # shorter side (before resize) below this -> failure "too_small"
+    encode_format: str = "jpg"  # jpg or webp: the image member's extension in the tar
     jpeg_quality: int = 90
+    webp_quality: int = 90
     max_bytes: int = 20_000_000  # response/file larger -> "too_large"
     max_pixels: int = 50_000_000  # decompression-bomb guard -> "too_large"
     timeout_s: float = 10.0
@@ -105,6 +116,15 @@ class IngestSettings:
     respect_robots_header: bool = True  # X-Robots-Tag noai / noimageai -> "robots"
 
     def __post_init__(self) -> None:
+        if self.resize_mode not in RESIZE_MODES:
+            raise IngestError(
+                f"ingest.resize_mode: {self.resize_mode!r} is not one of {', '.join(RESIZE_MODES)}"
+            )
+        if self.encode_format not in ENCODE_FORMATS:
+            raise IngestError(
+                f"ingest.encode_format: {self.encode_format!r} is not one of "
+                f"{', '.join(ENCODE_FORMATS)}"
+            )
         # From YAML this is a list; a bad CIDR is a config error, named here.
         networks = tuple(self.allowed_networks)
         for cidr in networks:
@@ -133,7 +153,8 @@ class _Failure(Exception):
 
 @dataclass(frozen=True)
 class _Image:
-    jpeg: bytes
+    data: bytes  # encoded as settings.encode_format
+    ext: str
     width: int
     height: int
     original_width: int
@@ -361,12 +382,18 @@ def _digest_cells(columns: list[str], row: dict[str, Any]) -> list[Any]:
     return cells
 
 
-def resolve_url(url: str, url_list: Path) -> str:
-    """Make ``file:relative/path`` absolute (against the list's folder); leave others as is."""
+def resolve_url(url: str, url_list: Path, image_root: str | Path | None = None) -> str:
+    """Make ``file:relative/path`` absolute (against the list's folder); leave others as is.
+
+    With ``image_root``, a cell without a scheme is a file path under that folder (a
+    captions table of a local image folder names files, not URLs).
+    """
     try:
         parts = urlsplit(url)
     except ValueError:
         return url  # malformed: reported as "invalid_url" at download time
+    if image_root is not None and not parts.scheme:
+        return (Path(image_root).resolve() / url).resolve().as_uri()
     if parts.scheme.lower() != "file" or url.lower().startswith("file:/") or not parts.path:
         return url
     # file:relative/path.jpg: no authority, relative path; may be percent-encoded.
@@ -595,8 +622,10 @@ def _process_image(data: bytes, settings: IngestSettings) -> _Image:
         if min(width, height) < settings.min_side:
             raise _Failure("too_small", f"{width}x{height}, min_side {settings.min_side}")
         try:
-            # JPEG only: decode at a reduced DCT scale that is still >= max_side (much faster).
-            image.draft("RGB", (settings.max_side, settings.max_side))
+            if settings.resize_mode != "none":
+                # JPEG only: decode at the smallest DCT scale that keeps both sides
+                # >= max_side, which every resize mode still has enough pixels for.
+                image.draft("RGB", (settings.max_side, settings.max_side))
             image.load()
             upright = ImageOps.exif_transpose(image)
             # Orientations 5-8 swap the axes; report the original size as displayed so
@@ -608,9 +637,10 @@ def _process_image(data: bytes, settings: IngestSettings) -> _Image:
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise _Failure("decode_error", str(exc)) from None
     original_width, original_height = (height, width) if swapped else (width, height)
-    rgb = _fit(rgb, settings.max_side)
+    rgb = resize(rgb, settings.resize_mode, settings.max_side)
     return _Image(
-        jpeg=jpeg_bytes(rgb, quality=settings.jpeg_quality),
+        data=_encode(rgb, settings),
+        ext=settings.encode_format,
         width=rgb.width,
         height=rgb.height,
         original_width=original_width,
@@ -618,13 +648,30 @@ def _process_image(data: bytes, settings: IngestSettings) -> _Image:
     )
 
 
-def _fit(image: Image.Image, max_side: int) -> Image.Image:
-    longer = max(image.size)
-    if longer <= max_side:
+def _encode(image: Image.Image, settings: IngestSettings) -> bytes:
+    if settings.encode_format == "jpg":
+        return jpeg_bytes(image, quality=settings.jpeg_quality)
+    buffer = io.BytesIO()
+    image.save(buffer, format=ENCODE_FORMATS[settings.encode_format], quality=settings.webp_quality)
+    return buffer.getvalue()
+
+
+def resize(image: Image.Image, mode: str, size: int) -> Image.Image:
+    """Resize an RGB image as ``IngestSettings.resize_mode`` says (see there)."""
+    if mode == "none":
         return image
-    scale = max_side / longer
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    if mode == "keep_ratio":
+        longer = max(image.size)
+        if longer <= size:
+            return image
+        scale = size / longer
+        new_size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        return image.resize(new_size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    if mode == "center_crop":
+        return ImageOps.fit(image, (size, size), Image.Resampling.LANCZOS)
+    if mode == "pad":
+        return ImageOps.pad(image, (size, size), Image.Resampling.LANCZOS, color=PAD_COLOR)
+    raise IngestError(f"unknown resize mode {mode!r}; use one of {', '.join(RESIZE_MODES)}")
 
 
 # --------------------------------------------------------------------------- shards
@@ -638,6 +685,7 @@ class _Job:
     caption: str
     extra: dict[str, Any]
     failure: _Failure | None = None  # decided before downloading (missing_url, duplicate)
+    data: bytes | None = None  # the image itself, for sources that carry it (no download)
 
 
 def _row_key(
@@ -665,8 +713,12 @@ def _extra_columns(row: dict[str, Any], settings: IngestSettings) -> dict[str, A
     return extra
 
 
-def _plan_jobs(
-    path: Path, rows: list[dict[str, Any]], start: int, settings: IngestSettings
+def plan_jobs(
+    path: Path,
+    rows: list[dict[str, Any]],
+    start: int,
+    settings: IngestSettings,
+    image_root: str | Path | None = None,
 ) -> list[_Job]:
     """One job per row; duplicates and empty URLs are decided here, not downloaded."""
     jobs: list[_Job] = []
@@ -685,7 +737,7 @@ def _plan_jobs(
             continue
         # Keys hash the URL as written, so moving the list folder keeps keys stable.
         key = _row_key(row, cell, path, index, settings)
-        url = resolve_url(cell, path)
+        url = resolve_url(cell, path, image_root)
         duplicate = _duplicate_of(key, url, seen_keys, seen_urls)
         if duplicate is None:
             seen_keys[key] = seen_urls[url] = index
@@ -708,7 +760,12 @@ def _run_job(job: _Job, settings: IngestSettings, session: requests.Session) -> 
     if job.failure is not None:
         return job.failure
     try:
-        return _process_image(_fetch(job.url, settings, session), settings)
+        data = job.data
+        if data is None:
+            data = _fetch(job.url, settings, session)
+        elif len(data) > settings.max_bytes:
+            raise _Failure("too_large", f"{len(data)} bytes > max_bytes {settings.max_bytes}")
+        return _process_image(data, settings)
     except _Failure as failure:
         return failure
 
@@ -755,7 +812,7 @@ def _sample(job: _Job, image: _Image) -> dict[str, Any]:
     }
     return {
         "__key__": job.key,
-        "jpg": image.jpeg,
+        image.ext: image.data,
         "txt": job.caption.encode("utf-8"),
         "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"),
     }
@@ -769,15 +826,34 @@ def ingest_shard(
     out_tar: str | Path,
     out_stats: str | Path,
     shard_id: str,
+    image_root: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Download rows [start, end) into a WebDataset tar; write and return the stats."""
+    """Download rows [start, end) of a URL list into a WebDataset tar; write the stats.
+
+    ``image_root``: the folder that URL cells without a scheme (plain relative paths, as
+    in a captions table of a local image folder) are relative to.
+    """
+    path = _check_list(url_list)
+    rows = read_rows(path, start, end, settings)
+    jobs = plan_jobs(path, rows, start, settings, image_root)
+    return write_shard(jobs, str(url_list), start, end, settings, out_tar, out_stats, shard_id)
+
+
+def write_shard(
+    jobs: list[_Job],
+    source: str,
+    start: int,
+    end: int,
+    settings: IngestSettings,
+    out_tar: str | Path,
+    out_stats: str | Path,
+    shard_id: str,
+) -> dict[str, Any]:
+    """Run the jobs (one per input row) into a WebDataset tar; write and return the stats."""
     # Imported here: webdataset pulls in torch, and Snakemake imports this module (for
     # count_rows and shard_ranges) every time it parses the workflow.
     import webdataset as wds
 
-    path = _check_list(url_list)
-    rows = read_rows(path, start, end, settings)
-    jobs = _plan_jobs(path, rows, start, settings)
     ok = 0
     failed: dict[str, int] = {}
     failures: list[dict[str, Any]] = []
@@ -803,14 +879,16 @@ def ingest_shard(
                 else:
                     sink.write(_sample(job, result))
                     ok += 1
-        rows_in = len(rows)
-        if rows_in != ok + sum(failed.values()):
+        # Every input row must end as a sample or a counted failure, never silently lost.
+        rows_in = end - start
+        if not rows_in == len(jobs) == ok + sum(failed.values()):
             raise RuntimeError(
-                f"{shard_id}: {rows_in} rows in but {ok} ok + {sum(failed.values())} failed"
+                f"{shard_id}: {rows_in} rows in, {len(jobs)} planned, but {ok} ok + "
+                f"{sum(failed.values())} failed"
             )
     stats = {
         "shard": shard_id,
-        "url_list": str(url_list),
+        "source": source,
         "row_start": start,
         "row_end": end,
         "rows_in": rows_in,

@@ -12,16 +12,20 @@ from typing import Any
 import webdataset as wds
 from PIL import Image
 
+# Image member extensions the ingest stage writes (ingest.encode_format).
+IMAGE_EXTS = ("jpg", "webp")
+
 
 @dataclass(frozen=True)
 class Sample:
     key: str
-    jpg: bytes
+    image_data: bytes  # encoded image, as stored in the tar
+    image_ext: str  # its member extension: jpg or webp
     web_caption: str
     meta: dict[str, Any]
 
     def image(self) -> Image.Image:
-        with Image.open(io.BytesIO(self.jpg)) as img:
+        with Image.open(io.BytesIO(self.image_data)) as img:
             return img.convert("RGB")
 
 
@@ -30,12 +34,17 @@ def iter_samples(tar_path: str | Path) -> Iterator[Sample]:
     dataset = wds.WebDataset(str(tar_path), shardshuffle=False, empty_check=False)
     for record in dataset:
         key = record["__key__"]
-        missing = [ext for ext in ("jpg", "txt", "json") if ext not in record]
+        image_ext = next((ext for ext in IMAGE_EXTS if ext in record), None)
+        missing = [ext for ext in ("txt", "json") if ext not in record]
+        if image_ext is None:
+            missing.insert(0, " or ".join(IMAGE_EXTS))
         if missing:
             raise ValueError(f"{tar_path}: sample {key!r} lacks {', '.join(missing)}")
+        assert image_ext is not None
         yield Sample(
             key=key,
-            jpg=record["jpg"],
+            image_data=record[image_ext],
+            image_ext=image_ext,
             web_caption=record["txt"].decode("utf-8"),
             meta=json.loads(record["json"]),
         )

@@ -1,12 +1,14 @@
-"""Download one shard of a URL list into a WebDataset tar (see vlmflow.ingest)."""
+"""Ingest one shard of a dataset's source into a WebDataset tar (see vlmflow.sources)."""
 
-from vlmflow.ingest import IngestSettings, ingest_shard
+from vlmflow.ingest import IngestSettings
 from vlmflow.logs import log_to
+from vlmflow.sources import ingest_source_shard, source_from_config
 
 with log_to(snakemake.log[0]) as log:
     rows = snakemake.params.rows
-    stats = ingest_shard(
-        snakemake.input.url_list,
+    source = source_from_config(snakemake.params.source, snakemake.wildcards.dataset)
+    stats = ingest_source_shard(
+        source,
         rows["start"],
         rows["end"],
         IngestSettings(**snakemake.params.settings),
@@ -14,4 +16,12 @@ with log_to(snakemake.log[0]) as log:
         snakemake.output.stats,
         shard_id=snakemake.wildcards.shard,
     )
-    log.info("rows %d, ok %d, failed %s", stats["rows_in"], stats["ok"], stats["failed"])
+    log.info(
+        "%s rows [%d, %d): %d in, %d ok, failed %s",
+        stats["source"],
+        rows["start"],
+        rows["end"],
+        stats["rows_in"],
+        stats["ok"],
+        stats["failed"],
+    )
