@@ -6,7 +6,8 @@ the same URL list with the same resize settings (longer side <= --max-side, neve
 enlarged, JPEG quality 90), the same number of processes and threads per process, and
 the same shard size. vlmflow runs one shard per process as Snakemake runs one ingest job
 per shard (``--cores`` processes at once); img2dataset runs with its multiprocessing
-distributor. Both are timed from start to exit, start-up included.
+distributor. Each runs as its own command, timed from start to exit (start-up included);
+the CPU column is the user + system time of it and its children.
 
 img2dataset pins webdataset<0.3 and pandas<3, so it is installed into its own throw-away
 venv (``--img2dataset-venv DIR`` reuses one). Prints a table; the last line is
@@ -23,6 +24,7 @@ import glob
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -76,6 +78,9 @@ def make_images(folder: Path, count: int, seed: int) -> list[dict[str, Any]]:
 class Handler(BaseHTTPRequestHandler):
     folder: ClassVar[Path]
     protocol_version = "HTTP/1.1"  # keep-alive, as real image hosts
+    # Headers and body go out as separate writes; without TCP_NODELAY, Nagle's algorithm
+    # and the client's delayed ACK stall every response by up to 40 ms.
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -104,12 +109,18 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # clients closing idle keep-alive connections: not worth a traceback
+
+
 @contextlib.contextmanager
 def serve(folder: Path) -> Iterator[str]:
     Handler.folder = folder
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    server.request_queue_size = 256
+    server = Server(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -136,7 +147,21 @@ def vlmflow_shard(args: tuple[str, int, int, dict[str, Any], str, str]) -> int:
     return int(stats["ok"])
 
 
-def run_vlmflow(url_list: Path, out: Path, args: argparse.Namespace) -> tuple[float, int]:
+def vlmflow_main(
+    url_list: str, out: str, settings_json: str, processes: int, shard_size: int
+) -> None:
+    """What the timed vlmflow process runs: every shard, ``processes`` at a time."""
+    settings = json.loads(settings_json)
+    jobs = [
+        (url_list, start, end, settings, out, f"{number:06d}")
+        for number, (start, end) in enumerate(shard_ranges(count_rows(url_list), shard_size))
+    ]
+    # A fresh process per shard, as Snakemake starts one per ingest job.
+    with ProcessPoolExecutor(processes, max_tasks_per_child=1) as pool:
+        print(sum(pool.map(vlmflow_shard, jobs)))
+
+
+def run_vlmflow(url_list: Path, out: Path, args: argparse.Namespace) -> tuple[float, float, int]:
     settings = {
         "max_side": args.max_side,
         "resize_mode": "keep_ratio",
@@ -148,15 +173,33 @@ def run_vlmflow(url_list: Path, out: Path, args: argparse.Namespace) -> tuple[fl
         "allowed_networks": ["127.0.0.0/8"],
     }
     out.mkdir(parents=True)
-    jobs = [
-        (str(url_list), start, end, settings, str(out), f"{number:06d}")
-        for number, (start, end) in enumerate(shard_ranges(count_rows(url_list), args.shard_size))
+    command = [
+        sys.executable,
+        __file__,
+        "--vlmflow-worker",
+        str(url_list),
+        str(out),
+        json.dumps(settings),
+        str(args.processes),
+        str(args.shard_size),
     ]
+    (seconds, cpu), run = timed(command, dict(os.environ))
+    if run.returncode != 0:
+        raise SystemExit(f"vlmflow failed:\n{run.stderr[-3000:]}")
+    return seconds, cpu, int(run.stdout.split()[-1])
+
+
+def timed(
+    command: list[str], env: dict[str, str]
+) -> tuple[tuple[float, float], subprocess.CompletedProcess[str]]:
+    """Run a command; its wall-clock seconds and the CPU seconds of it and its children."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    # A fresh process per shard, as Snakemake starts one per ingest job.
-    with ProcessPoolExecutor(args.processes, max_tasks_per_child=1) as pool:
-        ok = sum(pool.map(vlmflow_shard, jobs))
-    return time.perf_counter() - started, ok
+    run = subprocess.run(command, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return (seconds, cpu), run
 
 
 def img2dataset_venv(path: Path | None, scratch: Path) -> Path:
@@ -171,7 +214,7 @@ def img2dataset_venv(path: Path | None, scratch: Path) -> Path:
 
 def run_img2dataset(
     binary: Path, url_list: Path, out: Path, args: argparse.Namespace
-) -> tuple[float, int]:
+) -> tuple[float, float, int]:
     command = [
         str(binary),
         f"--url_list={url_list}",
@@ -193,22 +236,24 @@ def run_img2dataset(
         "--distributor=multiprocessing",
     ]
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
-    started = time.perf_counter()
-    run = subprocess.run(command, env=env, capture_output=True, text=True)
-    elapsed = time.perf_counter() - started
+    (seconds, cpu), run = timed(command, env)
     if run.returncode != 0:
         raise SystemExit(f"img2dataset failed:\n{run.stderr[-3000:]}")
     ok = 0
     for stats_file in glob.glob(str(out / "*_stats.json")):
         with open(stats_file, encoding="utf-8") as handle:
             ok += int(json.load(handle)["successes"])
-    return elapsed, ok
+    return seconds, cpu, ok
 
 
 # --------------------------------------------------------------------------- main
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--vlmflow-worker"]:
+        url_list, out, settings, processes, shard_size = sys.argv[2:]
+        vlmflow_main(url_list, out, settings, int(processes), int(shard_size))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000, help="URLs in the list")
     parser.add_argument("--processes", type=int, default=2)
@@ -241,10 +286,10 @@ def main() -> None:
         f" pages, ~2% slowed by {SLOW_S} s); {args.processes} processes x {args.threads}"
         f" threads, shards of {args.shard_size}, longer side <= {args.max_side}\n"
     )
-    print(f"{'tool':<12} {'seconds':>8} {'ok':>6} {'images/s':>9}")
-    for tool, (seconds, ok) in runs.items():
-        print(f"{tool:<12} {seconds:8.1f} {ok:6d} {ok / seconds:9.1f}")
-    (i2d_s, i2d_ok), (vf_s, vf_ok) = runs["img2dataset"], runs["vlmflow"]
+    print(f"{'tool':<12} {'seconds':>8} {'CPU s':>6} {'ok':>6} {'images/s':>9}")
+    for tool, (seconds, cpu, ok) in runs.items():
+        print(f"{tool:<12} {seconds:8.1f} {cpu:6.1f} {ok:6d} {ok / seconds:9.1f}")
+    (i2d_s, _, i2d_ok), (vf_s, _, vf_ok) = runs["img2dataset"], runs["vlmflow"]
     same = "identical" if i2d_ok == vf_ok else f"DIFFERENT ({vf_ok} vs {i2d_ok})"
     print(f"success counts: {same}")
     print(f"ratio vlmflow/img2dataset: {(vf_ok / vf_s) / (i2d_ok / i2d_s):.2f}")

@@ -703,6 +703,32 @@ def test_every_redirect_hop_is_checked(tmp_path: Path, server: str) -> None:
     assert _Handler.hits == {"/to-metadata": 1, "/to-image": 1, "/img.jpg": 1}
 
 
+def test_dns_answer_changed_after_the_check_is_blocked(
+    tmp_path: Path, server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # DNS rebinding: the check sees a public address, the connection goes to loopback.
+    monkeypatch.setattr(ingest, "_resolve", lambda host, port: ["93.184.216.34"])
+    rows = [{"url": f"{server}/img.jpg", "caption": "rebound"}]
+    url_list = write_list(tmp_path / "list.tsv", rows)
+    stats = run_shard(url_list, IngestSettings(retries=0, timeout_s=1), tmp_path)
+    assert reasons_by_row(stats) == {0: "blocked"}
+    assert "connected to non-public address 127.0.0.1" in stats["failures"][0]["detail"]
+
+
+def test_proxies_come_from_the_environment_once_per_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ["http_proxy", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy"]:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", "images.internal")
+    ingest._host_proxies.cache_clear()
+    try:
+        assert ingest._proxies("http://a.example/x.jpg") == {"http": "http://proxy.example:3128"}
+        assert ingest._proxies("http://images.internal/y.jpg") == {}
+        assert ingest._proxies("https://a.example/x.jpg") == {}  # no HTTPS_PROXY set
+    finally:
+        ingest._host_proxies.cache_clear()
+
+
 def test_x_robots_tag_noai_is_honoured_unless_turned_off(tmp_path: Path, server: str) -> None:
     rows = [
         {"url": f"{server}/robots/noai", "caption": "noai"},
