@@ -40,3 +40,31 @@ rule attributes_phase2:
         settings=get_phase2_settings,
     script:
         "../workflow/scripts/attributes.py"
+
+
+localrules:
+    dialog_samples,
+
+
+rule dialog_samples:
+    input:
+        unpack(get_first_shard_files),
+        phase1_prompt=config["attributes"]["phase1"]["prompt"],
+        phase2_prompt=config["attributes"]["phase2"]["prompt"],
+    output:
+        report(
+            "results/{dataset}/report/dialogs.html",
+            caption="../workflow/report/dialogs.rst",
+            category="Attributes",
+            labels={"dataset": "{dataset}", "page": "dialog samples"},
+        ),
+    log:
+        "logs/dialog_samples/{dataset}.log",
+    benchmark:
+        "results/benchmarks/dialog_samples/{dataset}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    params:
+        entries=config["report"]["dialog_samples"],
+    script:
+        "../workflow/scripts/inspect_samples.py"

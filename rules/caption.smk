@@ -18,3 +18,29 @@ rule caption:
         settings=get_caption_settings,
     script:
         "../workflow/scripts/caption.py"
+
+
+localrules:
+    caption_gallery,
+
+
+rule caption_gallery:
+    input:
+        unpack(get_first_shard_files),
+    output:
+        report(
+            "results/{dataset}/report/gallery.html",
+            caption="../workflow/report/gallery.rst",
+            category="Captions",
+            labels={"dataset": "{dataset}", "page": "gallery"},
+        ),
+    log:
+        "logs/caption_gallery/{dataset}.log",
+    benchmark:
+        "results/benchmarks/caption_gallery/{dataset}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    params:
+        entries=config["report"]["gallery_size"],
+    script:
+        "../workflow/scripts/inspect_samples.py"

@@ -264,6 +264,17 @@ def get_eval_settings(wildcards):
     }
 
 
+def get_first_shard_files(wildcards):
+    """The first shard's files, for the gallery and the dialog samples of a dataset."""
+    dataset, shard = wildcards.dataset, get_shard_ids(wildcards.dataset)[0]
+    return {
+        "shard": f"results/{dataset}/shards/{shard}.tar",
+        "captions": f"results/{dataset}/captions/{shard}.parquet",
+        "phase1": f"results/{dataset}/attributes/phase1/{shard}.parquet",
+        "phase2": f"results/{dataset}/attributes/phase2/{shard}.parquet",
+    }
+
+
 def get_final_outputs():
     """Every file of the data contract, so that a deleted one is made again."""
     outputs = ["results/eval/metrics.tsv", "results/train/loss.png"]
@@ -276,6 +287,12 @@ def get_final_outputs():
     ]
     for dataset in config["datasets"]:
         outputs.append(f"results/{dataset}/ingest_summary.tsv")
+        if get_shard_ids(dataset):
+            outputs += expand(
+                "results/{dataset}/report/{page}.html",
+                dataset=dataset,
+                page=["gallery", "dialogs"],
+            )
         outputs += expand(per_shard, dataset=dataset, shard=get_shard_ids(dataset))
     for dataset in config["train_datasets"]:
         outputs += expand(

@@ -101,6 +101,52 @@ STOP_WORDS = ["background", "atmosphere", "lighting"]
             id="inner-punctuation-kept",
         ),
         pytest.param("1. 42\n2. ...\n3. dog\n4. -\n5. etc.", ["dog"], id="numbers-and-punctuation"),
+        pytest.param(
+            "Objects: dog, cat\nAttributes: brown, fluffy",
+            ["dog", "cat", "brown", "fluffy"],
+            id="labelled-lines",
+        ),
+        pytest.param("1. Dog.\n2. Cat.\n3. Tree.", ["dog", "cat", "tree"], id="sentence-cased"),
+        pytest.param("1) dog\n2) cat", ["dog", "cat"], id="paren-numbers"),
+        pytest.param("1.dog\n2.cat", ["dog", "cat"], id="numbers-without-space"),
+        pytest.param(
+            "Here's a list of objects and attributes:\n\n1. dog\n2. cat",
+            ["dog", "cat"],
+            id="heres-preamble-blank-line",
+        ),
+        pytest.param("Sure, here you go!\n* dog\n* cat", ["dog", "cat"], id="sure-here-you-go"),
+        pytest.param("Items: dog; cat; bird", ["dog", "cat", "bird"], id="label-and-semicolons"),
+        pytest.param(
+            "1. Dog - brown and fluffy\n2. Cat - sleeping", ["dog", "cat"], id="dash-definitions"
+        ),
+        pytest.param(
+            "1. dog\n2. cat\n\n(These are the main objects.)",
+            ["dog", "cat"],
+            id="parenthesised-remark-line",
+        ),
+        pytest.param(
+            "1. dog\n2. cat\nThese items describe the scene well.",
+            ["dog", "cat"],
+            id="trailing-sentence-after-list",
+        ),
+        pytest.param(
+            "1. A red car\n2. An old man\n3. The blue sky",
+            ["red car", "old man", "blue sky"],
+            id="leading-articles",
+        ),
+        pytest.param("- \U0001f436 dog\n- cat \U0001f431\ufe0f", ["dog", "cat"], id="emoji"),
+        pytest.param(
+            "**Objects:**\n- dog\n**Attributes:**\n- brown", ["dog", "brown"], id="bold-headings"
+        ),
+        pytest.param("dog\r\ncat\r\n", ["dog", "cat"], id="crlf"),
+        pytest.param("- dog\n  - puppy\n- cat", ["dog", "puppy", "cat"], id="nested-bullets"),
+        pytest.param("dog / cat, red ball", ["dog", "cat", "red ball"], id="slash-separated"),
+        pytest.param(
+            "Certainly! The objects are: dog, cat.", ["dog", "cat"], id="certainly-inline-colon"
+        ),
+        pytest.param(
+            "1. dog\n2. the dog is running\n3. cat", ["dog", "cat"], id="sentence-item-dropped"
+        ),
     ],
 )
 def test_parse_list_messy_answers(answer: str, expected: list[str]) -> None:
@@ -128,6 +174,19 @@ def test_parse_list_stop_words_match_whole_words_only() -> None:
 
 def test_parse_list_stop_words_are_case_insensitive() -> None:
     assert parse_list("Dark Background, cat", stop_words=["BACKGROUND"]).attributes == ["cat"]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "I'm sorry, but I can't help with that.",
+        "I cannot identify objects in this image.",
+        "As an AI, I don't have the ability to see images.",
+        "Unfortunately, I am unable to view the picture.",
+    ],
+)
+def test_parse_list_refusal_is_its_own_failure(answer: str) -> None:
+    assert parse_list(answer) == ParseResult(attributes=[], failure="refused")
 
 
 @pytest.mark.parametrize("answer", ["", "   ", "\n\n\t"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from vlmflow.attribute_text import phase1_prompt
 from vlmflow.attributes import PHASE1_SCHEMA, PHASE2_SCHEMA, LLMSettings
 from vlmflow.caption import CAPTION_SCHEMA
 from vlmflow.io import write_rows_parquet
+from vlmflow.progress import Interrupted, progress_path
 from vlmflow.prompts import prompt_id
 
 PROMPTS = Path(__file__).resolve().parents[1] / "config" / "prompts"
@@ -22,20 +25,42 @@ PHASE2_TEMPLATE = (PROMPTS / "attributes_phase2.txt").read_text(encoding="utf-8"
 
 
 class Recorder:
-    """Wraps generate_answers to record which prompts reach the model."""
+    """Wraps answer_batch to record which prompts reach the model.
 
-    def __init__(self, answers: list[str] | None = None) -> None:
+    With ``answers`` ({text in the prompt: answer}) it answers without a model.
+    """
+
+    def __init__(self, answers: dict[str, str] | None = None) -> None:
         self.prompts: list[str] = []
+        self.batches = 0
         self.answers = answers
-        self.real = attributes.generate_answers
+        self.real = attributes.answer_batch
 
     def __call__(
-        self, tokenizer: Any, model: Any, prompts: list[str], settings: LLMSettings, desc: str
+        self, tokenizer: Any, model: Any, prompts: list[str], settings: LLMSettings
     ) -> list[str]:
         self.prompts += prompts
+        self.batches += 1
         if self.answers is not None:
-            return self.answers[: len(prompts)]
-        return self.real(tokenizer, model, prompts, settings, desc)
+            return [
+                next(answer for text, answer in self.answers.items() if text in prompt)
+                for prompt in prompts
+            ]
+        return self.real(tokenizer, model, prompts, settings)
+
+
+class FakeTokenizer:
+    """Just enough of a tokenizer for batching by length, when no model is loaded."""
+
+    def apply_chat_template(self, chat: list[dict[str, str]], **kwargs: Any) -> str:
+        return chat[0]["content"]
+
+    def __call__(self, text: str, **kwargs: Any) -> dict[str, list[int]]:
+        return {"input_ids": list(range(len(text.split())))}
+
+
+def no_model(settings: LLMSettings) -> tuple[Any, Any]:
+    return FakeTokenizer(), None
 
 
 def _caption_rows() -> list[dict[str, Any]]:
@@ -153,7 +178,7 @@ def test_phase1_with_demo_llm_keeps_every_key_and_skips_failed_captions(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     recorder = Recorder()
-    monkeypatch.setattr(attributes, "generate_answers", recorder)
+    monkeypatch.setattr(attributes, "answer_batch", recorder)
     settings = LLMSettings(
         model=demo_models["llm"], prompt=PHASE1_TEMPLATE, max_new_tokens=16, batch_size=2
     )
@@ -193,9 +218,13 @@ def test_phase1_with_demo_llm_keeps_every_key_and_skips_failed_captions(
 def test_phase1_parses_each_answer_for_its_own_key(
     captions_parquet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    answers = ["1. Red car\n2. road", "   ", "Here is the list:\n- cat\n- sofa"]
-    monkeypatch.setattr(attributes, "generate_answers", Recorder(answers))
-    monkeypatch.setattr(attributes, "load_llm", lambda settings: (None, None))
+    answers = {
+        "a red car": "1. Red car\n2. road",
+        "a dog on the grass": "   ",
+        "a cat": "Here is the list:\n- cat\n- sofa",
+    }
+    monkeypatch.setattr(attributes, "answer_batch", Recorder(answers))
+    monkeypatch.setattr(attributes, "load_llm", no_model)
     out = tmp_path / "phase1.parquet"
     settings = LLMSettings(model="llm", prompt=PHASE1_TEMPLATE)
     counts = attributes.run_phase1(captions_parquet, out, settings, "000000")
@@ -235,7 +264,7 @@ def test_phase2_with_demo_llm_keeps_every_key_and_aligns_sources(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     recorder = Recorder()
-    monkeypatch.setattr(attributes, "generate_answers", recorder)
+    monkeypatch.setattr(attributes, "answer_batch", recorder)
     settings = LLMSettings(model=demo_models["llm"], prompt=PHASE2_TEMPLATE, max_new_tokens=16)
     out = tmp_path / "phase2.parquet"
     counts = attributes.run_phase2(phase1_parquet, out, settings, "000000")
@@ -246,7 +275,7 @@ def test_phase2_with_demo_llm_keeps_every_key_and_aligns_sources(
     assert [r["key"] for r in rows] == ["k000", "k001", "k002", "k003"]
     # Only the rows with phase-1 attributes go to the model.
     assert len(recorder.prompts) == 2
-    assert "1. red wooden chair\n2. dogs\n3. green grass" in recorder.prompts[0]
+    assert any("1. red wooden chair\n2. dogs\n3. green grass" in p for p in recorder.prompts)
     for row in rows:
         assert len(row["attribute_sources"]) == len(row["attributes"])
         assert set(row["attribute_sources"]) <= {"phase1", "phase2", "both"}
@@ -271,9 +300,9 @@ def test_phase2_with_demo_llm_keeps_every_key_and_aligns_sources(
 def test_phase2_merges_new_items_and_is_deterministic(
     phase1_parquet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    answers = ["1. chair\n2. dog\n3. leg", "none"]
-    monkeypatch.setattr(attributes, "generate_answers", Recorder(answers))
-    monkeypatch.setattr(attributes, "load_llm", lambda settings: (None, None))
+    answers = {"1. red wooden chair": "1. chair\n2. dog\n3. leg", "2. sofa": "none"}
+    monkeypatch.setattr(attributes, "answer_batch", Recorder(answers))
+    monkeypatch.setattr(attributes, "load_llm", no_model)
     settings = LLMSettings(model="llm", prompt=PHASE2_TEMPLATE)
     attributes.run_phase2(phase1_parquet, tmp_path / "a.parquet", settings, "000000")
     attributes.run_phase2(phase1_parquet, tmp_path / "b.parquet", settings, "000000")
@@ -313,3 +342,30 @@ def test_phase2_row_without_attributes_fails_as_no_attributes(
     row = pq.read_table(tmp_path / "out.parquet").to_pylist()[0]
     assert row["failure"] == "no_attributes"
     assert row["raw_answer"] is None
+
+
+def test_phase1_sigterm_then_restart_redoes_at_most_one_batch(
+    captions_parquet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answers = {"a red car": "red car", "a dog on the grass": "dog, grass", "a cat": "cat, sofa"}
+    monkeypatch.setattr(attributes, "load_llm", no_model)
+    settings = LLMSettings(model="llm", prompt=PHASE1_TEMPLATE, batch_size=1)
+    monkeypatch.setattr(attributes, "answer_batch", Recorder(answers))
+    attributes.run_phase1(captions_parquet, tmp_path / "full.parquet", settings, "000000")
+
+    class StopInSecondBatch(Recorder):
+        def __call__(self, *args: Any) -> list[str]:
+            if self.batches == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().__call__(*args)
+
+    out = tmp_path / "phase1" / "000000.parquet"
+    monkeypatch.setattr(attributes, "answer_batch", StopInSecondBatch(answers))
+    with pytest.raises(Interrupted):
+        attributes.run_phase1(captions_parquet, out, settings, "000000")
+    resumed = Recorder(answers)
+    monkeypatch.setattr(attributes, "answer_batch", resumed)
+    attributes.run_phase1(captions_parquet, out, settings, "000000")
+    assert resumed.batches == 2  # of 3: the interrupted batch and the one never started
+    assert pq.read_table(out).to_pylist() == pq.read_table(tmp_path / "full.parquet").to_pylist()
+    assert not progress_path(out).exists()

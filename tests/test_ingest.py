@@ -444,6 +444,32 @@ def test_exif_orientation_and_alpha_on_white(tmp_path: Path, images: dict[str, P
     assert cmyk.mode == "RGB" and close_to(cmyk.getpixel((20, 15)), RED)
 
 
+def test_gray_alpha_and_large_rotated_jpeg(tmp_path: Path) -> None:
+    gray_alpha = Image.new("LA", (40, 40), (0, 255))
+    gray_alpha.paste((0, 0), (0, 0, 20, 40))  # left half transparent
+    # Large enough that the JPEG is decoded at a reduced DCT scale; stored 1200 x 400,
+    # displayed (orientation 6) as 400 x 1200: red on top, blue below.
+    stored = Image.new("RGB", (1200, 400), BLUE)
+    stored.paste(RED, (0, 0, 600, 400))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rows = [
+        {"url": save(gray_alpha, tmp_path / "la.png").as_uri(), "caption": "", "id": "la"},
+        {"url": save(stored, tmp_path / "r.jpg", exif=exif).as_uri(), "caption": "", "id": "r"},
+    ]
+    url_list = write_list(tmp_path / "list.tsv", rows)
+    run_shard(url_list, IngestSettings(key_column="id", max_side=256), tmp_path)
+    samples = read_tar(tmp_path / "shard.tar")
+    la = Image.open(io.BytesIO(samples["la"]["jpg"]))
+    assert la.mode == "RGB" and close_to(la.getpixel((5, 20)), (255, 255, 255))
+    assert close_to(la.getpixel((35, 20)), (0, 0, 0))
+    rotated = Image.open(io.BytesIO(samples["r"]["jpg"]))
+    assert rotated.size == (85, 256)
+    assert close_to(rotated.getpixel((42, 20)), RED) and close_to(rotated.getpixel((42, 230)), BLUE)
+    meta = json.loads(samples["r"]["json"])
+    assert (meta["original_width"], meta["original_height"]) == (400, 1200)
+
+
 def test_relative_file_urls_and_key_column(tmp_path: Path, images: dict[str, Path]) -> None:
     lists = tmp_path / "lists"
     (lists / "pics").mkdir(parents=True)

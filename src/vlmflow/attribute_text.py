@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -152,6 +153,20 @@ _LEADING_FILLER = re.compile(r"^(?:(?:and|or|a|an|the)\s+)+")
 # Letters, digits, whitespace and the punctuation real phrases use ("t-shirt", "man's").
 _ALLOWED_CHAR = re.compile(r"[^\W_]|[\s\-'\u2019&/.]")
 _JUNK_ITEMS = frozenset({"etc", "and so on", "none", "n/a", "nothing", "no", "yes", "list"})
+# An answer that declines the task: a parse failure of its own ("refused"), raw kept.
+_REFUSAL = re.compile(
+    r"^\s*(?:i'?m\s+sorry|i\s+am\s+sorry|sorry\b|i\s+(?:cannot|can't|can\s+not|am\s+unable"
+    r"|'m\s+unable|won't)|i'm\s+unable|as\s+an\s+ai\b|unfortunately,?\s+i\b)",
+    re.IGNORECASE,
+)
+# A sentence rather than a label: labels are noun phrases, without these verbs.
+_SENTENCE_VERB = re.compile(
+    r"\b(?:is|are|was|were|be|been|can|could|would|should|appears?|seems?|describes?"
+    r"|shows?|includes?|visible)\b"
+)
+# Emoji and other pictographs, their variation selectors and joiners: decoration only.
+_DECORATION_CATEGORIES = frozenset({"So", "Sk", "Cf"})
+_VARIATION_SELECTORS = re.compile("[\ufe00-\ufe0f]")
 _REPLACEMENT_CHAR = "\ufffd"
 
 
@@ -187,15 +202,37 @@ def _drop_preamble(lines: list[str]) -> list[str]:
     return lines
 
 
+def _strip_decoration(text: str) -> str:
+    text = _VARIATION_SELECTORS.sub("", unicodedata.normalize("NFC", text))
+    # U+FFFD (a decoding error) is kept: an item containing it is rejected as broken.
+    return "".join(
+        " "
+        if unicodedata.category(ch) in _DECORATION_CATEGORIES and ch != _REPLACEMENT_CHAR
+        else ch
+        for ch in text
+    )
+
+
+def _is_commentary(line: str) -> bool:
+    """An unmarked line of three or more words ending like a sentence."""
+    unmarked = not _LIST_MARKER.match(line)
+    return unmarked and line.rstrip().endswith((".", "!", "?")) and len(line.split()) >= 3
+
+
 def _raw_items(answer: str) -> list[str]:
     """Split an answer into candidate items, before per-item cleaning."""
-    lines = [_strip_markdown(line) for line in answer.splitlines()]
+    lines = [_strip_markdown(_strip_decoration(line)) for line in answer.splitlines()]
     lines = [line for line in lines if line]
     lines = _drop_preamble(lines)
     lines = _drop_trailing_notes(lines)
+    # In a numbered or bulleted answer, an unmarked line ending like a sentence is
+    # commentary ("These items describe the scene."), not an item.
+    listed = any(_LIST_MARKER.match(line) for line in lines)
     items: list[str] = []
     for line in lines:
         if line.endswith(":"):  # a section heading such as "Objects:"
+            continue
+        if listed and _is_commentary(line):
             continue
         for part in _INLINE_NUMBER.split(line):
             part = part.strip()
@@ -209,7 +246,7 @@ def _raw_items(answer: str) -> list[str]:
             elif ":" in part:
                 # "Objects: dog, cat": keep what follows the label.
                 part = part.split(":", 1)[1]
-            items.extend(re.split(r"[,;]", part))
+            items.extend(re.split(r"[,;]|\s+/\s+", part))
     return items
 
 
@@ -230,7 +267,7 @@ def _usable(item: str, max_words: int, stop_patterns: Sequence[re.Pattern[str]])
         return False
     if any(not _ALLOWED_CHAR.match(ch) for ch in item):  # symbol noise such as "#@%~"
         return False
-    if len(item.split()) > max_words:
+    if len(item.split()) > max_words or _SENTENCE_VERB.search(item):
         return False
     return not any(pattern.search(item) for pattern in stop_patterns)
 
@@ -248,6 +285,8 @@ def parse_list(answer: str, stop_words: Sequence[str] = (), max_words: int = 6) 
     """
     if not answer or not answer.strip():
         return ParseResult(attributes=[], failure="empty_answer")
+    if _REFUSAL.match(answer):
+        return ParseResult(attributes=[], failure="refused")
     stop_patterns = [
         re.compile(r"(?<!\w)" + re.escape(" ".join(word.lower().split())) + r"(?!\w)")
         for word in stop_words

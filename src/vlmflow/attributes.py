@@ -8,7 +8,7 @@ merged. The model loads through ``AutoModelForCausalLM`` and its own chat templa
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from vlmflow.attribute_text import (
 )
 from vlmflow.io import read_parquet_rows, stable_seed, write_rows_parquet
 from vlmflow.models import GenerationSettings
+from vlmflow.progress import ProgressFile, fingerprint, input_state, progress_path, run_batches
 from vlmflow.prompts import prompt_id
 
 log = logging.getLogger(__name__)
@@ -79,39 +80,104 @@ def load_llm(settings: LLMSettings) -> tuple[Any, Any]:
     return tokenizer, model
 
 
-def generate_answers(
-    tokenizer: Any, model: Any, prompts: list[str], settings: LLMSettings, desc: str
-) -> list[str]:
-    """Answer each prompt as a one-turn chat; the answers come back in prompt order."""
-    chats = [
+def _chat(tokenizer: Any, prompt: str) -> str:
+    return str(
         tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
         )
-        for p in prompts
+    )
+
+
+def _length_order(tokenizer: Any, prompts: list[str]) -> list[int]:
+    """Prompt indices by token count: batches of similar length waste less on padding."""
+    lengths = [
+        len(tokenizer(_chat(tokenizer, p), add_special_tokens=False)["input_ids"]) for p in prompts
     ]
-    # Batches of similar length waste less compute on padding.
-    lengths = [len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in chats]
-    order = sorted(range(len(chats)), key=lambda i: (lengths[i], i))
+    return sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
+
+
+def answer_batch(
+    tokenizer: Any, model: Any, prompts: list[str], settings: LLMSettings
+) -> list[str]:
+    """Answer each prompt as a one-turn chat, in one generate call (left padding)."""
     kwargs = {
         **settings.generation_kwargs(),
         # Stop on every end-of-turn id the model declares (Llama-3: <|eot_id|> and EOS).
         "eos_token_id": model.generation_config.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
+    batch = tokenizer(
+        [_chat(tokenizer, p) for p in prompts],
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+    ).to(model.device)
+    with torch.inference_mode():
+        output = model.generate(**batch, **kwargs)
+    texts = tokenizer.batch_decode(
+        output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+    )
+    return [t.strip() for t in texts]
+
+
+def generate_answers(
+    tokenizer: Any, model: Any, prompts: list[str], settings: LLMSettings, desc: str
+) -> list[str]:
+    """Answers in prompt order, generated in batches sorted by prompt length."""
+    order = _length_order(tokenizer, prompts)
     answers: dict[int, str] = {}
     steps = range(0, len(order), settings.batch_size)
     for start in tqdm(steps, desc=desc, unit="batch"):
         index = order[start : start + settings.batch_size]
-        batch = tokenizer(
-            [chats[i] for i in index], return_tensors="pt", padding=True, add_special_tokens=False
-        ).to(model.device)
-        with torch.inference_mode():
-            output = model.generate(**batch, **kwargs)
-        texts = tokenizer.batch_decode(
-            output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+        answers.update(
+            zip(
+                index,
+                answer_batch(tokenizer, model, [prompts[i] for i in index], settings),
+                strict=True,
+            )
         )
-        answers.update(zip(index, (t.strip() for t in texts), strict=True))
     return [answers[i] for i in range(len(prompts))]
+
+
+def _answers(
+    keys: list[str],
+    prompts: list[str],
+    settings: LLMSettings,
+    phase: str,
+    shard_id: str,
+    input_path: str | Path,
+    out_parquet: str | Path,
+) -> dict[str, dict[str, Any]]:
+    """{key: {"answer", "failure"}} for every prompt; resumable (see vlmflow.progress)."""
+    progress = ProgressFile(
+        progress_path(out_parquet),
+        fingerprint(phase, asdict(settings), shard_id, input_state(input_path)),
+    )
+    if all(key in progress.done for key in keys):
+        return {key: progress.done[key] for key in keys}
+    # Loaded only when there is work left: a finished or empty shard needs no model.
+    tokenizer, model = load_llm(settings)
+
+    def run_batch(indices: list[int]) -> list[dict[str, Any]]:
+        texts = answer_batch(tokenizer, model, [prompts[i] for i in indices], settings)
+        return [
+            {"key": keys[i], "answer": text, "failure": None}
+            for i, text in zip(indices, texts, strict=True)
+        ]
+
+    def failed_row(index: int, error: BaseException) -> dict[str, Any]:
+        return {"key": keys[index], "answer": None, "failure": f"generation_error: {error}"}
+
+    return run_batches(
+        keys,
+        settings.batch_size,
+        run_batch,
+        failed_row,
+        progress,
+        seed=(settings.seed, phase, shard_id),
+        desc=f"{phase} {shard_id}",
+        order=_length_order(tokenizer, prompts),
+    )
 
 
 def run_phase1(
@@ -123,12 +189,15 @@ def run_phase1(
         phase1_prompt(settings.prompt, row["web_caption"], clean_vlm_caption(row["vlm_caption"]))
         for row in todo
     ]
-    answers: list[str] = []
-    if todo:
-        tokenizer, model = load_llm(settings)
-        torch.manual_seed(stable_seed(settings.seed, "phase1", shard_id))
-        answers = generate_answers(tokenizer, model, prompts, settings, f"phase1 {shard_id}")
-    answer_of = {row["key"]: answer for row, answer in zip(todo, answers, strict=True)}
+    answer_of = _answers(
+        [row["key"] for row in todo],
+        prompts,
+        settings,
+        "phase1",
+        shard_id,
+        captions_parquet,
+        out_parquet,
+    )
     pid = prompt_id(settings.prompt)
     out: list[dict[str, Any]] = []
     for row in rows:
@@ -136,8 +205,10 @@ def run_phase1(
             raw: str | None = None
             attributes: list[str] = []
             failure: str | None = "caption_failed"
+        elif answer_of[row["key"]]["failure"] is not None:
+            raw, attributes, failure = None, [], answer_of[row["key"]]["failure"]
         else:
-            raw = answer_of[row["key"]]
+            raw = answer_of[row["key"]]["answer"]
             parsed = parse_list(raw, settings.stop_words, settings.max_words)
             attributes, failure = parsed.attributes, parsed.failure
         out.append(
@@ -153,6 +224,7 @@ def run_phase1(
             }
         )
     write_rows_parquet(out_parquet, out, PHASE1_SCHEMA)
+    progress_path(out_parquet).unlink(missing_ok=True)
     return _count(out, shard_id, "phase1")
 
 
@@ -161,18 +233,22 @@ def run_phase2(
 ) -> dict[str, int]:
     rows = read_parquet_rows(phase1_parquet)
     todo = [row for row in rows if row["failure"] is None and row["attributes"]]
-    answers: list[str] = []
-    if todo:
-        tokenizer, model = load_llm(settings)
-        torch.manual_seed(stable_seed(settings.seed, "phase2", shard_id))
-        prompts = [phase2_prompt(settings.prompt, row["attributes"]) for row in todo]
-        answers = generate_answers(tokenizer, model, prompts, settings, f"phase2 {shard_id}")
-    answer_of = {row["key"]: answer for row, answer in zip(todo, answers, strict=True)}
+    prompts = [phase2_prompt(settings.prompt, row["attributes"]) for row in todo]
+    answer_of = _answers(
+        [row["key"] for row in todo],
+        prompts,
+        settings,
+        "phase2",
+        shard_id,
+        phase1_parquet,
+        out_parquet,
+    )
     pid = prompt_id(settings.prompt)
     out: list[dict[str, Any]] = []
     for row in rows:
         phase1 = list(row["attributes"] or [])
-        raw = answer_of.get(row["key"])
+        answer = answer_of.get(row["key"], {})
+        raw = answer.get("answer")
         phase2: list[str] = []
         failure = row["failure"] if row["failure"] is not None else None
         if failure is None and raw is not None:
@@ -196,6 +272,7 @@ def run_phase2(
             }
         )
     write_rows_parquet(out_parquet, out, PHASE2_SCHEMA)
+    progress_path(out_parquet).unlink(missing_ok=True)
     return _count(out, shard_id, "phase2")
 
 

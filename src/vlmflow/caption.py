@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import torch
-from tqdm import tqdm
 
-from vlmflow.io import stable_seed, write_rows_parquet
+from vlmflow.io import write_rows_parquet
 from vlmflow.models import GenerationSettings
+from vlmflow.progress import ProgressFile, fingerprint, input_state, progress_path, run_batches
 from vlmflow.prompts import prompt_id
 from vlmflow.shards import Sample, iter_samples
 
@@ -43,6 +44,9 @@ class CaptionSettings(GenerationSettings):
     # InternVL-Chat-V1.5's captioning settings as ROVI ran them.
     max_new_tokens: int = 168
     batch_size: int = 6
+    # Tile budget for processors that cut images into tiles (InternVL's dynamic
+    # resolution: up to max_tiles tiles plus a thumbnail); None keeps the model's own.
+    max_tiles: int | None = None
 
 
 def load_vlm(settings: CaptionSettings) -> tuple[Any, Any]:
@@ -69,6 +73,7 @@ def caption_batch(
         text=[text] * len(samples),
         padding=True,
         return_tensors="pt",
+        **tile_kwargs(processor, settings),
     ).to(model.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
@@ -78,43 +83,93 @@ def caption_batch(
     return [t.strip() for t in processor.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
+def tile_kwargs(processor: Any, settings: CaptionSettings) -> dict[str, Any]:
+    """The processor call's tile budget, for image processors that tile (InternVL)."""
+    if settings.max_tiles is None:
+        return {}
+    if not getattr(processor.image_processor, "crop_to_patches", False):
+        raise ValueError(
+            f"caption.max_tiles is set but {type(processor.image_processor).__name__} does "
+            "not cut images into tiles; unset it for this model"
+        )
+    return {"max_patches": settings.max_tiles}
+
+
+def batch_order(samples: list[Sample]) -> list[int]:
+    """Sample indices with images of similar shape and size next to each other.
+
+    Tiling (InternVL) and native-resolution (Qwen2-VL) processors give an image as many
+    tokens as its aspect ratio and size call for; batching alike images wastes less
+    compute on padding. Sizes come from the ingest metadata, so no image is decoded.
+    """
+
+    def shape(index: int) -> tuple[int, int, int]:
+        meta = samples[index].meta
+        width, height = int(meta.get("width", 1)), int(meta.get("height", 1))
+        return round(2 * math.log2(max(width, 1) / max(height, 1))), width * height, index
+
+    return sorted(range(len(samples)), key=shape)
+
+
 def run(
     shard_tar: str | Path, out_parquet: str | Path, settings: CaptionSettings, shard_id: str
 ) -> dict[str, int]:
-    """Caption every image of ``shard_tar``; one output row per input key."""
+    """Caption every image of ``shard_tar``; one output row per input key.
+
+    Resumable: see vlmflow.progress. Raises ``Interrupted`` on SIGTERM (progress saved).
+    """
     samples = list(iter_samples(shard_tar))
-    processor, model = load_vlm(settings)
-    # One seed per shard: a shard's captions do not depend on which other shards exist.
-    torch.manual_seed(stable_seed(settings.seed, "caption", shard_id))
+    keys = [sample.key for sample in samples]
+    settings_json = json.dumps({k: v for k, v in asdict(settings).items() if k != "prompt"})
     record = {
         "model": settings.model,
         "prompt_id": prompt_id(settings.prompt),
-        "settings": json.dumps({k: v for k, v in asdict(settings).items() if k != "prompt"}),
+        "settings": settings_json,
     }
-    rows: list[dict[str, Any]] = []
-    counts = {"in": len(samples), "ok": 0, "failed": 0}
-    batches = [
-        samples[i : i + settings.batch_size] for i in range(0, len(samples), settings.batch_size)
-    ]
-    for batch in tqdm(batches, desc=f"caption {shard_id}", unit="batch"):
-        try:
-            captions = caption_batch(processor, model, batch, settings)
-            failures: list[str | None] = [None] * len(batch)
-        except (OSError, ValueError) as error:  # an undecodable image fails its batch only
-            log.warning("batch starting at %s failed: %s", batch[0].key, error)
-            captions = [""] * len(batch)
-            failures = [f"caption_error: {error}"] * len(batch)
-        for sample, caption, failure in zip(batch, captions, failures, strict=True):
-            rows.append(
-                {
-                    "key": sample.key,
-                    "web_caption": sample.web_caption,
-                    "vlm_caption": caption,
-                    "failure": failure,
-                    **record,
-                }
-            )
-            counts["failed" if failure else "ok"] += 1
+    progress = ProgressFile(
+        progress_path(out_parquet),
+        fingerprint("caption", record, shard_id, input_state(shard_tar)),
+    )
+    processor = model = None
+    if any(key not in progress.done for key in keys):
+        # Loaded here, not inside a batch: a model that cannot load (or a setting it does
+        # not take) is an error of the job, never a failure of the samples.
+        processor, model = load_vlm(settings)
+        tile_kwargs(processor, settings)
+
+    def run_batch(indices: list[int]) -> list[dict[str, Any]]:
+        batch = [samples[i] for i in indices]
+        captions = caption_batch(processor, model, batch, settings)
+        return [row(sample, caption, None) for sample, caption in zip(batch, captions, strict=True)]
+
+    def failed_row(index: int, error: BaseException) -> dict[str, Any]:
+        return row(samples[index], "", f"caption_error: {error}")
+
+    def row(sample: Sample, caption: str, failure: str | None) -> dict[str, Any]:
+        return {
+            "key": sample.key,
+            "web_caption": sample.web_caption,
+            "vlm_caption": caption,
+            "failure": failure,
+            **record,
+        }
+
+    # One seed per batch, from the shard and the batch's first key: a shard's captions
+    # depend neither on other shards nor on where an earlier attempt was stopped.
+    done = run_batches(
+        keys,
+        settings.batch_size,
+        run_batch,
+        failed_row,
+        progress,
+        seed=(settings.seed, "caption", shard_id),
+        desc=f"caption {shard_id}",
+        order=batch_order(samples),
+    )
+    rows = [done[key] for key in keys]
     write_rows_parquet(out_parquet, rows, CAPTION_SCHEMA)
+    progress.remove()
+    failed = sum(1 for r in rows if r["failure"] is not None)
+    counts = {"in": len(rows), "ok": len(rows) - failed, "failed": failed}
     log.info("shard %s: %s", shard_id, counts)
     return counts

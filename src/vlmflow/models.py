@@ -62,8 +62,17 @@ USER: ASSISTANT: user assistant system
 """
 
 
-def train_demo_tokenizer(vocab_size: int = 512) -> Any:
-    """Train a small byte-level BPE and wrap it as a chat-capable fast tokenizer."""
+def train_demo_tokenizer(
+    vocab_size: int = 512,
+    extra_tokens: tuple[str, ...] = (),
+    chat_template: str = CHAT_TEMPLATE,
+    named_tokens: dict[str, str] | None = None,
+) -> Any:
+    """Train a small byte-level BPE and wrap it as a chat-capable fast tokenizer.
+
+    ``extra_tokens`` are further special tokens (a VLM family's image markers) and
+    ``named_tokens`` the attributes its processor looks them up by.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -72,7 +81,7 @@ def train_demo_tokenizer(vocab_size: int = 512) -> Any:
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=[*SPECIAL_TOKENS, *extra_tokens],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -83,8 +92,8 @@ def train_demo_tokenizer(vocab_size: int = 512) -> Any:
         bos_token=BOS,
         eos_token=EOS,
         pad_token=PAD,
-        chat_template=CHAT_TEMPLATE,
-        extra_special_tokens={"image_token": IMAGE},
+        chat_template=chat_template,
+        extra_special_tokens=named_tokens or {"image_token": IMAGE},
     )
 
 
@@ -172,6 +181,135 @@ def build_demo_vlm(
         processor.save_pretrained(tmp)
 
 
+def build_demo_internvl(
+    out_dir: str | Path, seed: int, image_size: int = 32, patch_size: int = 8, max_tiles: int = 6
+) -> None:
+    """A tiny InternVL (``InternVLForConditionalGeneration``, the transformers-native
+    port of InternVL-Chat): dynamic tiling of each image into up to ``max_tiles``
+    ``image_size`` tiles plus a thumbnail, pixel-shuffled to a quarter of the patches."""
+    import torch
+    from transformers import (
+        GotOcr2ImageProcessor,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+        InternVLVisionConfig,
+    )
+
+    torch.manual_seed(seed)
+    names = {
+        "start_image_token": "<img>",
+        "end_image_token": "</img>",
+        "context_image_token": "<IMG_CONTEXT>",
+        "video_token": "<video>",
+    }
+    template = CHAT_TEMPLATE.replace(IMAGE, names["context_image_token"])
+    tokenizer = train_demo_tokenizer(
+        extra_tokens=tuple(names.values()), chat_template=template, named_tokens=names
+    )
+    downsample = 0.5  # InternVL's pixel shuffle: 2x2 patches become one image token
+    config = InternVLConfig(
+        vision_config=InternVLVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=[image_size, image_size],
+            patch_size=[patch_size, patch_size],
+        ),
+        text_config=_tiny_llama_config(tokenizer, 32, 2),
+        image_token_id=tokenizer.convert_tokens_to_ids(names["context_image_token"]),
+        downsample_ratio=downsample,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    model = InternVLForConditionalGeneration(config)
+    _set_stop_ids(model, tokenizer)
+    size = {"height": image_size, "width": image_size}
+    processor = InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(
+            size=size, crop_to_patches=True, min_patches=1, max_patches=max_tiles
+        ),
+        tokenizer=tokenizer,
+        video_processor=InternVLVideoProcessor(size=size),
+        image_seq_length=int((image_size // patch_size) ** 2 * downsample**2),
+        chat_template=template,
+    )
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+
+
+def build_demo_qwen2vl(
+    out_dir: str | Path, seed: int, patch_size: int = 4, max_pixels: int = 32 * 32
+) -> None:
+    """A tiny Qwen2-VL: native-resolution images (at most ``max_pixels``) as 2x2-merged
+    patches, M-RoPE positions."""
+    import torch
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    torch.manual_seed(seed)
+    markers = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+    template = CHAT_TEMPLATE.replace(IMAGE, "<|vision_start|><|image_pad|><|vision_end|>")
+    tokenizer = train_demo_tokenizer(
+        extra_tokens=markers, chat_template=template, named_tokens={"image_token": markers[2]}
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    llama = _tiny_llama_config(tokenizer, 32, 2)
+    config = Qwen2VLConfig(
+        vision_config={
+            "depth": 2,
+            "embed_dim": 32,
+            "hidden_size": 32,
+            "num_heads": 4,
+            "mlp_ratio": 2,
+            "patch_size": patch_size,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        text_config={
+            "vocab_size": llama.vocab_size,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 512,
+            # M-RoPE: the rotary half (head_dim 8 / 2) split over time, height and width.
+            "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]},
+            "bos_token_id": llama.bos_token_id,
+            "eos_token_id": llama.eos_token_id,
+            "pad_token_id": llama.pad_token_id,
+            "tie_word_embeddings": False,
+        },
+        image_token_id=ids(markers[2]),
+        video_token_id=ids(markers[3]),
+        vision_start_token_id=ids(markers[0]),
+        vision_end_token_id=ids(markers[1]),
+    )
+    model = Qwen2VLForConditionalGeneration(config)
+    _set_stop_ids(model, tokenizer)
+    pixels: dict[str, Any] = {"patch_size": patch_size, "merge_size": 2, "temporal_patch_size": 2}
+    limits: dict[str, Any] = {"min_pixels": (2 * patch_size) ** 2, "max_pixels": max_pixels}
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**pixels, **limits),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(**pixels, **limits),
+        chat_template=template,
+    )
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+
+
 def build_demo_llm(out_dir: str | Path, seed: int, delimiter_bias: float = 2.5) -> None:
     """A tiny Llama-architecture instruct LM with a Llama-3-style chat template."""
     import torch
@@ -223,6 +361,8 @@ def build_demo_language_model(out_dir: str | Path, seed: int) -> None:
 
 DEMO_BUILDERS = {
     "vlm": build_demo_vlm,
+    "internvl": build_demo_internvl,
+    "qwenvl": build_demo_qwen2vl,
     "llm": build_demo_llm,
     "vision": build_demo_vision_tower,
     "lm": build_demo_language_model,
@@ -232,6 +372,8 @@ DEMO_BUILDERS = {
 # changing one kind's setting rebuilds only that kind.
 DEMO_OPTIONS: dict[str, tuple[str, ...]] = {
     "vlm": ("image_size", "patch_size"),
+    "internvl": ("image_size", "patch_size"),
+    "qwenvl": (),
     "llm": ("delimiter_bias",),
     "vision": ("image_size", "patch_size"),
     "lm": (),

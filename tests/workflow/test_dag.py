@@ -47,6 +47,8 @@ def contract_files(workdir: Path) -> list[Path]:
                 workdir / f"results/{dataset}/captions/{shard}.parquet",
                 workdir / f"results/{dataset}/attributes/phase1/{shard}.parquet",
                 workdir / f"results/{dataset}/attributes/phase2/{shard}.parquet",
+                workdir / f"results/{dataset}/report/gallery.html",
+                workdir / f"results/{dataset}/report/dialogs.html",
                 workdir / f"logs/caption/{dataset}/{shard}.log",
                 workdir / f"results/benchmarks/caption/{dataset}/{shard}.tsv",
             ]
@@ -181,12 +183,16 @@ def test_editing_a_row_reruns_only_its_shard(workdir: Path) -> None:
     assert ingest.startswith("results/photos/shards/000001.tar")
 
 
-def test_report_includes_the_eval_table_ingest_stats_and_loss_curve(workdir: Path) -> None:
+def test_report_includes_the_eval_table_ingest_stats_loss_curve_and_samples(
+    workdir: Path,
+) -> None:
     run = snakemake(workdir, "--report", "results/report.html", "all")
     assert run.returncode == 0, run.stderr[-4000:]
     html = (workdir / "results/report.html").read_text(encoding="utf-8")
-    for name in ("metrics.tsv", "ingest_summary.tsv", "loss.png"):
+    for name in ("metrics.tsv", "ingest_summary.tsv", "loss.png", "gallery.html", "dialogs.html"):
         assert name in html
+    for category in ("Ingest", "Captions", "Attributes"):
+        assert category in html
 
 
 def test_slurm_profile_dry_run_needs_no_cluster_and_asks_gpus_for_model_rules(

@@ -1,0 +1,169 @@
+"""Batched vs one-at-a-time generation in the caption and attribute stages.
+
+Runs the stages' own batch functions (vlmflow.caption.caption_batch and
+vlmflow.attributes.answer_batch, left padding, prompts sorted by length as the stage
+sorts them) on the tiny demo models (or the models given), once with batch size 1 (the
+sequential baseline: one generate call per image or prompt, as a per-item loop does) and
+once with the batch size asked for, greedy, the same inputs. Prints images or prompts
+per second and output tokens per second; the last line is
+``ratio batched/sequential: X.XX`` (items/s, both stages together).
+
+    .venv/bin/python benchmarks/generation.py [--items 64] [--batch-size 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import webdataset as wds
+from PIL import Image
+
+from vlmflow.attribute_text import phase1_prompt
+from vlmflow.attributes import LLMSettings, _length_order, answer_batch, load_llm
+from vlmflow.caption import CaptionSettings, caption_batch, load_vlm
+from vlmflow.models import build_demo_llm, build_demo_vlm
+from vlmflow.shards import iter_samples
+
+WORDS = ["red", "car", "tree", "dog", "cat", "sofa", "field", "river", "bench", "sky", "boat"]
+
+
+def make_shard(path: Path, count: int) -> None:
+    with wds.TarWriter(str(path)) as writer:
+        for number in range(count):
+            buffer = io.BytesIO()
+            color = (number * 37 % 255, number * 91 % 255, 160)
+            Image.new("RGB", (64 + number % 7, 48), color).save(buffer, format="JPEG")
+            key = f"k{number:05d}"
+            writer.write(
+                {
+                    "__key__": key,
+                    "jpg": buffer.getvalue(),
+                    "txt": "a photo",
+                    "json": json.dumps({"key": key}),
+                }
+            )
+
+
+def captions(count: int) -> list[tuple[str, str]]:
+    """Web and VLM captions of varied length, as phase 1 gets them."""
+    pairs = []
+    for number in range(count):
+        words = [WORDS[(number * 7 + i) % len(WORDS)] for i in range(3 + number % 9)]
+        pairs.append((" ".join(words[:3]), "The image shows " + " and ".join(words) + "."))
+    return pairs
+
+
+class GenerateCounter:
+    """Wraps ``model.generate`` to count the tokens it generates (up to each row's EOS)."""
+
+    def __init__(self, model: Any) -> None:
+        self.real = model.generate
+        stop = model.generation_config.eos_token_id
+        self.stop = set(stop if isinstance(stop, list) else [stop])
+        self.tokens = 0
+        model.generate = self
+
+    def __call__(self, **kwargs: Any) -> Any:
+        output = self.real(**kwargs)
+        for row in output[:, kwargs["input_ids"].shape[1] :].tolist():
+            ends = [i for i, token in enumerate(row) if token in self.stop]
+            self.tokens += ends[0] + 1 if ends else len(row)
+        return output
+
+
+def timed(
+    run: Callable[[list[int]], list[str]],
+    order: list[int],
+    batch_size: int,
+    counter: GenerateCounter,
+) -> tuple[float, float]:
+    """Items/s and generated tokens/s over all items, in batches taken from ``order``."""
+    run(order[:batch_size])  # warm-up (allocations, first-call costs)
+    counter.tokens = 0
+    started = time.perf_counter()
+    for start in range(0, len(order), batch_size):
+        run(order[start : start + batch_size])
+    seconds = time.perf_counter() - started
+    return len(order) / seconds, counter.tokens / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vlm", help="VLM folder or hub id (default: build the demo VLM)")
+    parser.add_argument("--llm", help="instruct LLM folder or hub id (default: the demo LLM)")
+    parser.add_argument("--items", type=int, default=64, help="images and prompts per stage")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    args = parser.parse_args()
+    prompt = (
+        Path(__file__).resolve().parents[1] / "config/prompts/attributes_phase1.txt"
+    ).read_text()
+    results: dict[str, dict[int, tuple[float, float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        vlm = args.vlm or str(Path(tmp) / "vlm")
+        llm = args.llm or str(Path(tmp) / "llm")
+        if not args.vlm:
+            build_demo_vlm(vlm, seed=0)
+        if not args.llm:
+            build_demo_llm(llm, seed=0)
+        make_shard(Path(tmp) / "shard.tar", args.items)
+        samples = list(iter_samples(Path(tmp) / "shard.tar"))
+
+        caption_settings = CaptionSettings(
+            model=vlm,
+            prompt="Describe the image.",
+            max_new_tokens=args.max_new_tokens,
+            do_sample=False,
+        )
+        processor, model = load_vlm(caption_settings)
+        vlm_tokens = GenerateCounter(model)
+
+        def caption_items(indices: list[int]) -> list[str]:
+            batch = [samples[i] for i in indices]
+            return caption_batch(processor, model, batch, caption_settings)
+
+        results["caption"] = {
+            size: timed(caption_items, list(range(len(samples))), size, vlm_tokens)
+            for size in (1, args.batch_size)
+        }
+
+        llm_settings = LLMSettings(
+            model=llm, prompt=prompt, max_new_tokens=args.max_new_tokens, do_sample=False
+        )
+        tokenizer, lm = load_llm(llm_settings)
+        llm_tokens = GenerateCounter(lm)
+        prompts = [phase1_prompt(prompt, web, text) for web, text in captions(args.items)]
+
+        def answer_items(indices: list[int]) -> list[str]:
+            return answer_batch(tokenizer, lm, [prompts[i] for i in indices], llm_settings)
+
+        order = _length_order(tokenizer, prompts)  # as the stage batches them
+        results["attributes"] = {
+            size: timed(answer_items, order, size, llm_tokens) for size in (1, args.batch_size)
+        }
+
+    print(
+        f"\n{args.items} items per stage, greedy, at most {args.max_new_tokens} new tokens,"
+        f" {torch.get_num_threads()} CPU threads\n"
+    )
+    print(f"{'stage':<11} {'batch':>5} {'items/s':>8} {'tokens/s':>9} {'vs batch 1':>10}")
+    for stage, by_size in results.items():
+        base = by_size[1][0]
+        for size, (items, tokens) in by_size.items():
+            print(f"{stage:<11} {size:>5} {items:>8.1f} {tokens:>9.1f} {items / base:>9.2f}x")
+    # Both stages together: total time for all items, sequential vs batched.
+    sequential = sum(args.items / by_size[1][0] for by_size in results.values())
+    batched = sum(args.items / by_size[args.batch_size][0] for by_size in results.values())
+    print(f"ratio batched/sequential: {sequential / batched:.2f}")
+
+
+if __name__ == "__main__":
+    main()
