@@ -259,3 +259,24 @@ def test_tile_budget_on_a_model_without_tiles_is_a_config_error(
     with pytest.raises(ValueError, match=r"caption\.max_tiles is set but CLIPImageProcessor"):
         caption.run(shard_tar, tmp_path / "out.parquet", settings, "000000")
     assert not (tmp_path / "out.parquet").exists()
+
+
+def test_attention_kernel_comes_from_the_settings(demo_models: dict[str, str]) -> None:
+    settings = CaptionSettings(model=demo_models["vlm"], prompt=PROMPT, attn_implementation="eager")
+    _, model = caption.load_vlm(settings)
+    assert model.config._attn_implementation == "eager"
+    _, default = caption.load_vlm(replace(settings, attn_implementation=None))
+    assert default.config._attn_implementation == "sdpa"
+
+
+def test_device_map_auto_places_the_model_and_captions(
+    demo_models: dict[str, str], shard_tar: Path, tmp_path: Path
+) -> None:
+    settings = CaptionSettings(
+        model=demo_models["vlm"], prompt=PROMPT, max_new_tokens=4, device_map="auto"
+    )
+    _, model = caption.load_vlm(settings)
+    # accelerate placed it (on this machine: all on the CPU, the only device).
+    assert {parameter.device.type for parameter in model.parameters()} == {"cpu"}
+    out = tmp_path / "captions.parquet"
+    assert caption.run(shard_tar, out, settings, "000000")["ok"] == 5

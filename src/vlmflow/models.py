@@ -416,6 +416,11 @@ class GenerationSettings:
     dtype: str = "auto"
     trust_remote_code: bool = False
     seed: int = 0
+    # transformers' attention kernel ("sdpa", "eager", "flash_attention_2"); None: its default.
+    attn_implementation: str | None = None
+    # "auto" spreads a model too big for one GPU over all visible ones (accelerate);
+    # None puts it whole on the one device.
+    device_map: str | None = None
 
     def generation_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
@@ -427,14 +432,21 @@ class GenerationSettings:
         return kwargs
 
     def load_pretrained(self, auto_class: Any) -> Any:
-        """``auto_class.from_pretrained`` with this dtype and remote-code policy, on device."""
+        """``auto_class.from_pretrained`` with this dtype, attention kernel, placement and
+        remote-code policy, ready for inference."""
         on = device()
-        model = auto_class.from_pretrained(
-            self.model,
-            dtype=torch_dtype(self.dtype, on),
-            trust_remote_code=self.trust_remote_code,
-        )
-        return model.to(on).eval()
+        kwargs: dict[str, Any] = {
+            "dtype": torch_dtype(self.dtype, on),
+            "trust_remote_code": self.trust_remote_code,
+        }
+        if self.attn_implementation is not None:
+            kwargs["attn_implementation"] = self.attn_implementation
+        if self.device_map is not None:
+            kwargs["device_map"] = self.device_map
+        model = auto_class.from_pretrained(self.model, **kwargs)
+        if self.device_map is None:
+            model = model.to(on)
+        return model.eval()
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
