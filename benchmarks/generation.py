@@ -27,7 +27,7 @@ import webdataset as wds
 from PIL import Image
 
 from vlmflow.attribute_text import phase1_prompt
-from vlmflow.attributes import LLMSettings, _length_order, answer_batch, load_llm
+from vlmflow.attributes import LLMSettings, answer_batch, length_order, load_llm
 from vlmflow.caption import CaptionSettings, caption_batch, load_vlm
 from vlmflow.models import build_demo_llm, build_demo_vlm
 from vlmflow.shards import iter_samples
@@ -145,7 +145,7 @@ def main() -> None:
         def answer_items(indices: list[int]) -> list[str]:
             return answer_batch(tokenizer, lm, [prompts[i] for i in indices], llm_settings)
 
-        order = _length_order(tokenizer, prompts)  # as the stage batches them
+        order = length_order(tokenizer, prompts)  # as the stage batches them
         results["attributes"] = {
             size: timed(answer_items, order, size, llm_tokens) for size in (1, args.batch_size)
         }

@@ -112,12 +112,12 @@ def phase1_parquet(tmp_path: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------
-# generate_answers: batches are sorted by length, answers come back in prompt order
+# answer_batch and _answers: batches sorted by length, answers back for their own key
 # ---------------------------------------------------------------------------
 
 
-def test_answers_come_back_in_prompt_order_whatever_the_batching(
-    demo_models: dict[str, str],
+def test_answers_come_back_for_their_own_key_whatever_the_batching(
+    demo_models: dict[str, str], tmp_path: Path
 ) -> None:
     # The base demo LM: its greedy answers differ from prompt to prompt (the instruct
     # demo LLM is biased toward newlines, which strip to empty answers).
@@ -131,16 +131,24 @@ def test_answers_come_back_in_prompt_order_whatever_the_batching(
         "mountains covered with snow above a lake, clouds, forest, rocks, river",
         "flower",
     ]
-    alone = [
-        attributes.generate_answers(tokenizer, model, [p], replace(settings, batch_size=1), "")[0]
-        for p in prompts
-    ]
+    keys = [f"k{n}" for n in range(len(prompts))]
+    alone = [attributes.answer_batch(tokenizer, model, [p], settings)[0] for p in prompts]
     assert len(set(alone)) == len(prompts), "answers must differ for the order check to bite"
+    # Batches are formed in prompt-length order, not key order.
+    assert attributes.length_order(tokenizer, prompts) == [1, 4, 2, 3, 0]
+    source = tmp_path / "input.parquet"
+    source.write_bytes(b"stands in for the phase's input file")
     for batch_size in (1, 3, 5):
-        batched = attributes.generate_answers(
-            tokenizer, model, prompts, replace(settings, batch_size=batch_size), ""
+        answers = attributes._answers(
+            keys,
+            prompts,
+            replace(settings, batch_size=batch_size),
+            "phase1",
+            "000000",
+            source,
+            tmp_path / f"out-{batch_size}.parquet",
         )
-        assert batched == alone, f"batch_size={batch_size}"
+        assert [answers[key]["answer"] for key in keys] == alone, f"batch_size={batch_size}"
 
 
 def test_generation_stops_on_end_of_turn(
@@ -156,7 +164,7 @@ def test_generation_stops_on_end_of_turn(
         return real_generate(**kwargs)
 
     monkeypatch.setattr(model, "generate", spy)
-    attributes.generate_answers(tokenizer, model, ["a dog"], settings, "")
+    attributes.answer_batch(tokenizer, model, ["a dog"], settings)
     assert set(seen["eos_token_id"]) == {
         tokenizer.eos_token_id,
         tokenizer.convert_tokens_to_ids("<|eot_id|>"),

@@ -14,7 +14,6 @@ from typing import Any
 
 import pyarrow as pa
 import torch
-from tqdm import tqdm
 
 from vlmflow.attribute_text import (
     clean_vlm_caption,
@@ -88,7 +87,7 @@ def _chat(tokenizer: Any, prompt: str) -> str:
     )
 
 
-def _length_order(tokenizer: Any, prompts: list[str]) -> list[int]:
+def length_order(tokenizer: Any, prompts: list[str]) -> list[int]:
     """Prompt indices by token count: batches of similar length waste less on padding."""
     lengths = [
         len(tokenizer(_chat(tokenizer, p), add_special_tokens=False)["input_ids"]) for p in prompts
@@ -118,25 +117,6 @@ def answer_batch(
         output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
     )
     return [t.strip() for t in texts]
-
-
-def generate_answers(
-    tokenizer: Any, model: Any, prompts: list[str], settings: LLMSettings, desc: str
-) -> list[str]:
-    """Answers in prompt order, generated in batches sorted by prompt length."""
-    order = _length_order(tokenizer, prompts)
-    answers: dict[int, str] = {}
-    steps = range(0, len(order), settings.batch_size)
-    for start in tqdm(steps, desc=desc, unit="batch"):
-        index = order[start : start + settings.batch_size]
-        answers.update(
-            zip(
-                index,
-                answer_batch(tokenizer, model, [prompts[i] for i in index], settings),
-                strict=True,
-            )
-        )
-    return [answers[i] for i in range(len(prompts))]
 
 
 def _answers(
@@ -176,7 +156,7 @@ def _answers(
         progress,
         seed=(settings.seed, phase, shard_id),
         desc=f"{phase} {shard_id}",
-        order=_length_order(tokenizer, prompts),
+        order=length_order(tokenizer, prompts),
     )
 
 

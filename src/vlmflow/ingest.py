@@ -929,7 +929,8 @@ def ingest_shard(
     path = _check_list(url_list)
     rows = read_rows(path, start, end, settings)
     jobs = plan_jobs(path, rows, start, settings, image_root)
-    return write_shard(jobs, str(url_list), start, end, settings, out_tar, out_stats, shard_id)
+    source = f"url_list:{url_list}"  # as vlmflow.sources.UrlListSource describes itself
+    return write_shard(jobs, source, start, end, settings, out_tar, out_stats, shard_id)
 
 
 def write_shard(
