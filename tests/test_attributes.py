@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from dataclasses import replace
@@ -219,6 +220,9 @@ def test_phase1_with_demo_llm_keeps_every_key_and_skips_failed_captions(
     for row in rows:
         assert row["model"] == demo_models["llm"]
         assert row["prompt_id"] == prompt_id(PHASE1_TEMPLATE)
+        recorded = json.loads(row["settings"])
+        assert recorded["max_new_tokens"] == 16 and recorded["batch_size"] == 2
+        assert "prompt" not in recorded
     n_failed = sum(r["failure"] is not None for r in rows)
     assert counts == {"in": 4, "ok": 4 - n_failed, "failed": n_failed}
 

@@ -7,6 +7,7 @@ merged. The model loads through ``AutoModelForCausalLM`` and its own chat templa
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ PHASE1_SCHEMA = pa.schema(
         ("attributes", pa.list_(pa.string())),
         ("model", pa.string()),
         ("prompt_id", pa.string()),
+        ("settings", pa.string()),
         ("failure", pa.string()),
     ]
 )
@@ -52,6 +54,7 @@ PHASE2_SCHEMA = pa.schema(
         ("attribute_sources", pa.list_(pa.string())),
         ("model", pa.string()),
         ("prompt_id", pa.string()),
+        ("settings", pa.string()),
         ("failure", pa.string()),
     ]
 )
@@ -179,6 +182,7 @@ def run_phase1(
         out_parquet,
     )
     pid = prompt_id(settings.prompt)
+    settings_json = _settings_json(settings)
     out: list[dict[str, Any]] = []
     for row in rows:
         if row["failure"] is not None:
@@ -200,6 +204,7 @@ def run_phase1(
                 "attributes": attributes,
                 "model": settings.model,
                 "prompt_id": pid,
+                "settings": settings_json,
                 "failure": failure,
             }
         )
@@ -224,6 +229,7 @@ def run_phase2(
         out_parquet,
     )
     pid = prompt_id(settings.prompt)
+    settings_json = _settings_json(settings)
     out: list[dict[str, Any]] = []
     for row in rows:
         phase1 = list(row["attributes"] or [])
@@ -248,12 +254,18 @@ def run_phase2(
                 "attribute_sources": [m.source for m in merged],
                 "model": settings.model,
                 "prompt_id": pid,
+                "settings": settings_json,
                 "failure": failure,
             }
         )
     write_rows_parquet(out_parquet, out, PHASE2_SCHEMA)
     progress_path(out_parquet).unlink(missing_ok=True)
     return _count(out, shard_id, "phase2")
+
+
+def _settings_json(settings: LLMSettings) -> str:
+    """The settings a row was made with (the prompt is identified by prompt_id)."""
+    return json.dumps({k: v for k, v in asdict(settings).items() if k != "prompt"}, sort_keys=True)
 
 
 def _count(rows: list[dict[str, Any]], shard_id: str, phase: str) -> dict[str, int]:
