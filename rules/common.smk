@@ -75,7 +75,7 @@ def check_model_reference(key, reference):
         return
     raise ConfigError(
         f"config.models.{key}: {reference!r} is not an existing model folder, a demo model "
-        "(results/models/demo-vlm|llm|vision|lm) or a Hugging Face hub id (org/name)"
+        f"(results/models/demo-{{{'|'.join(DEMO_BUILDERS)}}}) or a Hugging Face hub id (org/name)"
     )
 
 

@@ -306,7 +306,8 @@ def test_phase2_with_demo_llm_keeps_every_key_and_aligns_sources(
         source = dict(zip(by_key[key]["attributes"], by_key[key]["attribute_sources"], strict=True))
         assert kept <= set(source)
         assert all(source[text] in ("phase1", "both") for text in kept)
-    assert counts == {"in": 4, "ok": 2, "failed": 2}
+    phase2_failed = sum(r["phase2_failure"] is not None for r in rows)
+    assert counts == {"in": 4, "ok": 2, "failed": 2, "phase2_failed": phase2_failed}
 
 
 def test_phase2_merges_new_items_and_is_deterministic(
@@ -343,6 +344,35 @@ def test_phase2_merges_new_items_and_is_deterministic(
     assert cat["failure"] is None
 
 
+def test_phase2_generation_error_keeps_phase1_attributes_and_is_counted(
+    phase1_parquet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answers = {"1. red wooden chair": "1. chair\n2. leg", "2. sofa": "unused"}
+
+    class FailsOnSofa(Recorder):
+        def __call__(self, *args: Any) -> list[str]:
+            if any("2. sofa" in prompt for prompt in args[2]):
+                raise RuntimeError("CUDA out of memory")
+            return super().__call__(*args)
+
+    monkeypatch.setattr(attributes, "answer_batch", FailsOnSofa(answers))
+    monkeypatch.setattr(attributes, "load_llm", no_model)
+    settings = LLMSettings(model="llm", prompt=PHASE2_TEMPLATE, batch_size=2)
+    counts = attributes.run_phase2(phase1_parquet, tmp_path / "out.parquet", settings, "000000")
+    rows = {r["key"]: r for r in pq.read_table(tmp_path / "out.parquet").to_pylist()}
+    cat = rows["k003"]
+    # Kept with its phase-1 attributes, the phase-2 failure recorded with its reason.
+    assert cat["failure"] is None
+    assert sorted(cat["attributes"]) == ["cat", "sofa"]
+    assert cat["raw_answer"] is None
+    assert cat["phase2_failure"] == "generation_error: CUDA out of memory"
+    assert rows["k000"]["phase2_failure"] is None
+    assert rows["k000"]["phase2_attributes"] == ["chair", "leg"]
+    # Rows that never reached phase 2 (failed earlier) have no phase-2 failure of their own.
+    assert rows["k001"]["phase2_failure"] is None
+    assert counts == {"in": 4, "ok": 2, "failed": 2, "phase2_failed": 1}
+
+
 def test_phase2_row_without_attributes_fails_as_no_attributes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -350,7 +380,7 @@ def test_phase2_row_without_attributes_fails_as_no_attributes(
     write_rows_parquet(path, [_phase1_row("k000", [], None)], PHASE1_SCHEMA)
     settings = LLMSettings(model=str(tmp_path / "no-such-model"), prompt=PHASE2_TEMPLATE)
     counts = attributes.run_phase2(path, tmp_path / "out.parquet", settings, "000000")
-    assert counts == {"in": 1, "ok": 0, "failed": 1}
+    assert counts == {"in": 1, "ok": 0, "failed": 1, "phase2_failed": 0}
     row = pq.read_table(tmp_path / "out.parquet").to_pylist()[0]
     assert row["failure"] == "no_attributes"
     assert row["raw_answer"] is None

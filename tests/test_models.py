@@ -22,6 +22,8 @@ from vlmflow.models import (
 
 
 def _weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    if (Path(folder) / "consolidated.00.pth").exists():  # Meta's format
+        return dict(torch.load(Path(folder) / "consolidated.00.pth", weights_only=True))
     return load_file(str(Path(folder) / "model.safetensors"))
 
 

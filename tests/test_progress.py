@@ -98,3 +98,20 @@ def test_failing_batches_are_halved_down_to_the_failing_sample(
     assert list(done) == keys
     assert [k for k, row in done.items() if "failure" in row] == ["k5"]
     assert sizes == [8, 4, 2, 2, 4, 2, 1, 1, 2]
+
+
+def test_read_only_progress_resumes_but_never_writes(tmp_path: Path) -> None:
+    """The other ranks of a model-parallel job skip what rank 0 saved, and leave the
+    file to rank 0."""
+    path = tmp_path / "p.jsonl"
+    main = ProgressFile(path, "fp", flush_every=1)
+    main.add(rows("a"))
+    saved = path.read_bytes()
+    other = ProgressFile(path, "fp", flush_every=1, read_only=True)
+    assert sorted(other.done) == ["a"]
+    other.add(rows("b"))
+    other.flush()
+    assert sorted(other.done) == ["a", "b"]
+    assert path.read_bytes() == saved
+    ProgressFile(tmp_path / "new.jsonl", "fp", flush_every=1, read_only=True).add(rows("c"))
+    assert not (tmp_path / "new.jsonl").exists()

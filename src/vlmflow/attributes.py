@@ -2,20 +2,26 @@
 
 Phase 1 extracts objects, attributes and adjective-noun phrases from the web caption and
 the VLM caption; phase 2 splits compound phrases into their parts and the two lists are
-merged. The model loads through ``AutoModelForCausalLM`` and its own chat template.
+merged. A transformers model loads through ``AutoModelForCausalLM`` and its own chat
+template; a checkpoint in Meta's own format (consolidated.NN.pth, params.json, tiktoken
+tokenizer.model) runs on vlmflow.meta_llama, one model-parallel process per
+consolidated file, started by ``launch`` (torchrun unless the profile names a launcher).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pyarrow as pa
 import torch
 
+from vlmflow import distributed, meta_llama
 from vlmflow.attribute_text import (
     clean_vlm_caption,
     merge_phases,
@@ -23,8 +29,8 @@ from vlmflow.attribute_text import (
     phase1_prompt,
     phase2_prompt,
 )
-from vlmflow.io import read_parquet_rows, stable_seed, write_rows_parquet
-from vlmflow.models import GenerationSettings
+from vlmflow.io import read_json, read_parquet_rows, stable_seed, write_rows_parquet
+from vlmflow.models import GenerationSettings, device, torch_dtype
 from vlmflow.progress import ProgressFile, fingerprint, input_state, progress_path, run_batches
 from vlmflow.prompts import prompt_id
 
@@ -52,6 +58,8 @@ PHASE2_SCHEMA = pa.schema(
         ("phase2_attributes", pa.list_(pa.string())),
         ("attributes", pa.list_(pa.string())),
         ("attribute_sources", pa.list_(pa.string())),
+        # Why phase 2 added nothing to a kept sample (generation_error, refused, ...).
+        ("phase2_failure", pa.string()),
         ("model", pa.string()),
         ("prompt_id", pa.string()),
         ("settings", pa.string()),
@@ -122,6 +130,52 @@ def answer_batch(
     return [t.strip() for t in texts]
 
 
+# A Meta-format checkpoint's context: Llama 3's 8192 tokens.
+META_MAX_SEQ_LEN = 8192
+
+
+def load_meta_llm(settings: LLMSettings) -> meta_llama.MetaLlama:
+    unsupported = [
+        name for name in ("attn_implementation", "device_map") if getattr(settings, name)
+    ]
+    if unsupported:
+        raise ValueError(
+            f"{settings.model} is a Meta-format checkpoint: {' and '.join(unsupported)} "
+            "apply to transformers models only (model parallelism follows its "
+            "consolidated.NN.pth files); remove them or convert the checkpoint"
+        )
+    return meta_llama.MetaLlama.load(
+        settings.model, torch_dtype(settings.dtype, device()), max_seq_len=META_MAX_SEQ_LEN
+    )
+
+
+def _generator(
+    settings: LLMSettings, prompts: list[str]
+) -> tuple[Callable[[list[str]], list[str]], list[int]]:
+    """The model's batch answer function and the order to batch ``prompts`` in."""
+    if meta_llama.is_meta_checkpoint(settings.model):
+        llm = load_meta_llm(settings)
+        lengths = llm.prompt_lengths(prompts)
+        options: dict[str, Any] = {
+            "max_new_tokens": settings.max_new_tokens,
+            "do_sample": settings.do_sample,
+        }
+        if settings.do_sample:
+            options |= {"temperature": settings.temperature, "top_p": settings.top_p}
+
+        def answer_meta(batch: list[str]) -> list[str]:
+            return llm.chat(batch, **options)
+
+        order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
+        return answer_meta, order
+    tokenizer, model = load_llm(settings)
+
+    def answer_hf(batch: list[str]) -> list[str]:
+        return answer_batch(tokenizer, model, batch, settings)
+
+    return answer_hf, length_order(tokenizer, prompts)
+
+
 def _answers(
     keys: list[str],
     prompts: list[str],
@@ -131,18 +185,23 @@ def _answers(
     input_path: str | Path,
     out_parquet: str | Path,
 ) -> dict[str, dict[str, Any]]:
-    """{key: {"answer", "failure"}} for every prompt; resumable (see vlmflow.progress)."""
+    """{key: {"answer", "failure"}} for every prompt; resumable (see vlmflow.progress).
+
+    With a model-parallel Meta checkpoint every rank runs this in step; only rank 0
+    writes the progress file.
+    """
     progress = ProgressFile(
         progress_path(out_parquet),
         fingerprint(phase, asdict(settings), shard_id, input_state(input_path)),
+        read_only=not distributed.rank_from_env().is_main,
     )
     if all(key in progress.done for key in keys):
         return {key: progress.done[key] for key in keys}
     # Loaded only when there is work left: a finished or empty shard needs no model.
-    tokenizer, model = load_llm(settings)
+    answer, order = _generator(settings, prompts)
 
     def run_batch(indices: list[int]) -> list[dict[str, Any]]:
-        texts = answer_batch(tokenizer, model, [prompts[i] for i in indices], settings)
+        texts = answer([prompts[i] for i in indices])
         return [
             {"key": keys[i], "answer": text, "failure": None}
             for i, text in zip(indices, texts, strict=True)
@@ -159,7 +218,7 @@ def _answers(
         progress,
         seed=(settings.seed, phase, shard_id),
         desc=f"{phase} {shard_id}",
-        order=length_order(tokenizer, prompts),
+        order=order,
     )
 
 
@@ -208,8 +267,7 @@ def run_phase1(
                 "failure": failure,
             }
         )
-    write_rows_parquet(out_parquet, out, PHASE1_SCHEMA)
-    progress_path(out_parquet).unlink(missing_ok=True)
+    _write_output(out_parquet, out, PHASE1_SCHEMA)
     return _count(out, shard_id, "phase1")
 
 
@@ -236,11 +294,17 @@ def run_phase2(
         answer = answer_of.get(row["key"], {})
         raw = answer.get("answer")
         phase2: list[str] = []
+        phase2_failure: str | None = None
         failure = row["failure"] if row["failure"] is not None else None
-        if failure is None and raw is not None:
-            # An unparseable phase-2 answer costs only the new elements: the phase-1
-            # attributes still stand, so the sample is kept.
-            phase2 = parse_list(raw, settings.stop_words, settings.max_words).attributes
+        if failure is None and row["key"] in answer_of:
+            # A phase-2 answer that fails or does not parse costs only the new elements:
+            # the phase-1 attributes still stand, so the sample is kept and the phase-2
+            # failure counted on its own.
+            if raw is None:
+                phase2_failure = answer.get("failure") or "generation_error"
+            else:
+                parsed = parse_list(raw, settings.stop_words, settings.max_words)
+                phase2, phase2_failure = parsed.attributes, parsed.failure
         merged = merge_phases(phase1, phase2, stable_seed(settings.seed, row["key"]))
         if failure is None and not merged:
             failure = "no_attributes"
@@ -252,15 +316,36 @@ def run_phase2(
                 "phase2_attributes": phase2,
                 "attributes": [m.text for m in merged],
                 "attribute_sources": [m.source for m in merged],
+                "phase2_failure": phase2_failure,
                 "model": settings.model,
                 "prompt_id": pid,
                 "settings": settings_json,
                 "failure": failure,
             }
         )
-    write_rows_parquet(out_parquet, out, PHASE2_SCHEMA)
-    progress_path(out_parquet).unlink(missing_ok=True)
-    return _count(out, shard_id, "phase2")
+    _write_output(out_parquet, out, PHASE2_SCHEMA)
+    counts = _count(out, shard_id, "phase2")
+    counts["phase2_failed"] = sum(1 for r in out if r["phase2_failure"] is not None)
+    if counts["phase2_failed"]:
+        reasons: dict[str, int] = {}
+        for r in out:
+            if r["phase2_failure"] is not None:
+                reason = r["phase2_failure"].split(":")[0]
+                reasons[reason] = reasons.get(reason, 0) + 1
+        log.warning(
+            "phase2 shard %s: %d kept samples have phase-1 attributes only: %s",
+            shard_id,
+            counts["phase2_failed"],
+            reasons,
+        )
+    return counts
+
+
+def _write_output(out_parquet: str | Path, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
+    # Model-parallel ranks all compute the rows; rank 0 writes them.
+    if distributed.rank_from_env().is_main:
+        write_rows_parquet(out_parquet, rows, schema)
+        progress_path(out_parquet).unlink(missing_ok=True)
 
 
 def _settings_json(settings: LLMSettings) -> str:
@@ -273,3 +358,72 @@ def _count(rows: list[dict[str, Any]], shard_id: str, phase: str) -> dict[str, i
     counts = {"in": len(rows), "ok": len(rows) - failed, "failed": failed}
     log.info("%s shard %s: %s", phase, shard_id, counts)
     return counts
+
+
+@dataclass(frozen=True)
+class PhaseJob:
+    """One attribute phase on one shard, as a file the launched processes read."""
+
+    phase: str  # "phase1" or "phase2"
+    input_path: str
+    out_path: str
+    settings: LLMSettings
+    shard_id: str
+
+    def run(self) -> dict[str, int]:
+        run_phase = run_phase1 if self.phase == "phase1" else run_phase2
+        try:
+            return run_phase(self.input_path, self.out_path, self.settings, self.shard_id)
+        finally:
+            if meta_llama.is_meta_checkpoint(self.settings.model):
+                meta_llama.leave_model_parallel()
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "settings": asdict(self.settings)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PhaseJob:
+        settings = dict(data["settings"])
+        settings["stop_words"] = tuple(settings["stop_words"])
+        return cls(**{**data, "settings": LLMSettings(**settings)})
+
+
+def launch(job: PhaseJob, launcher: str | None, log_file: IO[str]) -> None:
+    """Run ``job`` here, or on one process per shard of a model-parallel Meta checkpoint.
+
+    ``launcher`` is the rule's ``mpi`` resource from the profile (e.g. ``srun``); without
+    one, an N-shard checkpoint is started with ``torchrun --standalone
+    --nproc-per-node=N`` inside this job.
+    """
+    model = job.settings.model
+    parallel = meta_llama.model_parallel_size(model) if meta_llama.is_meta_checkpoint(model) else 1
+    if parallel == 1:
+        job.run()
+        return
+    spec = Path(job.out_path).parent / f".{Path(job.out_path).name}.job.json"
+    distributed.launch_module(
+        launcher or f"torchrun --standalone --nproc-per-node={parallel}",
+        "vlmflow.attributes",
+        spec,
+        job.to_json(),
+        log_file,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of each launched process: ``python -m vlmflow.attributes JOB.json``."""
+    args = sys.argv[1:] if argv is None else argv
+    rank = distributed.rank_from_env()
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s rank {rank.rank}/{rank.world_size} %(levelname)s %(message)s",
+    )
+    try:
+        PhaseJob.from_json(read_json(args[0])).run()
+    finally:
+        distributed.finish()
+
+
+if __name__ == "__main__":
+    main()

@@ -16,6 +16,7 @@ from ``scontrol`` rather than from the environment.
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import subprocess
@@ -23,9 +24,14 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 import torch
 import torch.distributed as dist
+
+from vlmflow.io import write_json
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -155,3 +161,20 @@ def launch_command(
         # `torchrun` is `python -m torch.distributed.run`; this interpreter has vlmflow.
         return [sys.executable, "-m", "torch.distributed.run", *parts[1:], "-m", module, *args], env
     raise ValueError(f"unknown launcher {launcher!r}: expected srun ... or torchrun ...")
+
+
+def launch_module(
+    launcher: str, module: str, spec: Path, job: dict[str, Any], log_file: IO[str]
+) -> None:
+    """Write ``job`` to ``spec`` and run ``python -m module spec`` on every process
+    ``launcher`` starts, their output going to ``log_file``; raise if any fails."""
+    write_json(spec, job)
+    try:
+        argv, env = launch_command(launcher, module, [str(spec)])
+        log.info("launching %s", " ".join(argv))
+        log_file.flush()
+        done = subprocess.run(argv, env=env, stdout=log_file, stderr=log_file, check=False)
+    finally:
+        spec.unlink(missing_ok=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{module} processes failed (exit {done.returncode}); see above")

@@ -62,6 +62,11 @@ USER: ASSISTANT: user assistant system
 """
 
 
+def demo_corpus_lines() -> list[str]:
+    """The fixed text the demo tokenizers are trained on."""
+    return [line for line in _TOKENIZER_CORPUS.splitlines() if line.strip()]
+
+
 def train_demo_tokenizer(
     vocab_size: int = 512,
     extra_tokens: tuple[str, ...] = (),
@@ -85,8 +90,7 @@ def train_demo_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    lines = [line for line in _TOKENIZER_CORPUS.splitlines() if line.strip()]
-    bpe.train_from_iterator(lines * 20, trainer)
+    bpe.train_from_iterator(demo_corpus_lines() * 20, trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         bos_token=BOS,
@@ -359,6 +363,13 @@ def build_demo_language_model(out_dir: str | Path, seed: int) -> None:
         tokenizer.save_pretrained(tmp)
 
 
+def build_demo_metallama(out_dir: str | Path, seed: int, model_parallel: int = 1) -> None:
+    """A tiny Llama 3 in Meta's checkpoint format (see vlmflow.meta_llama)."""
+    from vlmflow.meta_llama import build_demo_meta_llm
+
+    build_demo_meta_llm(out_dir, seed, model_parallel=model_parallel)
+
+
 DEMO_BUILDERS = {
     "vlm": build_demo_vlm,
     "internvl": build_demo_internvl,
@@ -366,6 +377,7 @@ DEMO_BUILDERS = {
     "llm": build_demo_llm,
     "vision": build_demo_vision_tower,
     "lm": build_demo_language_model,
+    "metallama": build_demo_metallama,
 }
 
 # The config.demo_models settings each builder takes: a rule's params hold only these, so
@@ -377,6 +389,7 @@ DEMO_OPTIONS: dict[str, tuple[str, ...]] = {
     "llm": ("delimiter_bias",),
     "vision": ("image_size", "patch_size"),
     "lm": (),
+    "metallama": ("model_parallel",),
 }
 
 

@@ -62,8 +62,13 @@ def input_state(path: str | Path) -> list[int]:
 class ProgressFile:
     """Finished rows of one shard, appended as JSON lines after a fingerprint line."""
 
-    def __init__(self, path: str | Path, fingerprint: str, flush_every: int = 4) -> None:
+    def __init__(
+        self, path: str | Path, fingerprint: str, flush_every: int = 4, read_only: bool = False
+    ) -> None:
         self.path = Path(path)
+        # Read-only: resume from the file but never write it (the other ranks of a
+        # model-parallel job, which compute the same rows as rank 0).
+        self.read_only = read_only
         self.fingerprint = fingerprint
         self.flush_every = max(1, flush_every)
         self._matched = False  # the file on disk is ours to append to
@@ -107,7 +112,7 @@ class ProgressFile:
             self.flush()
 
     def flush(self) -> None:
-        if not self._pending and self._matched:
+        if self.read_only or (not self._pending and self._matched):
             return
         lines = [json.dumps(row, ensure_ascii=False) + "\n" for row in self._pending]
         if self._matched:
@@ -168,7 +173,9 @@ def run_batches(
     computed = {"batches": 0, "samples": 0}
     try:
         with sigterm_raises():
-            for batch in tqdm(todo, desc=desc, unit="batch"):
+            # Model-parallel ranks run the same batches: one progress bar is enough.
+            quiet = progress.read_only
+            for batch in tqdm(todo, desc=desc, unit="batch", disable=quiet):
                 rows = _run_or_split(batch, keys, run_batch, failed_row, seed)
                 progress.add(rows)
                 computed["batches"] += 1

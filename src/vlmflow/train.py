@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import random
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -425,16 +424,7 @@ def launch(job: TrainJob, launcher: str | None, log_file: IO[str]) -> None:
         job.run()
         return
     spec = Path(job.out_dir).parent / f".{Path(job.out_dir).name}.job.json"
-    write_json(spec, job.to_json())
-    try:
-        argv, env = distributed.launch_command(launcher, "vlmflow.train", [str(spec)])
-        log.info("launching %s", " ".join(argv))
-        log_file.flush()
-        done = subprocess.run(argv, env=env, stdout=log_file, stderr=log_file, check=False)
-    finally:
-        spec.unlink(missing_ok=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"training processes failed (exit {done.returncode}); see above")
+    distributed.launch_module(launcher, "vlmflow.train", spec, job.to_json(), log_file)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,11 @@
-"""Run one attribute phase on one shard (see vlmflow.attributes)."""
+"""Run one attribute phase on one shard (see vlmflow.attributes).
+
+A Meta-format checkpoint split over N consolidated.NN.pth files runs on N processes:
+torchrun inside this job, or the launcher the profile gives as the rule's ``mpi``
+resource.
+"""
+
+import sys
 
 from vlmflow import attributes
 from vlmflow.logs import log_to
@@ -11,11 +18,13 @@ with log_to(snakemake.log[0]):
         stop_words=tuple(params.pop("stop_words")),
         **params,
     )
-    if snakemake.rule == "attributes_phase1":
-        attributes.run_phase1(
-            snakemake.input.captions, snakemake.output[0], settings, snakemake.wildcards.shard
-        )
-    else:
-        attributes.run_phase2(
-            snakemake.input.phase1, snakemake.output[0], settings, snakemake.wildcards.shard
-        )
+    phase1 = snakemake.rule == "attributes_phase1"
+    job = attributes.PhaseJob(
+        phase="phase1" if phase1 else "phase2",
+        input_path=snakemake.input.captions if phase1 else snakemake.input.phase1,
+        out_path=snakemake.output[0],
+        settings=settings,
+        shard_id=snakemake.wildcards.shard,
+    )
+    # log_to points stderr at the rule's log file; launched processes write there too.
+    attributes.launch(job, snakemake.resources.get("mpi"), sys.stderr)
