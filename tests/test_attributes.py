@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import zlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,12 @@ class Recorder:
         self.real = attributes.answer_batch
 
     def __call__(
-        self, tokenizer: Any, model: Any, prompts: list[str], settings: LLMSettings
+        self,
+        tokenizer: Any,
+        model: Any,
+        prompts: list[str],
+        settings: LLMSettings,
+        prefix: attributes.SharedPrefix | None = None,
     ) -> list[str]:
         self.prompts += prompts
         self.batches += 1
@@ -47,7 +53,7 @@ class Recorder:
                 next(answer for text, answer in self.answers.items() if text in prompt)
                 for prompt in prompts
             ]
-        return self.real(tokenizer, model, prompts, settings)
+        return self.real(tokenizer, model, prompts, settings, prefix)
 
 
 class FakeTokenizer:
@@ -57,7 +63,10 @@ class FakeTokenizer:
         return chat[0]["content"]
 
     def __call__(self, text: str, **kwargs: Any) -> dict[str, list[int]]:
-        return {"input_ids": list(range(len(text.split())))}
+        # One id per word; the first differs between texts, so prompts share no prefix
+        # and nothing asks the (absent) model for a prefix cache.
+        words = len(text.split())
+        return {"input_ids": [zlib.crc32(text.encode()), *range(1, words)]}
 
 
 def no_model(settings: LLMSettings) -> tuple[Any, Any]:
@@ -150,6 +159,62 @@ def test_answers_come_back_for_their_own_key_whatever_the_batching(
             tmp_path / f"out-{batch_size}.parquet",
         )
         assert [answers[key]["answer"] for key in keys] == alone, f"batch_size={batch_size}"
+
+
+def test_shared_prompt_prefix_is_computed_once_and_changes_no_answer(
+    demo_models: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = LLMSettings(
+        model=demo_models["lm"], prompt=PHASE1_TEMPLATE, do_sample=False, max_new_tokens=10
+    )
+    tokenizer, model = attributes.load_llm(settings)
+    captions = [
+        ("a red car", "A red car parked on a city street next to a tall building."),
+        ("dog", "A dog."),
+        ("a cat", "A cat sleeping on a sofa near a window, wooden floor, white wall."),
+        ("snow", "Mountains covered with snow above a lake."),
+    ]
+    prompts = [phase1_prompt(PHASE1_TEMPLATE, web, vlm) for web, vlm in captions]
+    prefix = attributes.shared_prefix(tokenizer, model, prompts)
+    assert prefix is not None
+    # The chat header and the template's instructions: most of each prompt.
+    assert len(prefix.ids) > 0.7 * min(
+        len(tokenizer(attributes._chat(tokenizer, p), add_special_tokens=False)["input_ids"])
+        for p in prompts
+    )
+    plain = attributes.answer_batch(tokenizer, model, prompts, settings)
+    alone = [attributes.answer_batch(tokenizer, model, [p], settings)[0] for p in prompts]
+    cached = attributes.answer_batch(tokenizer, model, prompts, settings, prefix=prefix)
+    assert len(set(alone)) > 1
+    assert cached == plain == alone
+    # The cache is copied per batch, so a second batch starts from the same prefix.
+    assert attributes.answer_batch(tokenizer, model, prompts[:2], settings, prefix) == alone[:2]
+    # Prompts that share only a few tokens get no prefix cache.
+    assert attributes.shared_prefix(tokenizer, model, ["a dog", "a cat on a sofa"]) is None
+
+    # The stage computes the prefix once per shard, not once per batch.
+    calls = []
+    real = attributes.shared_prefix
+
+    def counting(*args: Any) -> attributes.SharedPrefix | None:
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(attributes, "shared_prefix", counting)
+    source = tmp_path / "input.parquet"
+    source.write_bytes(b"stands in for the phase's input file")
+    keys = [f"k{n}" for n in range(len(prompts))]
+    answers = attributes._answers(
+        keys,
+        prompts,
+        replace(settings, batch_size=1),
+        "phase1",
+        "000000",
+        source,
+        tmp_path / "out.parquet",
+    )
+    assert calls == [1]
+    assert [answers[key]["answer"] for key in keys] == alone
 
 
 def test_generation_stops_on_end_of_turn(
@@ -350,10 +415,10 @@ def test_phase2_generation_error_keeps_phase1_attributes_and_is_counted(
     answers = {"1. red wooden chair": "1. chair\n2. leg", "2. sofa": "unused"}
 
     class FailsOnSofa(Recorder):
-        def __call__(self, *args: Any) -> list[str]:
+        def __call__(self, *args: Any, **kwargs: Any) -> list[str]:
             if any("2. sofa" in prompt for prompt in args[2]):
                 raise RuntimeError("CUDA out of memory")
-            return super().__call__(*args)
+            return super().__call__(*args, **kwargs)
 
     monkeypatch.setattr(attributes, "answer_batch", FailsOnSofa(answers))
     monkeypatch.setattr(attributes, "load_llm", no_model)
@@ -396,10 +461,10 @@ def test_phase1_sigterm_then_restart_redoes_at_most_one_batch(
     attributes.run_phase1(captions_parquet, tmp_path / "full.parquet", settings, "000000")
 
     class StopInSecondBatch(Recorder):
-        def __call__(self, *args: Any) -> list[str]:
+        def __call__(self, *args: Any, **kwargs: Any) -> list[str]:
             if self.batches == 1:
                 os.kill(os.getpid(), signal.SIGTERM)
-            return super().__call__(*args)
+            return super().__call__(*args, **kwargs)
 
     out = tmp_path / "phase1" / "000000.parquet"
     monkeypatch.setattr(attributes, "answer_batch", StopInSecondBatch(answers))

@@ -10,6 +10,7 @@ consolidated file, started by ``launch`` (torchrun unless the profile names a la
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import sys
@@ -31,7 +32,14 @@ from vlmflow.attribute_text import (
 )
 from vlmflow.io import read_json, read_parquet_rows, stable_seed, write_rows_parquet
 from vlmflow.models import GenerationSettings, device, torch_dtype
-from vlmflow.progress import ProgressFile, fingerprint, input_state, progress_path, run_batches
+from vlmflow.progress import (
+    BATCH_ERRORS,
+    ProgressFile,
+    fingerprint,
+    input_state,
+    progress_path,
+    run_batches,
+)
 from vlmflow.prompts import prompt_id
 
 log = logging.getLogger(__name__)
@@ -106,27 +114,103 @@ def length_order(tokenizer: Any, prompts: list[str]) -> list[int]:
     return sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
 
 
+@dataclass
+class SharedPrefix:
+    """The tokens every prompt of a shard starts with (the chat header and the template's
+    instructions) and the model's key/value cache for them, computed once per shard."""
+
+    ids: list[int]
+    cache: Any  # a transformers Cache
+
+
+# Below this many shared tokens the copy of the cache costs more than it saves.
+MIN_SHARED_PREFIX = 32
+
+
+def shared_prefix(tokenizer: Any, model: Any, prompts: list[str]) -> SharedPrefix | None:
+    """The longest token prefix all ``prompts`` share (as chats), with its cache; None
+    when they share too little. Each prompt keeps at least one token of its own."""
+    if not prompts:
+        return None
+    rows = [tokenizer(_chat(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    length = 0
+    shortest = min(len(row) for row in rows)
+    while length < shortest - 1 and len({row[length] for row in rows}) == 1:
+        length += 1
+    if length < MIN_SHARED_PREFIX:
+        return None
+    ids = rows[0][:length]
+    try:
+        with torch.inference_mode():
+            output = model(torch.tensor([ids], device=model.device), use_cache=True)
+    except BATCH_ERRORS as error:  # e.g. out of memory: plain batches still work
+        log.warning("shared prompt prefix not cached (%s); padding whole prompts", error)
+        return None
+    log.info("shared prompt prefix: %d tokens computed once for all prompts", length)
+    return SharedPrefix(ids, output.past_key_values)
+
+
 def answer_batch(
-    tokenizer: Any, model: Any, prompts: list[str], settings: LLMSettings
+    tokenizer: Any,
+    model: Any,
+    prompts: list[str],
+    settings: LLMSettings,
+    prefix: SharedPrefix | None = None,
 ) -> list[str]:
-    """Answer each prompt as a one-turn chat, in one generate call (left padding)."""
+    """Answer each prompt as a one-turn chat, in one generate call.
+
+    Without ``prefix`` the prompts are left-padded. With it, generation starts from a copy
+    of the prefix's cache and only the rest of each prompt is computed: rows are laid out
+    as prefix, padding, own tokens, with the padding masked out (positions come from the
+    attention mask, so every token keeps the position it has in the unpadded prompt).
+    """
     kwargs = {
         **settings.generation_kwargs(),
         # Stop on every end-of-turn id the model declares (Llama-3: <|eot_id|> and EOS).
         "eos_token_id": model.generation_config.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
-    batch = tokenizer(
-        [_chat(tokenizer, p) for p in prompts],
-        return_tensors="pt",
-        padding=True,
-        add_special_tokens=False,
-    ).to(model.device)
+    chats = [_chat(tokenizer, p) for p in prompts]
+    if prefix is not None:
+        rows = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in chats]
+        size = len(prefix.ids)
+        if all(row[:size] == prefix.ids and len(row) > size for row in rows):
+            return _answer_after_prefix(tokenizer, model, rows, prefix, kwargs)
+    batch = tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False).to(
+        model.device
+    )
     with torch.inference_mode():
         output = model.generate(**batch, **kwargs)
     texts = tokenizer.batch_decode(
         output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
     )
+    return [t.strip() for t in texts]
+
+
+def _answer_after_prefix(
+    tokenizer: Any,
+    model: Any,
+    rows: list[list[int]],
+    prefix: SharedPrefix,
+    kwargs: dict[str, Any],
+) -> list[str]:
+    size = len(prefix.ids)
+    own = [row[size:] for row in rows]
+    width = max(len(tokens) for tokens in own)
+    pad = tokenizer.pad_token_id
+    input_ids = [[*prefix.ids, *[pad] * (width - len(tokens)), *tokens] for tokens in own]
+    mask = [[1] * size + [0] * (width - len(tokens)) + [1] * len(tokens) for tokens in own]
+    # generate() extends the cache it is given: each batch gets its own copy.
+    cache = copy.deepcopy(prefix.cache)
+    cache.batch_repeat_interleave(len(rows))
+    with torch.inference_mode():
+        output = model.generate(
+            input_ids=torch.tensor(input_ids, device=model.device),
+            attention_mask=torch.tensor(mask, device=model.device),
+            past_key_values=cache,
+            **kwargs,
+        )
+    texts = tokenizer.batch_decode(output[:, size + width :], skip_special_tokens=True)
     return [t.strip() for t in texts]
 
 
@@ -169,9 +253,10 @@ def _generator(
         order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
         return answer_meta, order
     tokenizer, model = load_llm(settings)
+    prefix = shared_prefix(tokenizer, model, prompts)
 
     def answer_hf(batch: list[str]) -> list[str]:
-        return answer_batch(tokenizer, model, batch, settings)
+        return answer_batch(tokenizer, model, batch, settings, prefix=prefix)
 
     return answer_hf, length_order(tokenizer, prompts)
 

@@ -111,7 +111,7 @@ def _tiny_llama_config(tokenizer: Any, hidden_size: int, layers: int) -> Any:
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=2048,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(EOT)],
         pad_token_id=tokenizer.pad_token_id,
