@@ -235,7 +235,8 @@ def get_train_settings(phase):
         "phase": int(phase[-1]),
         "seed": config["seed"],
         "vision_feature_layer": config["train"]["vision_feature_layer"],
-        "projector_hidden_act": config["train"]["projector_hidden_act"],
+        "projector": config["train"]["projector"],
+        "language_model_layers": config["train"]["language_model_layers"],
     }
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import signal
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from vlmflow.attributes import PHASE1_SCHEMA, PHASE2_SCHEMA
 from vlmflow.h5 import H5Settings, TokenIds, pack
 from vlmflow.io import read_json, write_rows_parquet
 from vlmflow.models import IMAGE
+from vlmflow.progress import Interrupted
 from vlmflow.train import H5Source, TrainSettings
 
 KEYS = [f"k{n:03d}" for n in range(5)]
@@ -330,6 +333,119 @@ def test_same_seed_gives_the_same_losses(
     assert [e["loss"] for e in other] != [e["loss"] for e in history]
 
 
+def _losses(history: list[dict[str, Any]]) -> list[tuple[int, int, float, float]]:
+    return [(e["step"], e["epoch"], e["loss"], e["lr"]) for e in history]
+
+
+def _crash_at_loss_call(monkeypatch: pytest.MonkeyPatch, call: int, action: Any) -> None:
+    """Run ``action`` in the ``call``-th loss computation (1-based) of the next run."""
+    real = train.masked_loss
+    calls = [0]
+
+    def wrapped(*args: Any) -> torch.Tensor:
+        calls[0] += 1
+        if calls[0] == call:
+            action()
+        return real(*args)
+
+    monkeypatch.setattr(train, "masked_loss", wrapped)
+
+
+def test_killed_run_resumes_from_its_checkpoint_with_the_same_losses(
+    tmp_path: Path,
+    demo_models: dict[str, str],
+    h5_files: H5Files,
+    phase1_model: tuple[Path, list[dict[str, Any]]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    folder, uninterrupted = phase1_model
+    out = tmp_path / "model"
+    kwargs: dict[str, Any] = {
+        "vision_tower": demo_models["vision"],
+        "language_model": demo_models["lm"],
+        "checkpoint_every": 2,
+    }
+
+    def die() -> None:
+        raise KeyboardInterrupt("killed")  # not caught anywhere: stands in for SIGKILL
+
+    # 6 steps of one batch each; dies computing step 5, after the step-4 checkpoint.
+    _crash_at_loss_call(monkeypatch, 5, die)
+    with pytest.raises(KeyboardInterrupt):
+        train.run([h5_files.phase1], out, PHASE1, **kwargs)
+    checkpoints = tmp_path / ".model.checkpoint"
+    assert [p.name for p in checkpoints.iterdir()] == ["step-00000004"]
+    assert not out.exists()
+
+    monkeypatch.undo()
+    resumed = train.run([h5_files.phase1], out, PHASE1, **kwargs)
+    # The whole loss sequence, across the restart (step 4 is mid-way through epoch 1),
+    # equals the run that was never stopped, and so do the weights.
+    assert _losses(resumed) == _losses(uninterrupted)
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").open()] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]
+    first, second = _weights(folder), _weights(out)
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert not checkpoints.exists(), "a finished phase removes its checkpoint"
+
+
+def test_sigterm_saves_a_checkpoint_and_stops_then_the_rerun_continues(
+    tmp_path: Path,
+    demo_models: dict[str, str],
+    h5_files: H5Files,
+    phase1_model: tuple[Path, list[dict[str, Any]]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, uninterrupted = phase1_model
+    out = tmp_path / "model"
+    kwargs: dict[str, Any] = {
+        "vision_tower": demo_models["vision"],
+        "language_model": demo_models["lm"],
+        "checkpoint_every": 0,  # no periodic checkpoints: only the one SIGTERM asks for
+    }
+    _crash_at_loss_call(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(Interrupted, match="after step 3"):
+        train.run([h5_files.phase1], out, PHASE1, **kwargs)
+    assert [p.name for p in (tmp_path / ".model.checkpoint").iterdir()] == ["step-00000003"]
+    monkeypatch.undo()
+    # The handler is the previous one again once training stops.
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    resumed = train.run([h5_files.phase1], out, PHASE1, **kwargs)
+    assert _losses(resumed) == _losses(uninterrupted)
+
+
+def test_a_checkpoint_of_other_settings_is_not_resumed(
+    tmp_path: Path,
+    demo_models: dict[str, str],
+    h5_files: H5Files,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "model"
+    kwargs: dict[str, Any] = {
+        "vision_tower": demo_models["vision"],
+        "language_model": demo_models["lm"],
+        "checkpoint_every": 1,
+    }
+
+    def die() -> None:
+        raise KeyboardInterrupt("killed")
+
+    _crash_at_loss_call(monkeypatch, 3, die)
+    with pytest.raises(KeyboardInterrupt):
+        train.run([h5_files.phase1], out, PHASE1, **kwargs)
+    monkeypatch.undo()
+    other = replace(PHASE1, lr=2e-2)
+    history = train.run([h5_files.phase1], out, other, **kwargs)
+    fresh = train.run([h5_files.phase1], tmp_path / "fresh", other, **kwargs)
+    assert _losses(history) == _losses(fresh)
+
+
 def test_phase2_trains_projector_and_language_model(
     tmp_path: Path, h5_files: H5Files, phase1_model: tuple[Path, list[dict[str, Any]]]
 ) -> None:
@@ -359,6 +475,101 @@ def test_phase2_trains_projector_and_language_model(
     with torch.inference_mode():
         output = model.generate(**inputs, max_new_tokens=2, do_sample=False)
     assert output.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_linear_projector_and_truncated_language_model(
+    tmp_path: Path, demo_models: dict[str, str], h5_files: H5Files
+) -> None:
+    """nxtp's shape: an affine projector and the LM's first layers only."""
+    from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
+
+    settings = replace(PHASE1, epochs=1, projector="linear", language_model_layers=1)
+    model, _ = train.build_llava(demo_models["vision"], demo_models["lm"], settings)
+    # The projector is an affine map: f(a x + b y) = a f(x) + b f(y) + (1 - a - b) f(0).
+    projector = model.model.multi_modal_projector.eval()
+    x, y, zero = torch.randn(3, 32), torch.randn(3, 32), torch.zeros(3, 32)
+    with torch.no_grad():
+        combined = projector(2 * x - 0.5 * y)
+        expected = 2 * projector(x) - 0.5 * projector(y) - 0.5 * projector(zero)
+    assert torch.allclose(combined, expected, atol=1e-5)
+    # The truncated LM computes what the full LM's first layer computes.
+    full = AutoModelForCausalLM.from_pretrained(demo_models["lm"]).eval()
+    ids = torch.tensor([[5, 9, 14, 3]])
+    with torch.inference_mode():
+        ours = model.model.language_model(input_ids=ids, output_hidden_states=True)
+        theirs = full.model(input_ids=ids, output_hidden_states=True)
+    assert len(ours.hidden_states) == 2  # embeddings + one layer
+    # The last hidden state is after the final norm.
+    with torch.inference_mode():
+        first_layer = full.model.norm(theirs.hidden_states[1])
+    assert torch.allclose(ours.last_hidden_state, first_layer, atol=1e-5)
+    assert not torch.allclose(ours.last_hidden_state, theirs.last_hidden_state, atol=1e-3)
+
+    out = tmp_path / "model"
+    train.run(
+        [h5_files.phase1],
+        out,
+        settings,
+        vision_tower=demo_models["vision"],
+        language_model=demo_models["lm"],
+    )
+    loaded = LlavaForConditionalGeneration.from_pretrained(out)
+    assert loaded.config.text_config.num_hidden_layers == 1
+    assert loaded.config.projector_hidden_act == "linear"
+    assert len(loaded.model.language_model.layers) == 1
+
+
+def test_phase2_with_lora_trains_adapters_and_saves_plain_llava(
+    tmp_path: Path, h5_files: H5Files, phase1_model: tuple[Path, list[dict[str, Any]]]
+) -> None:
+    from transformers import LlavaForConditionalGeneration
+
+    phase1_folder, _ = phase1_model
+    settings = replace(PHASE2, lora_rank=4, lora_alpha=8)
+    model, _ = train.load_llava(str(phase1_folder))
+    chosen = {id(p) for p in train.set_trainable(model, settings)}
+    trainable = {name for name, p in model.named_parameters() if id(p) in chosen}
+    assert trainable
+    assert all("lora_" in name or _is_projector(name) for name in trainable), sorted(trainable)
+    assert any("lora_A" in name for name in trainable)
+
+    out = tmp_path / "lora"
+    history = train.run([h5_files.phase2], out, settings, init_from=str(phase1_folder))
+    assert len(history) == 3 and all(math.isfinite(e["loss"]) for e in history)
+    before, after = _weights(phase1_folder), _weights(out)
+    # Merged into the LM's own weights: the folder has exactly the keys of plain LLaVA.
+    assert before.keys() == after.keys()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert any("self_attn.q_proj" in name for name in changed)
+    assert not any(name.endswith("lm_head.weight") for name in changed)
+    assert not any("embed_tokens" in name or "norm" in name for name in changed)
+    assert not any(_is_vision(name) for name in changed)
+    LlavaForConditionalGeneration.from_pretrained(out)
+
+
+def test_phase2_trains_the_top_vision_blocks_that_feed_the_projector(
+    tmp_path: Path, h5_files: H5Files, phase1_model: tuple[Path, list[dict[str, Any]]]
+) -> None:
+    phase1_folder, _ = phase1_model
+    settings = replace(PHASE2, vision_trainable_blocks=1)
+    out = tmp_path / "vision"
+    train.run([h5_files.phase2], out, settings, init_from=str(phase1_folder))
+    before, after = _weights(phase1_folder), _weights(out)
+    changed_vision = {
+        name for name in before if _is_vision(name) and not torch.equal(before[name], after[name])
+    }
+    # 2 blocks and vision_feature_layer -2: block 0 feeds the projector, block 1 does not.
+    assert changed_vision
+    assert all(".layers.0." in name for name in changed_vision), sorted(changed_vision)
+    with pytest.raises(ValueError, match="1 blocks feed the projector"):
+        train.run(
+            [h5_files.phase2],
+            tmp_path / "too-many",
+            replace(settings, vision_trainable_blocks=2),
+            init_from=str(phase1_folder),
+        )
+    with pytest.raises(ValueError, match="phase 1 trains the projector only"):
+        replace(PHASE1, lora_rank=4)
 
 
 def test_run_refuses_an_empty_data_set(tmp_path: Path, demo_models: dict[str, str]) -> None:

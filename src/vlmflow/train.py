@@ -13,6 +13,8 @@ import json
 import logging
 import math
 import random
+import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -22,9 +24,11 @@ from typing import IO, Any
 import h5py
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from vlmflow import distributed
 from vlmflow.io import (
@@ -33,10 +37,12 @@ from vlmflow.io import (
     LABELS,
     LOSS_MASK,
     atomic_dir,
+    atomic_path,
     read_json,
     write_json,
 )
 from vlmflow.models import IMAGE, num_image_tokens, pad_token_id
+from vlmflow.progress import Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +58,34 @@ class TrainSettings:
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     seed: int = 0
-    projector_hidden_act: str = "gelu"  # LLaVA-1.5's mlp2x_gelu projector
+    # mlp2x_gelu: LLaVA-1.5's two layers with GELU; linear: an affine map, as nxtp's (two
+    # layers with an identity activation, so the folder stays a LlavaForConditionalGeneration).
+    projector: str = "mlp2x_gelu"
     vision_feature_layer: int = -2
+    # Keep only the LM's first k decoder layers (nxtp's 6-layer decoder); None: all.
+    language_model_layers: int | None = None
+    # Phase 2: LoRA adapters (peft) on the LM instead of training all of it; 0: full.
+    lora_rank: int = 0
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    # Phase 2: also train the top k vision encoder blocks that feed the projector.
+    vision_trainable_blocks: int = 0
+
+    def __post_init__(self) -> None:
+        if self.projector not in PROJECTOR_ACTIVATIONS:
+            raise ValueError(
+                f"train projector {self.projector!r}: expected one of "
+                f"{', '.join(PROJECTOR_ACTIVATIONS)}"
+            )
+        if self.phase == 1 and (self.lora_rank or self.vision_trainable_blocks):
+            raise ValueError(
+                "train.phase1: lora_rank and vision_trainable_blocks apply to phase 2; "
+                "phase 1 trains the projector only"
+            )
+
+
+PROJECTOR_ACTIVATIONS = {"mlp2x_gelu": "gelu", "linear": "linear"}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass(frozen=True)
@@ -117,6 +149,8 @@ def build_llava(vision_tower: str, language_model: str, settings: TrainSettings)
 
     vision = _vision_model(vision_tower)
     lm = AutoModelForCausalLM.from_pretrained(language_model, dtype=torch.float32)
+    if settings.language_model_layers is not None:
+        truncate_layers(lm, settings.language_model_layers)
     tokenizer = AutoTokenizer.from_pretrained(language_model)
     image_processor = AutoImageProcessor.from_pretrained(vision_tower)
     if IMAGE not in tokenizer.get_vocab():
@@ -128,7 +162,7 @@ def build_llava(vision_tower: str, language_model: str, settings: TrainSettings)
         image_token_index=tokenizer.get_vocab()[IMAGE],
         vision_feature_layer=settings.vision_feature_layer,
         vision_feature_select_strategy="default",
-        projector_hidden_act=settings.projector_hidden_act,
+        projector_hidden_act=PROJECTOR_ACTIVATIONS[settings.projector],
     )
     torch.manual_seed(settings.seed)
     model = LlavaForConditionalGeneration(config)
@@ -155,17 +189,79 @@ def load_llava(folder: str) -> tuple[Any, Any]:
     return model, AutoProcessor.from_pretrained(folder)
 
 
-def set_trainable(model: Any, phase: int) -> list[torch.nn.Parameter]:
-    """Phase 1: projector only. Phase 2: projector and language model."""
+def truncate_layers(lm: Any, keep: int) -> None:
+    """Keep the first ``keep`` decoder layers of a causal LM (config updated to match)."""
+    layers = lm.model.layers
+    if not 1 <= keep <= len(layers):
+        raise ValueError(
+            f"train.language_model_layers {keep}: the language model has {len(layers)} layers"
+        )
+    lm.model.layers = layers[:keep]
+    lm.config.num_hidden_layers = keep
+    if isinstance(getattr(lm.config, "layer_types", None), list):
+        lm.config.layer_types = lm.config.layer_types[:keep]
+
+
+def vision_blocks_feeding_projector(model: Any, count: int) -> list[torch.nn.Module]:
+    """The top ``count`` vision encoder blocks whose output the projector reads (blocks
+    above ``vision_feature_layer`` never reach it)."""
+    tower = model.model.vision_tower
+    encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
+    if encoder is None or not hasattr(encoder, "layers"):
+        raise ValueError(
+            f"train.phase2.vision_trainable_blocks: {type(tower).__name__} has no encoder.layers"
+        )
+    layers = list(encoder.layers)
+    # hidden_states holds the embeddings, then each block's output: entry f is the
+    # output of block f - 1, so the first f blocks (f counted from the end if negative)
+    # feed the projector.
+    feature = model.config.vision_feature_layer
+    top = feature if feature >= 0 else len(layers) + 1 + feature
+    if not 1 <= count <= top:
+        raise ValueError(
+            f"train.phase2.vision_trainable_blocks {count}: {top} blocks feed the projector"
+        )
+    return layers[top - count : top]
+
+
+def set_trainable(model: Any, settings: TrainSettings) -> list[torch.nn.Parameter]:
+    """Phase 1: projector only. Phase 2: projector and language model (all of it, or LoRA
+    adapters on it), optionally the top vision blocks."""
     for parameter in model.parameters():
         parameter.requires_grad = False
     modules = [model.model.multi_modal_projector]
-    if phase == 2:
-        modules += [model.model.language_model, model.lm_head]
-    trainable = [p for module in modules for p in module.parameters()]
-    for parameter in trainable:
-        parameter.requires_grad = True
-    return trainable
+    if settings.phase == 2:
+        if settings.lora_rank:
+            add_lora(model, settings)
+        else:
+            modules += [model.model.language_model, model.lm_head]
+        if settings.vision_trainable_blocks:
+            modules += vision_blocks_feeding_projector(model, settings.vision_trainable_blocks)
+    for module in modules:
+        for parameter in module.parameters():
+            parameter.requires_grad = True
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def add_lora(model: Any, settings: TrainSettings) -> None:
+    """Wrap the language model with peft LoRA adapters (only they train in it)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=settings.lora_rank,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=LORA_TARGETS,
+    )
+    model.model.language_model = get_peft_model(model.model.language_model, config)
+
+
+def merge_lora(model: Any) -> None:
+    """Fold LoRA adapters into the LM's weights, so the saved folder is plain LLaVA."""
+    from peft import PeftModel
+
+    if isinstance(model.model.language_model, PeftModel):
+        model.model.language_model = model.model.language_model.merge_and_unload()
 
 
 def model_inputs(
@@ -210,6 +306,120 @@ def seed_everything(seed: int) -> torch.Generator:
     return generator
 
 
+def _rng_state() -> dict[str, Any]:
+    numpy_state: tuple[Any, ...] = tuple(np.random.get_state(legacy=True))
+    return {
+        "python": random.getstate(),
+        # As a tensor: torch.load(weights_only=True) reads tensors, not numpy arrays.
+        "numpy": [
+            numpy_state[0],
+            torch.from_numpy(numpy_state[1].astype(np.int64)),
+            *numpy_state[2:],
+        ],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class TrainCheckpoint:
+    """Resumable training state beside the phase's output folder (``.NAME.checkpoint``).
+
+    Every ``every`` optimiser steps (and when SIGTERM arrives) each rank saves its
+    optimiser, scheduler, data-loader position (torchdata's StatefulDataLoader) and RNG
+    states in ``step-N/rank-R.pt``, rank 0 the trainable weights in
+    ``step-N/trainable.safetensors``, then rank 0 marks the step complete. A restarted job
+    with the same fingerprint (settings, inputs, process count) continues from the last
+    complete step and logs the same losses as a run that was never stopped. Loading uses
+    safetensors and ``torch.load(weights_only=True)``.
+    """
+
+    def __init__(self, out_dir: str | Path, fingerprint: dict[str, Any], every: int) -> None:
+        out = Path(out_dir)
+        self.folder = out.parent / f".{out.name}.checkpoint"
+        self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+        self.every = every
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def latest(self) -> Path | None:
+        """The newest complete step folder made with this fingerprint."""
+        if not self.folder.is_dir():
+            return None
+        for step_dir in sorted(self.folder.glob("step-*"), reverse=True):
+            marker = step_dir / "complete.json"
+            if marker.exists() and read_json(marker).get("fingerprint") == self.fingerprint:
+                return step_dir
+        return None
+
+    def save(
+        self, step: int, trainable: dict[str, torch.Tensor], state: dict[str, Any], rank: int
+    ) -> None:
+        from safetensors.torch import save_file
+
+        step_dir = self.folder / f"step-{step:08d}"
+        step_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(step_dir / f"rank-{rank}.pt") as tmp:
+            torch.save(state, tmp)
+        if rank == 0:
+            with atomic_path(step_dir / "trainable.safetensors") as tmp:
+                save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp)
+        if dist.is_initialized():
+            dist.barrier()  # every rank's file is on disk before the step counts as done
+        if rank == 0:
+            write_json(step_dir / "complete.json", {"step": step, "fingerprint": self.fingerprint})
+            for old in self.folder.glob("step-*"):
+                if old != step_dir:
+                    shutil.rmtree(old, ignore_errors=True)
+        log.info("checkpoint at step %d in %s", step, step_dir)
+
+    def load(self, step_dir: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        from safetensors.torch import load_file
+
+        weights = load_file(str(step_dir / "trainable.safetensors"))
+        state = torch.load(step_dir / f"rank-{rank}.pt", map_location="cpu", weights_only=True)
+        return weights, state
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _sigterm_flag() -> tuple[list[bool], Any]:
+    """A flag SIGTERM sets (Slurm's warning before the time limit, scancel), and the
+    previous handler; training saves a checkpoint at the next step and stops."""
+    flag = [False]
+
+    def handler(signum: int, frame: Any) -> None:
+        flag[0] = True
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        previous = None
+    return flag, previous
+
+
+def _any_rank(flag: bool) -> bool:
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([1 if flag else 0])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _source_state(sources: list[H5Source]) -> list[Any]:
+    return [[str(s.path), s.path.stat().st_size, s.path.stat().st_mtime_ns] for s in sources]
+
+
 def run(
     sources: list[H5Source],
     out_dir: str | Path,
@@ -217,6 +427,7 @@ def run(
     vision_tower: str | None = None,
     language_model: str | None = None,
     init_from: str | None = None,
+    checkpoint_every: int = 0,
 ) -> list[dict[str, Any]]:
     """Train one phase and save the model, its processor and the per-step log.
 
@@ -248,21 +459,18 @@ def run(
             f"no training examples in {files}: every sample was skipped upstream; "
             "see the 'skipped' counts in each dataset's h5/data_params.json"
         )
-    sampler: DistributedSampler[dict[str, torch.Tensor]] | None = (
-        DistributedSampler(
-            dataset, num_replicas=rank.world_size, rank=rank.rank, shuffle=True, seed=settings.seed
-        )
-        if rank.world_size > 1
-        else None
+    # The order of each epoch follows from (seed, epoch) alone, on one process or many,
+    # so a resumed run only has to skip the batches it already took.
+    sampler: DistributedSampler[dict[str, torch.Tensor]] = DistributedSampler(
+        dataset, num_replicas=rank.world_size, rank=rank.rank, shuffle=True, seed=settings.seed
     )
-    loader = DataLoader(
+    loader = StatefulDataLoader(
         dataset,
         batch_size=settings.batch_size // rank.world_size,
-        shuffle=sampler is None,
         sampler=sampler,
         generator=generator,
     )
-    trainable = set_trainable(model, settings.phase)
+    trainable = set_trainable(model, settings)
     forward = model
     if rank.world_size > 1:
         forward = DistributedDataParallel(
@@ -295,55 +503,114 @@ def run(
 
     history: list[dict[str, Any]] = []
     step, tokens, started = 0, 0, time.perf_counter()
-    model.train()
-    for epoch in range(settings.epochs):
-        if sampler is not None:
+    first_epoch, first_micro = 0, 0
+    checkpoint = TrainCheckpoint(
+        out_dir,
+        {
+            "settings": asdict(settings),
+            "sources": _source_state(sources),
+            "init_from": init_from,
+            "vision_tower": vision_tower,
+            "language_model": language_model,
+            "processes": rank.world_size,
+        },
+        checkpoint_every,
+    )
+    named_trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    resume_from = checkpoint.latest()
+    resumed_loader: dict[str, Any] | None = None
+    if resume_from is not None:
+        weights, state = checkpoint.load(resume_from, rank.rank)
+        with torch.no_grad():
+            for name, parameter in named_trainable.items():
+                parameter.copy_(weights[name])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        history, step, tokens = state["history"], state["step"], state["tokens"]
+        first_epoch, first_micro = state["epoch"], state["micro_done"]
+        resumed_loader = state["loader"]
+        if first_micro >= len(loader):  # the checkpoint closed an epoch
+            first_epoch, first_micro, resumed_loader = first_epoch + 1, 0, None
+        log.info("resuming from %s: step %d, epoch %d", resume_from, step, first_epoch)
+    stop, previous_handler = _sigterm_flag()
+    try:
+        model.train()
+        for epoch in range(first_epoch, settings.epochs):
             sampler.set_epoch(epoch)
-        for micro, batch in enumerate(loader):
-            inputs = model_inputs(batch["rows"], pad_id, image_token_id, num_patches)
-            inputs = {k: v.to(on) for k, v in inputs.items()}
-            steps_now = not (micro + 1) % settings.grad_accum or micro + 1 == len(loader)
-            # DDP averages gradients on backward; between optimiser steps that is wasted work.
-            sync = (
-                contextlib.nullcontext()
-                if steps_now or not isinstance(forward, DistributedDataParallel)
-                else forward.no_sync()
-            )
-            with sync:
-                with autocast:
-                    logits = forward(
-                        input_ids=inputs["input_ids"],
-                        attention_mask=inputs["attention_mask"],
-                        pixel_values=batch["pixel_values"].to(on, model.dtype),
-                    ).logits
-                loss = masked_loss(logits, inputs["labels"], inputs["loss_mask"])
-                (loss / settings.grad_accum).backward()
-            tokens += int(inputs["attention_mask"].sum()) * rank.world_size
-            if not steps_now:
-                continue
-            torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]  # the rate this step ran at, before stepping
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            elapsed = time.perf_counter() - started
-            entry = {
-                "phase": settings.phase,
-                "step": step,
-                "epoch": epoch,
-                "loss": distributed.mean_across_ranks(loss),
-                "lr": lr,
-                "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
-                "processes": rank.world_size,
-            }
-            history.append(entry)
-            log.info(json.dumps(entry))
+            start_micro = 0
+            if epoch == first_epoch and resumed_loader is not None:
+                loader.load_state_dict(resumed_loader)
+                start_micro = first_micro
+            for micro, batch in enumerate(loader, start=start_micro):
+                inputs = model_inputs(batch["rows"], pad_id, image_token_id, num_patches)
+                inputs = {k: v.to(on) for k, v in inputs.items()}
+                steps_now = not (micro + 1) % settings.grad_accum or micro + 1 == len(loader)
+                # DDP averages gradients on backward; between optimiser steps that is wasted work.
+                sync = (
+                    contextlib.nullcontext()
+                    if steps_now or not isinstance(forward, DistributedDataParallel)
+                    else forward.no_sync()
+                )
+                with sync:
+                    with autocast:
+                        logits = forward(
+                            input_ids=inputs["input_ids"],
+                            attention_mask=inputs["attention_mask"],
+                            pixel_values=batch["pixel_values"].to(on, model.dtype),
+                        ).logits
+                    loss = masked_loss(logits, inputs["labels"], inputs["loss_mask"])
+                    (loss / settings.grad_accum).backward()
+                tokens += int(inputs["attention_mask"].sum()) * rank.world_size
+                if not steps_now:
+                    continue
+                torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
+                lr = scheduler.get_last_lr()[0]  # the rate this step ran at, before stepping
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                elapsed = time.perf_counter() - started
+                entry = {
+                    "phase": settings.phase,
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": distributed.mean_across_ranks(loss),
+                    "lr": lr,
+                    "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+                    "processes": rank.world_size,
+                }
+                history.append(entry)
+                log.info(json.dumps(entry))
+                stopping = _any_rank(stop[0])
+                if checkpoint.due(step) or stopping:
+                    checkpoint.save(
+                        step,
+                        named_trainable,
+                        {
+                            "step": step,
+                            "epoch": epoch,
+                            "micro_done": micro + 1,
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(),
+                            "loader": loader.state_dict(),
+                            "rng": _rng_state(),
+                            "history": history,
+                            "tokens": tokens,
+                        },
+                        rank.rank,
+                    )
+                if stopping:
+                    raise Interrupted(f"SIGTERM: stopped after step {step}, checkpoint saved")
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
 
     if not rank.is_main:
         distributed.finish()
         return history
     model.eval()
+    merge_lora(model)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
@@ -363,6 +630,7 @@ def run(
                 "processes": rank.world_size,
             },
         )
+    checkpoint.remove()
     distributed.finish()
     return history
 
@@ -377,6 +645,7 @@ class TrainJob:
     vision_tower: str | None = None
     language_model: str | None = None
     init_from: str | None = None
+    checkpoint_every: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -389,6 +658,7 @@ class TrainJob:
             "vision_tower": self.vision_tower,
             "language_model": self.language_model,
             "init_from": self.init_from,
+            "checkpoint_every": self.checkpoint_every,
         }
 
     @classmethod
@@ -400,6 +670,7 @@ class TrainJob:
             vision_tower=data["vision_tower"],
             language_model=data["language_model"],
             init_from=data["init_from"],
+            checkpoint_every=data.get("checkpoint_every", 0),
         )
 
     def run(self) -> list[dict[str, Any]]:
@@ -410,6 +681,7 @@ class TrainJob:
             vision_tower=self.vision_tower,
             language_model=self.language_model,
             init_from=self.init_from,
+            checkpoint_every=self.checkpoint_every,
         )
 
 

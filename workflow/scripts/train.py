@@ -18,6 +18,9 @@ with log_to(snakemake.log[0]):
         for h5 in snakemake.input.h5
     ]
     settings = train.TrainSettings(**snakemake.params.settings)
+    # How often to save a resumable checkpoint changes no result, so it is read from the
+    # config here rather than made a param (editing it does not rerun training).
+    every = snakemake.config["train"]["checkpoint_every"]
     if settings.phase == 1:
         job = train.TrainJob(
             sources,
@@ -25,9 +28,16 @@ with log_to(snakemake.log[0]):
             settings,
             vision_tower=snakemake.params.vision_tower,
             language_model=snakemake.params.language_model,
+            checkpoint_every=every,
         )
     else:
-        job = train.TrainJob(sources, snakemake.output[0], settings, init_from=snakemake.input.init)
+        job = train.TrainJob(
+            sources,
+            snakemake.output[0],
+            settings,
+            init_from=snakemake.input.init,
+            checkpoint_every=every,
+        )
     launcher = snakemake.resources.get("mpi")
     # log_to points stderr at the rule's log file; the launched processes write there too.
     train.launch(job, launcher, sys.stderr)
