@@ -177,6 +177,67 @@ def test_predictions_are_greedy_and_independent_of_batching(
     assert first == again
 
 
+def test_one_shot_returns_k_labels_ranked_by_their_probability(
+    llava_dir: str, shard_tar: Path
+) -> None:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(llava_dir).eval()
+    processor = AutoProcessor.from_pretrained(llava_dir)
+    samples = list(iter_samples(shard_tar))[:2]
+    settings = replace(SETTINGS, decoding="one_shot", top_k=(2, 4), label_max_tokens=4)
+    ranked = evaluate.one_shot(model, processor, samples, settings)
+    tokenizer = processor.tokenizer
+    ends = evaluate.delimiter_ids(tokenizer, model)
+    assert "," in tokenizer.decode(sorted(ends)) and tokenizer.eos_token_id in ends
+    prompt = evaluate.prompt_ids(model, tokenizer, INSTRUCTION)
+    for sample, labels in zip(samples, ranked, strict=True):
+        # At most max(top_k) labels (branches that decode to the same text merge), best first.
+        assert 1 <= len(labels) <= 4
+        assert [label.logprob for label in labels] == sorted(
+            (label.logprob for label in labels), reverse=True
+        )
+        assert len({label.text.lower() for label in labels}) == len(labels)
+        pixels = processor.image_processor(images=[sample.image()], return_tensors="pt")
+        for label in labels:
+            assert label.text and not any(t in ends for t in label.tokens)
+            assert 1 <= len(label.tokens) <= 4
+            # The branch's probability, recomputed in one pass without the shared cache.
+            ids = torch.tensor([prompt + list(label.tokens)])
+            with torch.inference_mode():
+                logits = model(input_ids=ids, pixel_values=pixels["pixel_values"]).logits[0]
+            logprobs = logits.float().log_softmax(-1)
+            expected = sum(
+                float(logprobs[len(prompt) - 1 + i, token]) for i, token in enumerate(label.tokens)
+            )
+            assert label.logprob == pytest.approx(expected, abs=1e-4)
+
+
+def test_run_with_one_shot_records_scores_and_both_metrics(
+    llava_dir: str, shard_tar: Path, phase2_parquet: Path, tmp_path: Path
+) -> None:
+    settings = replace(SETTINGS, decoding="one_shot", top_k=(1, 3), label_max_tokens=3)
+    table = evaluate.run(
+        llava_dir,
+        [shard_tar],
+        [phase2_parquet],
+        packaged_minilm_path(),
+        settings,
+        "demo",
+        tmp_path / "p.parquet",
+        tmp_path / "m.tsv",
+    )
+    rows = pq.read_table(tmp_path / "p.parquet").to_pylist()
+    for row in rows:
+        assert len(row["scores"]) == len(row["predictions"]) <= 3
+        assert row["scores"] == sorted(row["scores"], reverse=True)
+        assert all(0.0 < p <= 1.0 for p in row["scores"])
+    assert [(r["decoding"], r["k"]) for r in table] == [("one_shot", 1), ("one_shot", 3)]
+    for line in table:
+        for column in ("strict_recall", "strict_precision", "strict_f1"):
+            assert 0.0 <= line[column] <= 1.0
+
+
 def test_run_without_references_fails_clearly(
     llava_dir: str, shard_tar: Path, tmp_path: Path
 ) -> None:

@@ -127,3 +127,17 @@ def test_real_encoder_scores_synonyms_above_unrelated_labels(minilm: Embed) -> N
     assert close.f1 > far.f1
     exact = soft_prf([["dog", "grass"]], [["grass", "dog"]], minilm)
     approx(exact, 1, 1, 1)
+
+
+def test_strict_scores_by_hand() -> None:
+    from vlmflow.metrics import strict_label, strict_prf
+
+    assert strict_label("  Red   Cars ") == "red car"
+    # Image 1: {dog, green grass} vs {dog, grass, tree}: 1 hit, R 1/2, P 1/3, F1 0.4.
+    # Image 2: no prediction: R = P = F1 = 0.
+    scores = strict_prf([["Dogs", "green grass"], ["cat"]], [["dog", "grass", "tree"], []])
+    approx(scores, (0.5 + 0) / 2, (1 / 3 + 0) / 2, (0.4 + 0) / 2)
+    # Duplicates after normalising count once.
+    approx(strict_prf([["car"]], [["cars", "Car"]]), 1, 1, 1)
+    with pytest.raises(ValueError, match="at least one reference"):
+        strict_prf([[]], [["a"]])

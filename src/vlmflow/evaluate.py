@@ -1,13 +1,21 @@
-"""Eval stage: the trained model lists labels for held-out images; soft R/P/F1@k.
+"""Eval stage: the trained model lists labels for held-out images; R/P/F1@k.
 
 The eval prompt is the phase-2 training layout (vicuna_v1 system prompt, USER:, image
-patches, instruction, ASSISTANT:), decoded greedily; the answer is parsed as a list and
-its first k labels are the top-k predictions.
+patches, instruction, ASSISTANT:). Two decodings:
+
+- ``greedy``: one answer per image, parsed as a list; its first k labels are the top k;
+- ``one_shot`` (nxtp's): the k most likely first tokens in one step, each branch continued
+  greedily to the next label delimiter (a comma, a newline or end of text), the labels
+  ranked by the probability of their tokens.
+
+Scores: soft R/P/F1 with a sentence encoder (vlmflow.metrics.soft_prf, as nxtp) and
+strict exact-match R/P/F1 after lower-casing and singularising.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +27,7 @@ from tqdm import tqdm
 
 from vlmflow.attribute_text import parse_list
 from vlmflow.io import atomic_open, read_parquet_rows, write_rows_parquet
-from vlmflow.metrics import sentence_encoder, soft_prf
+from vlmflow.metrics import sentence_encoder, soft_prf, strict_prf
 from vlmflow.models import device, num_image_tokens, pad_token_id
 from vlmflow.prompts import phase2_prefix, phase2_prompt
 from vlmflow.shards import Sample, iter_samples
@@ -31,11 +39,25 @@ PREDICTION_SCHEMA = pa.schema(
         ("key", pa.string()),
         ("raw_answer", pa.string()),
         ("predictions", pa.list_(pa.string())),
+        # one_shot: the probability of each prediction's tokens; greedy: null.
+        ("scores", pa.list_(pa.float64())),
         ("references", pa.list_(pa.string())),
     ]
 )
 
-METRIC_COLUMNS = ["dataset", "k", "recall", "precision", "f1", "n_images"]
+METRIC_COLUMNS = [
+    "dataset",
+    "decoding",
+    "k",
+    "recall",
+    "precision",
+    "f1",
+    "strict_recall",
+    "strict_precision",
+    "strict_f1",
+    "n_images",
+]
+DECODINGS = ("greedy", "one_shot")
 
 
 @dataclass(frozen=True)
@@ -44,24 +66,114 @@ class EvalSettings:
     top_k: tuple[int, ...] = (10,)
     max_new_tokens: int = 64
     batch_size: int = 8
+    decoding: str = "greedy"
+    # one_shot: the longest label, in tokens.
+    label_max_tokens: int = 8
+
+    def __post_init__(self) -> None:
+        if self.decoding not in DECODINGS:
+            raise ValueError(
+                f"eval decoding {self.decoding!r}: expected one of {', '.join(DECODINGS)}"
+            )
+
+
+@dataclass(frozen=True)
+class RankedLabel:
+    text: str
+    logprob: float  # of all its tokens, first included
+    tokens: tuple[int, ...]
+
+
+def prompt_ids(model: Any, tokenizer: Any, instruction: str) -> list[int]:
+    """The phase-2 training layout up to the answer, patch slots as image tokens."""
+    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    num_patches = num_image_tokens(model.config.vision_config)
+    return (
+        [tokenizer.bos_token_id, *encode(phase2_prefix())]
+        + [model.config.image_token_index] * num_patches
+        + encode(phase2_prompt(instruction))
+    )
+
+
+def delimiter_ids(tokenizer: Any, model: Any) -> set[int]:
+    """Tokens that end a label: any holding a comma or a newline, the stop ids, and every
+    special token (the image token, padding, ...), which no label contains."""
+    vocabulary = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    ends = {i for i, text in enumerate(vocabulary) if "," in text or "\n" in text}
+    stop = model.generation_config.eos_token_id
+    ends |= set(stop if isinstance(stop, list) else [stop]) - {None}
+    ends |= set(tokenizer.all_special_ids)
+    ends.add(model.config.image_token_index)
+    return ends
+
+
+def one_shot(
+    model: Any, processor: Any, samples: list[Sample], settings: EvalSettings
+) -> list[list[RankedLabel]]:
+    """nxtp's one-shot decoding: per image, the ``max(top_k)`` most likely first tokens
+    (label ends excluded) in one forward pass; each branch continues greedily from a
+    copy of the prompt's cache until a label delimiter; distinct labels by probability."""
+    tokenizer = processor.tokenizer
+    prompt = torch.tensor([prompt_ids(model, tokenizer, settings.instruction)], device=model.device)
+    ends = delimiter_ids(tokenizer, model)
+    branches = max(settings.top_k)
+    pad_id = pad_token_id(tokenizer)
+    results = []
+    for sample in tqdm(samples, desc="eval one-shot", unit="image"):
+        pixels = processor.image_processor(images=[sample.image()], return_tensors="pt")
+        with torch.inference_mode():
+            first = model(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                pixel_values=pixels["pixel_values"].to(model.device, model.dtype),
+                use_cache=True,
+            )
+            logprobs = first.logits[0, -1].float().log_softmax(-1)
+            logprobs[sorted(ends)] = -math.inf
+            count = min(branches, int(torch.isfinite(logprobs).sum()))
+            first_logprobs, first_tokens = logprobs.topk(count)
+            cache = first.past_key_values
+            cache.batch_repeat_interleave(count)
+            branch_ids = torch.cat([prompt.repeat(count, 1), first_tokens[:, None]], dim=1)
+            output = model.generate(
+                input_ids=branch_ids,
+                attention_mask=torch.ones_like(branch_ids),
+                past_key_values=cache,
+                max_new_tokens=settings.label_max_tokens - 1,
+                do_sample=False,
+                eos_token_id=sorted(ends),
+                pad_token_id=pad_id,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        generated = output.sequences[:, branch_ids.shape[1] :].tolist()
+        best: dict[str, RankedLabel] = {}
+        for b in range(count):
+            tokens = [int(first_tokens[b])]
+            total = float(first_logprobs[b])
+            for step, token in enumerate(generated[b]):
+                if token in ends:
+                    break
+                total += float(output.logits[step][b].float().log_softmax(-1)[token])
+                tokens.append(token)
+            text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            key = " ".join(text.lower().split())
+            if key and (key not in best or best[key].logprob < total):
+                best[key] = RankedLabel(text, total, tuple(tokens))
+        results.append(sorted(best.values(), key=lambda label: -label.logprob))
+    return results
 
 
 def predict(model: Any, processor: Any, samples: list[Sample], settings: EvalSettings) -> list[str]:
     """Greedy answers for a list of images, in the phase-2 training layout."""
     tokenizer = processor.tokenizer
-    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    num_patches = num_image_tokens(model.config.vision_config)
-    prompt_ids = (
-        [tokenizer.bos_token_id, *encode(phase2_prefix())]
-        + [model.config.image_token_index] * num_patches
-        + encode(phase2_prompt(settings.instruction))
-    )
+    prompt = prompt_ids(model, tokenizer, settings.instruction)
     pad_id = pad_token_id(tokenizer)
     answers: list[str] = []
     batches = range(0, len(samples), settings.batch_size)
     for start in tqdm(batches, desc="eval", unit="batch"):
         batch = samples[start : start + settings.batch_size]
-        input_ids = torch.tensor([prompt_ids] * len(batch), device=model.device)
+        input_ids = torch.tensor([prompt] * len(batch), device=model.device)
         pixels = processor.image_processor(images=[s.image() for s in batch], return_tensors="pt")
         with torch.inference_mode():
             output = model.generate(
@@ -106,25 +218,45 @@ def run(
     model: Any = LlavaForConditionalGeneration.from_pretrained(model_dir)
     model = model.to(device()).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
-    answers = predict(model, processor, samples, settings)
-    predictions = [parse_list(answer).attributes for answer in answers]
+    scores: list[list[float] | None]
+    if settings.decoding == "one_shot":
+        ranked = one_shot(model, processor, samples, settings)
+        predictions = [[label.text for label in labels] for labels in ranked]
+        answers = [", ".join(labels) for labels in predictions]
+        scores = [[math.exp(label.logprob) for label in labels] for labels in ranked]
+    else:
+        answers = predict(model, processor, samples, settings)
+        predictions = [parse_list(answer).attributes for answer in answers]
+        scores = [None] * len(answers)
     rows = [
-        {"key": s.key, "raw_answer": a, "predictions": p, "references": references[s.key]}
-        for s, a, p in zip(samples, answers, predictions, strict=True)
+        {
+            "key": s.key,
+            "raw_answer": a,
+            "predictions": p,
+            "scores": c,
+            "references": references[s.key],
+        }
+        for s, a, p, c in zip(samples, answers, predictions, scores, strict=True)
     ]
     write_rows_parquet(out_predictions, rows, PREDICTION_SCHEMA)
 
     embed = sentence_encoder(similarity_encoder)
     table = []
+    refs = [references[s.key] for s in samples]
     for k in settings.top_k:
-        scores = soft_prf([r["references"] for r in rows], [p[:k] for p in predictions], embed)
+        soft = soft_prf(refs, [p[:k] for p in predictions], embed)
+        strict = strict_prf(refs, [p[:k] for p in predictions])
         table.append(
             {
                 "dataset": dataset,
+                "decoding": settings.decoding,
                 "k": k,
-                "recall": round(scores.recall, 4),
-                "precision": round(scores.precision, 4),
-                "f1": round(scores.f1, 4),
+                "recall": round(soft.recall, 4),
+                "precision": round(soft.precision, 4),
+                "f1": round(soft.f1, 4),
+                "strict_recall": round(strict.recall, 4),
+                "strict_precision": round(strict.precision, 4),
+                "strict_f1": round(strict.f1, 4),
                 "n_images": len(rows),
             }
         )

@@ -1,4 +1,5 @@
-"""Soft recall / precision / F1 of predicted labels, as nxtp reports them.
+"""Soft recall / precision / F1 of predicted labels, as nxtp reports them, and a strict
+variant that counts exact matches after lower-casing and singularising.
 
 Every label is encoded alone with a sentence encoder (all-MiniLM-L6-v2, mean-pooled over
 the attention mask, L2-normalised). For one image, S is the references x predictions
@@ -88,3 +89,33 @@ def sentence_encoder(model_path: str, batch_size: int = 64) -> Embed:
         return torch.cat(chunks) if chunks else torch.zeros(0, 1)
 
     return embed
+
+
+def strict_label(label: str) -> str:
+    """A label as the strict metric compares it: lower-case, single spaces, singular."""
+    from vlmflow.attribute_text import singularize
+
+    return singularize(" ".join(label.lower().split()))
+
+
+def strict_prf(references: Sequence[Sequence[str]], predictions: Sequence[Sequence[str]]) -> Scores:
+    """Mean exact-match R/P/F1 over images after ``strict_label``: R = matched references
+    / references, P = matched predictions / predictions (0 with no prediction)."""
+    if len(references) != len(predictions):
+        raise ValueError(f"{len(references)} reference lists but {len(predictions)} predictions")
+    if not references:
+        raise ValueError("no images to score")
+    recall = precision = f1 = 0.0
+    for refs, preds in zip(references, predictions, strict=True):
+        if not refs:
+            raise ValueError("every scored image needs at least one reference label")
+        wanted = {strict_label(r) for r in refs}
+        given = {strict_label(p) for p in preds}
+        hits = len(wanted & given)
+        r = hits / len(wanted)
+        p = hits / len(given) if given else 0.0
+        recall += r
+        precision += p
+        f1 += 2 * r * p / (r + p) if r + p > 0 else 0.0
+    n = len(references)
+    return Scores(recall / n, precision / n, f1 / n)

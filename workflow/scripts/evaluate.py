@@ -11,6 +11,8 @@ with log_to(snakemake.log[0]):
         top_k=tuple(params["top_k"]),
         max_new_tokens=params["max_new_tokens"],
         batch_size=params["batch_size"],
+        decoding=params["decoding"],
+        label_max_tokens=params["label_max_tokens"],
     )
     evaluate.run(
         model_dir=snakemake.input.model,
