@@ -20,6 +20,7 @@ wildcard_constraints:
     dataset=r"[A-Za-z0-9_-]+",
     shard=r"\d{6}",
     kind="|".join(DEMO_BUILDERS),
+    phase="phase1|phase2",
 
 
 DEMO_MODEL = re.compile(r"^results/models/demo-(?P<kind>[a-z]+)$")
@@ -276,6 +277,15 @@ def get_first_shard_files(wildcards):
     }
 
 
+def get_h5_phase_files(wildcards):
+    return expand(
+        "results/{dataset}/h5/{phase}/{shard}.h5",
+        dataset=wildcards.dataset,
+        phase=wildcards.phase,
+        shard=get_shard_ids(wildcards.dataset),
+    )
+
+
 def get_final_outputs():
     """Every file of the data contract, so that a deleted one is made again."""
     outputs = ["results/eval/metrics.tsv", "results/train/loss.png"]
@@ -296,6 +306,12 @@ def get_final_outputs():
             )
         outputs += expand(per_shard, dataset=dataset, shard=get_shard_ids(dataset))
     for dataset in config["train_datasets"]:
+        if config["h5_shuffle"]["chunks"] > 0:
+            outputs += expand(
+                "results/{dataset}/h5/shuffled/{phase}",
+                dataset=dataset,
+                phase=["phase1", "phase2"],
+            )
         outputs += expand(
             "results/{dataset}/h5/{name}.json",
             dataset=dataset,

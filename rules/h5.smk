@@ -40,3 +40,21 @@ rule h5_index:
         "../envs/torch.yaml"
     script:
         "../workflow/scripts/h5_index.py"
+
+
+rule h5_shuffle:
+    input:
+        get_h5_phase_files,
+    output:
+        directory("results/{dataset}/h5/shuffled/{phase}"),
+    log:
+        "logs/h5_shuffle/{dataset}/{phase}.log",
+    benchmark:
+        "results/benchmarks/h5_shuffle/{dataset}/{phase}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    params:
+        chunks=config["h5_shuffle"]["chunks"],
+        seed=config["seed"],
+    script:
+        "../workflow/scripts/h5_shuffle.py"

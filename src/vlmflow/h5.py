@@ -137,6 +137,12 @@ def write_h5(
         if examples
         else np.zeros((0, 4, max_seq_len), dtype=np.int32)
     )
+    write_rows(path, data, img_paths)
+
+
+def write_rows(path: str | Path, data: np.ndarray, img_paths: list[str]) -> None:
+    """Write packed rows ``data`` (n, 4, max_seq_len) and their image paths atomically."""
+    max_seq_len = int(data.shape[2])
     width = max([len(p.encode()) for p in img_paths], default=1)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset(
@@ -154,7 +160,7 @@ def write_h5(
             compression="gzip" if img_paths else None,
             maxshape=(None, 1),
         )
-        f.attrs["n_examples"] = len(examples)
+        f.attrs["n_examples"] = len(img_paths)
 
 
 def num_patches_of(vision_tower: str) -> int:
