@@ -50,7 +50,7 @@ def _strict_f1(model_dir: Path, tar: Path, references: list[list[str]]) -> tuple
 def test_training_on_labelled_shapes_beats_the_untrained_model(
     tmp_path: Path, demo_models: dict[str, str]
 ) -> None:
-    train_items = shapes.samples(48, seed=1)
+    train_items = shapes.samples(96, seed=1)
     held_out = shapes.samples(24, seed=2)  # other sizes and places
     source = _pack(tmp_path, "train", train_items, demo_models)
     _pack(tmp_path, "held", held_out, demo_models)
@@ -59,14 +59,14 @@ def test_training_on_labelled_shapes_beats_the_untrained_model(
     train.run(
         [phase1_source],
         tmp_path / "phase1",
-        train.TrainSettings(phase=1, epochs=4, batch_size=8, lr=1e-2, seed=0),
+        train.TrainSettings(phase=1, epochs=6, batch_size=8, lr=1e-2, seed=0),
         vision_tower=demo_models["vision"],
         language_model=demo_models["lm"],
     )
     history = train.run(
         [source],
         tmp_path / "phase2",
-        train.TrainSettings(phase=2, epochs=8, batch_size=8, lr=1e-2, seed=0),
+        train.TrainSettings(phase=2, epochs=10, batch_size=8, lr=3e-3, seed=0),
         init_from=str(tmp_path / "phase1"),
     )
     assert history[-1]["loss"] < 0.5 * history[0]["loss"]
