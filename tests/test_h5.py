@@ -322,6 +322,7 @@ def test_run_shard_counts_over_long_samples(
     assert params["phase1"]["n_examples"] == 3
     assert params["phase2"]["n_examples"] == 0
     assert params["phase2"]["discarded_too_long"] == 3
+    assert params["phase2"]["processed"] == params["phase1"]["processed"] == 3
     assert params["phase2"]["image_patch_start_idx"] is None
     with h5py.File(root / "phase2" / "000000.h5", "r") as f:
         assert f["data"].shape == (0, 4, 40)
@@ -346,6 +347,7 @@ def test_build_index_sums_shards(tmp_path: Path) -> None:
             return {
                 "file": f"{shard}.h5",
                 "keys": ks,
+                "processed": len(ks) + 1,
                 "n_examples": len(ks),
                 "discarded_too_long": 1,
                 "tokens": 10 * len(ks),
@@ -390,6 +392,7 @@ def test_build_index_sums_shards(tmp_path: Path) -> None:
     assert summary["shards"] == 2
     assert summary["skipped"] == {"no_attributes": 3, "caption_failed": 4}
     assert summary["totals"]["phase1"] == {
+        "processed": 5,
         "n_examples": 3,
         "discarded_too_long": 2,
         "tokens": 30,

@@ -620,6 +620,66 @@ def test_two_processes_train_one_model_with_gloo(
     assert model.config.image_token_index is not None
 
 
+def test_two_processes_stopped_by_sigterm_resume_with_the_same_losses(
+    tmp_path: Path, demo_models: dict[str, str], h5_files: H5Files
+) -> None:
+    """DDP over gloo: SIGTERM to the whole launch (as Slurm signals a job) makes every rank
+    save at the same step and exit non-zero; the relaunch logs the losses of a run that
+    was never stopped."""
+    import subprocess
+    import time
+
+    from vlmflow import distributed
+    from vlmflow.io import write_json
+
+    settings = replace(PHASE1, epochs=12)  # 36 steps: time to be stopped mid-way
+    launcher = "torchrun --standalone --nproc-per-node=2"
+
+    def job(name: str) -> train.TrainJob:
+        return train.TrainJob(
+            [h5_files.phase1],
+            str(tmp_path / name),
+            settings,
+            vision_tower=demo_models["vision"],
+            language_model=demo_models["lm"],
+            checkpoint_every=3,
+        )
+
+    with open(tmp_path / "reference.log", "w", encoding="utf-8") as handle:
+        train.launch(job("reference"), launcher, handle)
+
+    spec = tmp_path / "stopped.json"
+    write_json(spec, job("stopped").to_json())
+    argv, env = distributed.launch_command(launcher, "vlmflow.train", [str(spec)])
+    checkpoints = tmp_path / ".stopped.checkpoint"
+    with open(tmp_path / "stopped.log", "w", encoding="utf-8") as handle:
+        process = subprocess.Popen(
+            argv, env=env, stdout=handle, stderr=handle, start_new_session=True
+        )
+        deadline = time.monotonic() + 120
+        while not (checkpoints / "step-00000003" / "complete.json").exists():
+            assert process.poll() is None and time.monotonic() < deadline, "no checkpoint"
+            time.sleep(0.02)
+        os.killpg(process.pid, signal.SIGTERM)
+        assert process.wait(timeout=120) != 0
+    log = (tmp_path / "stopped.log").read_text(encoding="utf-8")
+    assert "SIGTERM: stopped after step" in log
+    saved = sorted(p.name for p in checkpoints.iterdir())
+    assert len(saved) == 1 and saved[0] != "step-00000036"
+    assert not (tmp_path / "stopped").exists()
+
+    with open(tmp_path / "resumed.log", "w", encoding="utf-8") as handle:
+        train.launch(job("stopped"), launcher, handle)
+    assert "resuming from" in (tmp_path / "resumed.log").read_text(encoding="utf-8")
+
+    def losses(name: str) -> list[tuple[int, float, float]]:
+        lines = (tmp_path / name / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        return [(e["step"], e["loss"], e["lr"]) for e in map(json.loads, lines)]
+
+    assert losses("stopped") == losses("reference")
+    assert len(losses("reference")) == 36
+
+
 def test_a_failing_rank_fails_the_launch(tmp_path: Path, h5_files: H5Files) -> None:
     job = train.TrainJob([h5_files.phase1], str(tmp_path / "model"), PHASE1)  # no model given
     with (

@@ -35,7 +35,8 @@ from vlmflow.shards import iter_samples
 log = logging.getLogger(__name__)
 
 PHASES = ("phase1", "phase2")
-PHASE_COUNTS = ("n_examples", "discarded_too_long", "tokens", "loss_valid_tokens")
+# processed: samples packed for the phase = n_examples (written) + discarded_too_long.
+PHASE_COUNTS = ("processed", "n_examples", "discarded_too_long", "tokens", "loss_valid_tokens")
 SHARED_PARAMS = (
     "settings",
     "language_model",
@@ -261,6 +262,7 @@ def run_shard(
         params[name] = {
             "file": Path(out).name,
             "keys": phase["keys"],
+            "processed": len(examples) + phase["discarded_too_long"],
             "n_examples": len(examples),
             "discarded_too_long": phase["discarded_too_long"],
             "tokens": sum(int((e.rows[KEY_PADDING_MASK] == 0).sum()) for e in examples),

@@ -87,10 +87,31 @@ RUN_TIMEOUT = 900
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[None]:
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     subprocess.run([str(CLUSTER), "start"], check=True, timeout=300)
     yield None
     subprocess.run([str(CLUSTER), "stop"], check=False, timeout=60)
+    kill_leftovers(tmp_path_factory.getbasetemp())
+
+
+def kill_leftovers(root: Path) -> None:
+    """SIGKILL processes still running in the tests' folders after the cluster stops.
+
+    The chaos scenario SIGKILLs jobs' processes; a job step whose parent died is
+    re-parented to init, and proctrack/linuxproc (the test cluster has no cgroups) then
+    loses it, so neither scancel nor slurmd's shutdown reaches it.
+    """
+    prefix = str(root.resolve())
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd").removesuffix(" (deleted)")
+        except OSError:
+            continue
+        if cwd.startswith(prefix):
+            with contextlib.suppress(OSError):
+                os.kill(int(entry.name), signal.SIGKILL)
 
 
 @dataclass(frozen=True)
