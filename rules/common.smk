@@ -262,6 +262,7 @@ def get_eval_settings(wildcards):
     return {
         **config["eval"],
         "instruction": config["h5"]["instruction"],
+        "phase2_style": config["h5"]["phase2_style"],
         "similarity_encoder": model_path("similarity_encoder"),
     }
 

@@ -163,6 +163,28 @@ def test_eval_prompt_is_the_phase2_training_layout(llava_dir: str, shard_tar: Pa
     assert prompt[1].tolist() == prompt[0].tolist()
 
 
+def test_eval_prompt_follows_the_chat_template_layout(llava_dir: str) -> None:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(llava_dir).eval()
+    tokenizer = AutoProcessor.from_pretrained(llava_dir).tokenizer
+    ids = h5.token_ids(tokenizer)
+    example = h5.phase2_example(
+        tokenizer, INSTRUCTION, ["dog"], 16, ids, max_seq_len=256, style="chat_template"
+    )
+    assert example is not None
+    trained = train.model_inputs(
+        torch.from_numpy(np.stack([example.rows])).long(),
+        ids.pad,
+        model.config.image_token_index,
+        16,
+    )["input_ids"][0]
+    answer_start = int(np.argmax(example.rows[h5.LOSS_MASK])) + 1
+    prompt = evaluate.prompt_ids(model, tokenizer, INSTRUCTION, "chat_template")
+    assert prompt == trained[:answer_start].tolist()
+    assert prompt != evaluate.prompt_ids(model, tokenizer, INSTRUCTION)
+
+
 def test_predictions_are_greedy_and_independent_of_batching(
     llava_dir: str, shard_tar: Path
 ) -> None:

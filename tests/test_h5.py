@@ -124,6 +124,36 @@ def test_phase2_example_trains_on_the_answer_only(tokenizer: Any) -> None:
     assert rows[KEY_PADDING_MASK].tolist() == [0] * n + [1] * (160 - n)
 
 
+def test_phase2_example_in_the_language_models_chat_template(tokenizer: Any) -> None:
+    ids = h5.token_ids(tokenizer)
+    labels = ["dog", "red car", "grass"]
+    example = h5.phase2_example(
+        tokenizer, INSTRUCTION, labels, P, ids, max_seq_len=160, style="chat_template"
+    )
+    assert example is not None
+    rows = example.rows
+    # The template's own rendering, with the image slot as the patches.
+    user = {"role": "user", "content": f"<image>\n{INSTRUCTION}"}
+    opened = tokenizer.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
+    before, _, after = opened.partition("<image>")
+    prefix, prompt = encode(tokenizer, before), encode(tokenizer, after)
+    assert prefix[0] == ids.bos and example.patch_start == len(prefix)
+    assert rows[INPUT_IDS, : len(prefix)].tolist() == prefix
+    start = len(prefix) + P
+    assert (rows[INPUT_IDS, len(prefix) : start] == ids.pad).all()
+    assert rows[INPUT_IDS, start : start + len(prompt)].tolist() == prompt
+    assert tokenizer.decode(prompt).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    # Loss on the answer and the end of turn the template closes it with (not EOS).
+    trained = rows[LABELS][rows[LOSS_MASK] == 1].tolist()
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert trained[-1] == eot != ids.eos
+    assert tokenizer.decode(trained[:-1]) == "dog, red car, grass"
+
+    no_template = SimpleNamespace(chat_template=None, name_or_path="plain-lm")
+    with pytest.raises(ValueError, match="phase2_style chat_template: plain-lm has no chat"):
+        h5.phase2_example(no_template, INSTRUCTION, labels, P, ids, 160, style="chat_template")
+
+
 def test_token_ids_fall_back_to_eos_for_padding() -> None:
     no_pad = SimpleNamespace(bos_token_id=5, eos_token_id=6, pad_token_id=None, name_or_path="t")
     assert h5.token_ids(no_pad) == TokenIds(bos=5, eos=6, pad=6)

@@ -29,7 +29,7 @@ from vlmflow.attribute_text import parse_list
 from vlmflow.io import atomic_open, read_parquet_rows, write_rows_parquet
 from vlmflow.metrics import sentence_encoder, soft_prf, strict_prf
 from vlmflow.models import device, num_image_tokens, pad_token_id
-from vlmflow.prompts import phase2_prefix, phase2_prompt
+from vlmflow.prompts import phase2_layout, special_token_ids
 from vlmflow.shards import Sample, iter_samples
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,8 @@ class EvalSettings:
     decoding: str = "greedy"
     # one_shot: the longest label, in tokens.
     label_max_tokens: int = 8
+    # The phase-2 layout the model was trained on (h5.phase2_style).
+    phase2_style: str = "vicuna_v1"
 
     def __post_init__(self) -> None:
         if self.decoding not in DECODINGS:
@@ -84,15 +86,12 @@ class RankedLabel:
     tokens: tuple[int, ...]
 
 
-def prompt_ids(model: Any, tokenizer: Any, instruction: str) -> list[int]:
+def prompt_ids(model: Any, tokenizer: Any, instruction: str, style: str = "vicuna_v1") -> list[int]:
     """The phase-2 training layout up to the answer, patch slots as image tokens."""
-    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     num_patches = num_image_tokens(model.config.vision_config)
-    return (
-        [tokenizer.bos_token_id, *encode(phase2_prefix())]
-        + [model.config.image_token_index] * num_patches
-        + encode(phase2_prompt(instruction))
-    )
+    bos = tokenizer.bos_token_id
+    layout = phase2_layout(tokenizer, instruction, [], style, bos, pad_token_id(tokenizer))
+    return layout.prefix + [model.config.image_token_index] * num_patches + layout.prompt
 
 
 def delimiter_ids(tokenizer: Any, model: Any) -> set[int]:
@@ -102,7 +101,7 @@ def delimiter_ids(tokenizer: Any, model: Any) -> set[int]:
     ends = {i for i, text in enumerate(vocabulary) if "," in text or "\n" in text}
     stop = model.generation_config.eos_token_id
     ends |= set(stop if isinstance(stop, list) else [stop]) - {None}
-    ends |= set(tokenizer.all_special_ids)
+    ends |= special_token_ids(tokenizer)
     ends.add(model.config.image_token_index)
     return ends
 
@@ -114,7 +113,10 @@ def one_shot(
     (label ends excluded) in one forward pass; each branch continues greedily from a
     copy of the prompt's cache until a label delimiter; distinct labels by probability."""
     tokenizer = processor.tokenizer
-    prompt = torch.tensor([prompt_ids(model, tokenizer, settings.instruction)], device=model.device)
+    prompt = torch.tensor(
+        [prompt_ids(model, tokenizer, settings.instruction, settings.phase2_style)],
+        device=model.device,
+    )
     ends = delimiter_ids(tokenizer, model)
     branches = max(settings.top_k)
     pad_id = pad_token_id(tokenizer)
@@ -167,7 +169,7 @@ def one_shot(
 def predict(model: Any, processor: Any, samples: list[Sample], settings: EvalSettings) -> list[str]:
     """Greedy answers for a list of images, in the phase-2 training layout."""
     tokenizer = processor.tokenizer
-    prompt = prompt_ids(model, tokenizer, settings.instruction)
+    prompt = prompt_ids(model, tokenizer, settings.instruction, settings.phase2_style)
     pad_id = pad_token_id(tokenizer)
     answers: list[str] = []
     batches = range(0, len(samples), settings.batch_size)

@@ -29,7 +29,7 @@ from vlmflow.io import (
     write_json,
 )
 from vlmflow.models import num_image_tokens, pad_token_id
-from vlmflow.prompts import phase2_answer, phase2_prefix, phase2_prompt
+from vlmflow.prompts import phase2_layout
 from vlmflow.shards import iter_samples
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class H5Settings:
     max_seq_len: int = 512
     phase1_text: str = "attributes"  # attributes | web_caption | vlm_caption
     instruction: str = "List the objects and attributes in the image."
+    phase2_style: str = "vicuna_v1"  # or chat_template (see vlmflow.prompts.phase2_layout)
 
 
 @dataclass(frozen=True)
@@ -78,14 +79,16 @@ def pack(
     answer: list[int],
     ids: TokenIds,
     max_seq_len: int,
+    end: int | None = None,
 ) -> Example | None:
-    """Lay out ``prefix + patches + prompt + answer + EOS`` with loss on the answer only.
+    """Lay out ``prefix + patches + prompt + answer + end`` (``end``: EOS unless given)
+    with loss on the answer only.
 
     The last patch slot predicts the first answer token when ``prompt`` is empty, so in
     phase 1 its loss mask is 1, as Cerebras' phase-1 files have it. Returns ``None`` when
     the sample does not fit: over-long samples are discarded, never truncated.
     """
-    tokens = prefix + [ids.pad] * num_patches + prompt + answer + [ids.eos]
+    tokens = prefix + [ids.pad] * num_patches + prompt + answer + [ids.eos if end is None else end]
     if len(tokens) - 1 > max_seq_len:
         return None
     length = len(tokens) - 1
@@ -116,16 +119,13 @@ def phase2_example(
     num_patches: int,
     ids: TokenIds,
     max_seq_len: int,
+    style: str = "vicuna_v1",
 ) -> Example | None:
-    """vicuna_v1 system prompt, USER: [patches] instruction ASSISTANT: answer [EOS]."""
-    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    """prefix [patches] prompt answer end, in ``style`` (vicuna_v1: system prompt, USER:
+    [patches] instruction ASSISTANT: answer [EOS]; chat_template: the LM's own)."""
+    layout = phase2_layout(tokenizer, instruction, labels, style, ids.bos, ids.eos)
     return pack(
-        [ids.bos, *encode(phase2_prefix())],
-        num_patches,
-        encode(phase2_prompt(instruction)),
-        encode(phase2_answer(labels)),
-        ids,
-        max_seq_len,
+        layout.prefix, num_patches, layout.prompt, layout.answer, ids, max_seq_len, layout.end
     )
 
 
@@ -231,7 +231,13 @@ def run_shard(
                     tokenizer, phase1_text, num_patches, ids, settings.max_seq_len
                 ),
                 "phase2": phase2_example(
-                    tokenizer, settings.instruction, labels, num_patches, ids, settings.max_seq_len
+                    tokenizer,
+                    settings.instruction,
+                    labels,
+                    num_patches,
+                    ids,
+                    settings.max_seq_len,
+                    settings.phase2_style,
                 ),
             }
             for name, example in built.items():

@@ -7,7 +7,9 @@ otherwise the model is evaluated on a prompt it never saw.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # LLaVA's ``vicuna_v1`` conversation style, as Cerebras ModelZoo's phase-2 files use it.
 VICUNA_V1_SYSTEM = (
@@ -30,6 +32,74 @@ def phase2_prompt(instruction: str) -> str:
 
 def phase2_answer(labels: list[str]) -> str:
     return " " + LABEL_SEPARATOR.join(labels)
+
+
+PHASE2_STYLES = ("vicuna_v1", "chat_template")
+# Where the image goes in a chat-template prompt; split out before tokenising.
+IMAGE_SLOT = "<image>"
+
+
+@dataclass(frozen=True)
+class Phase2Layout:
+    """Token ids of a phase-2 sample around the image patches."""
+
+    prefix: list[int]  # before the patches, BOS included
+    prompt: list[int]  # between the patches and the answer
+    answer: list[int]
+    end: int  # closes the answer: EOS (vicuna_v1) or the template's end of turn
+
+
+def phase2_layout(
+    tokenizer: Any, instruction: str, labels: list[str], style: str, bos: int, eos: int
+) -> Phase2Layout:
+    """``vicuna_v1``: LLaVA's conversation style (Cerebras' phase-2 files);
+    ``chat_template``: the language model's own chat template, one user turn (image, then
+    the instruction) and the assistant's answer closed by the template's end of turn."""
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    if style == "vicuna_v1":
+        return Phase2Layout(
+            [bos, *encode(phase2_prefix())],
+            encode(phase2_prompt(instruction)),
+            encode(phase2_answer(labels)),
+            eos,
+        )
+    if style != "chat_template":
+        raise ValueError(f"h5.phase2_style {style!r}: expected one of {', '.join(PHASE2_STYLES)}")
+    name = getattr(tokenizer, "name_or_path", "the tokenizer")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"h5.phase2_style chat_template: {name} has no chat template")
+    user = {"role": "user", "content": f"{IMAGE_SLOT}\n{instruction}"}
+    opened = tokenizer.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
+    before, slot, after = opened.partition(IMAGE_SLOT)
+    if not slot:
+        raise ValueError(f"h5.phase2_style chat_template: {name}'s template drops the user text")
+    answer_turn = {"role": "assistant", "content": LABEL_SEPARATOR.join(labels)}
+    full = tokenizer.apply_chat_template([user, answer_turn], tokenize=False)
+    if not full.startswith(opened):
+        raise ValueError(
+            f"h5.phase2_style chat_template: {name}'s template renders the conversation "
+            "differently once the answer is added; use vicuna_v1"
+        )
+    answer = encode(full[len(opened) :])
+    special = special_token_ids(tokenizer)
+    # The answer ends at the template's last special token (end of turn); text the
+    # template puts after it (a newline) is not trained on.
+    ends = [i for i, token in enumerate(answer) if token in special]
+    if not ends:
+        raise ValueError(f"h5.phase2_style chat_template: {name}'s template ends no turn")
+    return Phase2Layout(encode(before), encode(after), answer[: ends[-1]], answer[ends[-1]])
+
+
+def special_token_ids(tokenizer: Any) -> set[int]:
+    """Named special tokens and every added token marked special (e.g. <|eot_id|>)."""
+    return set(tokenizer.all_special_ids) | {
+        token_id
+        for token_id, token in getattr(tokenizer, "added_tokens_decoder", {}).items()
+        if getattr(token, "special", False)
+    }
 
 
 def prompt_id(text: str) -> str:

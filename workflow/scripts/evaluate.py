@@ -13,6 +13,7 @@ with log_to(snakemake.log[0]):
         batch_size=params["batch_size"],
         decoding=params["decoding"],
         label_max_tokens=params["label_max_tokens"],
+        phase2_style=params["phase2_style"],
     )
     evaluate.run(
         model_dir=snakemake.input.model,
