@@ -278,6 +278,13 @@ def get_first_shard_files(wildcards):
     }
 
 
+def get_h5_feature_layer():
+    """The vision layer stored in phase-1 files, or None (then editing it reruns no h5)."""
+    if config["h5"]["vision_features"]:
+        return config["train"]["vision_feature_layer"]
+    return None
+
+
 def get_h5_phase_files(wildcards):
     return expand(
         "results/{dataset}/h5/{phase}/{shard}.h5",

@@ -20,6 +20,7 @@ rule h5:
         settings=lookup(dpath="h5", within=config),
         language_model=model_param("language_model"),
         vision_tower=model_param("vision_tower"),
+        vision_feature_layer=get_h5_feature_layer(),
     script:
         "../workflow/scripts/h5.py"
 

@@ -9,6 +9,7 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
+from PIL import Image
 
 from vlmflow import h5
 from vlmflow.attributes import PHASE1_SCHEMA, PHASE2_SCHEMA
@@ -252,7 +253,11 @@ def _write_parquets(folder: Path) -> tuple[Path, Path]:
 
 
 def _run_shard(
-    shard_tar: Path, root: Path, demo_models: dict[str, str], settings: H5Settings
+    shard_tar: Path,
+    root: Path,
+    demo_models: dict[str, str],
+    settings: H5Settings,
+    vision_feature_layer: int | None = None,
 ) -> dict[str, Any]:
     phase1, phase2 = _write_parquets(root.parent)
     return h5.run_shard(
@@ -267,7 +272,35 @@ def _run_shard(
         root / "phase2" / "000000.h5",
         root / "images" / "000000",
         root / "params" / "000000.json",
+        vision_feature_layer,
     )
+
+
+def test_phase1_files_can_hold_the_frozen_vision_features(
+    shard_tar: Path, tmp_path: Path, demo_models: dict[str, str]
+) -> None:
+    import torch
+    from transformers import AutoImageProcessor, AutoModel
+
+    root = tmp_path / "h5"
+    settings = H5Settings(max_seq_len=256, vision_features=True)
+    params = _run_shard(shard_tar, root, demo_models, settings, vision_feature_layer=-2)
+    assert params["vision_feature_layer"] == -2
+    tower = AutoModel.from_pretrained(demo_models["vision"]).eval()
+    processor = AutoImageProcessor.from_pretrained(demo_models["vision"])
+    with h5py.File(root / "phase1" / "000000.h5", "r") as f:
+        features = f["vision_features"]
+        assert features.shape == (3, P, 32) and features.dtype == np.float16
+        assert features.attrs["vision_feature_layer"] == -2
+        first = features[0].astype(np.float32)
+        image_path = root / "images" / f["img_path"][0][0].decode()
+    # The tower's penultimate hidden state of that image, CLS dropped.
+    pixels = processor(images=Image.open(image_path).convert("RGB"), return_tensors="pt")
+    with torch.inference_mode():
+        states = tower(pixels["pixel_values"], output_hidden_states=True).hidden_states
+    assert np.allclose(first, states[-2][0, 1:].numpy(), atol=2e-2)
+    with h5py.File(root / "phase2" / "000000.h5", "r") as f:
+        assert "vision_features" not in f
 
 
 def test_run_shard_and_build_index(

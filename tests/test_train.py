@@ -446,6 +446,49 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(
     assert _losses(history) == _losses(fresh)
 
 
+def test_phase1_from_precomputed_features_never_runs_the_vision_tower(
+    tmp_path: Path,
+    demo_models: dict[str, str],
+    h5_files: H5Files,
+    phase1_model: tuple[Path, list[dict[str, Any]]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from transformers import CLIPVisionModel
+
+    # The same shard packed again, its phase-1 file with the tower's features.
+    source = h5_files.phase1.path
+    out = tmp_path / "h5"
+    h5.run_shard(
+        source.parent.parent.parent / "000000.tar",
+        source.parent.parent.parent / "phase1.parquet",
+        source.parent.parent.parent / "phase2.parquet",
+        demo_models["lm"],
+        demo_models["vision"],
+        H5Settings(max_seq_len=128, vision_features=True),
+        "000000",
+        out / "phase1" / "000000.h5",
+        out / "phase2" / "000000.h5",
+        out / "images" / "000000",
+        out / "params" / "000000.json",
+        vision_feature_layer=PHASE1.vision_feature_layer,
+    )
+
+    def boom(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the vision tower ran")
+
+    monkeypatch.setattr(CLIPVisionModel, "forward", boom)
+    history = train.run(
+        [H5Source(out / "phase1" / "000000.h5", out / "images")],
+        tmp_path / "model",
+        PHASE1,
+        vision_tower=demo_models["vision"],
+        language_model=demo_models["lm"],
+    )
+    # The same losses as from the images, but for float16 storage of the features.
+    _, from_images = phase1_model
+    assert [e["loss"] for e in history] == pytest.approx([e["loss"] for e in from_images], rel=2e-3)
+
+
 def test_phase2_trains_projector_and_language_model(
     tmp_path: Path, h5_files: H5Files, phase1_model: tuple[Path, list[dict[str, Any]]]
 ) -> None:

@@ -10,6 +10,7 @@ the model fills with projected vision features.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,9 @@ class H5Settings:
     phase1_text: str = "attributes"  # attributes | web_caption | vlm_caption
     instruction: str = "List the objects and attributes in the image."
     phase2_style: str = "vicuna_v1"  # or chat_template (see vlmflow.prompts.phase2_layout)
+    # Store the frozen vision tower's features in the phase-1 files (run_shard's
+    # vision_feature_layer), so phase-1 training never runs the tower.
+    vision_features: bool = False
 
 
 @dataclass(frozen=True)
@@ -130,7 +134,11 @@ def phase2_example(
 
 
 def write_h5(
-    path: str | Path, examples: list[Example], img_paths: list[str], max_seq_len: int
+    path: str | Path,
+    examples: list[Example],
+    img_paths: list[str],
+    max_seq_len: int,
+    extra: Callable[[h5py.File], None] | None = None,
 ) -> None:
     """Write one Cerebras-layout file atomically."""
     data = (
@@ -138,11 +146,61 @@ def write_h5(
         if examples
         else np.zeros((0, 4, max_seq_len), dtype=np.int32)
     )
-    write_rows(path, data, img_paths)
+    write_rows(path, data, img_paths, extra)
 
 
-def write_rows(path: str | Path, data: np.ndarray, img_paths: list[str]) -> None:
-    """Write packed rows ``data`` (n, 4, max_seq_len) and their image paths atomically."""
+VISION_FEATURES = "vision_features"
+
+
+def vision_features_writer(
+    vision_tower: str, feature_layer: int, image_root: Path, img_paths: list[str]
+) -> Callable[[h5py.File], None]:
+    """Writes dataset ``vision_features`` (n, num_patches, hidden) float16: the frozen
+    vision tower's hidden state ``feature_layer`` of each image, CLS dropped (LLaVA's
+    "default" selection), so phase 1 trains the projector without running the tower."""
+
+    def write(f: h5py.File) -> None:
+        import torch
+        from transformers import AutoImageProcessor
+
+        from vlmflow.models import device
+        from vlmflow.train import _vision_model, load_image, processor_side
+
+        tower = _vision_model(vision_tower).to(device()).eval()
+        processor = AutoImageProcessor.from_pretrained(vision_tower)
+        config = tower.config
+        patches, hidden = num_image_tokens(config), int(config.hidden_size)
+        out = f.create_dataset(
+            VISION_FEATURES,
+            shape=(len(img_paths), patches, hidden),
+            dtype="float16",
+            chunks=(1, patches, hidden) if img_paths else None,
+        )
+        out.attrs["vision_tower"] = vision_tower
+        out.attrs["vision_feature_layer"] = feature_layer
+        batch_size = 32
+        for start in range(0, len(img_paths), batch_size):
+            # Decoded exactly as the training loader decodes them.
+            side = processor_side(processor)
+            names = img_paths[start : start + batch_size]
+            images = [load_image(image_root / name, side) for name in names]
+            pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+            with torch.inference_mode():
+                states = tower(pixels.to(tower.device), output_hidden_states=True).hidden_states
+            selected = states[feature_layer][:, 1:]
+            out[start : start + len(images)] = selected.float().cpu().numpy().astype(np.float16)
+
+    return write
+
+
+def write_rows(
+    path: str | Path,
+    data: np.ndarray,
+    img_paths: list[str],
+    extra: Callable[[h5py.File], None] | None = None,
+) -> None:
+    """Write packed rows ``data`` (n, 4, max_seq_len) and their image paths atomically;
+    ``extra`` adds further datasets to the file before it appears."""
     max_seq_len = int(data.shape[2])
     width = max([len(p.encode()) for p in img_paths], default=1)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
@@ -162,6 +220,8 @@ def write_rows(path: str | Path, data: np.ndarray, img_paths: list[str]) -> None
             maxshape=(None, 1),
         )
         f.attrs["n_examples"] = len(img_paths)
+        if extra is not None:
+            extra(f)
 
 
 def num_patches_of(vision_tower: str) -> int:
@@ -193,7 +253,11 @@ def run_shard(
     out_phase2: str | Path,
     out_images: str | Path,
     out_params: str | Path,
+    vision_feature_layer: int | None = None,
 ) -> dict[str, Any]:
+    """Pack one shard. With ``vision_feature_layer`` the phase-1 file also holds the
+    frozen vision tower's features of each image at that layer (see
+    ``vision_features_writer``)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(language_model)
@@ -259,12 +323,20 @@ def run_shard(
         "eos_id": ids.eos,
         "pad_id": ids.pad,
         "vocab_size": len(tokenizer),
+        "vision_feature_layer": vision_feature_layer if settings.vision_features else None,
         "skipped": skipped,
     }
     for name, out in zip(PHASES, (out_phase1, out_phase2), strict=True):
         phase = phases[name]
         examples: list[Example] = phase["examples"]
-        write_h5(out, examples, phase["img_paths"], settings.max_seq_len)
+        extra = None
+        if name == "phase1" and settings.vision_features:
+            if vision_feature_layer is None:
+                raise ValueError("h5.vision_features needs the train.vision_feature_layer")
+            extra = vision_features_writer(
+                vision_tower, vision_feature_layer, Path(out_images).parent, phase["img_paths"]
+            )
+        write_h5(out, examples, phase["img_paths"], settings.max_seq_len, extra)
         params[name] = {
             "file": Path(out).name,
             "keys": phase["keys"],

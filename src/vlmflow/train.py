@@ -31,6 +31,7 @@ from torch.utils.data import Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from vlmflow import distributed
+from vlmflow.h5 import VISION_FEATURES
 from vlmflow.io import (
     INPUT_IDS,
     KEY_PADDING_MASK,
@@ -107,11 +108,23 @@ class H5Examples(Dataset[dict[str, torch.Tensor]]):
         self.sources = sources
         self.image_processor = image_processor
         self.index: list[tuple[int, int]] = []
+        with_features = []
         for number, source in enumerate(sources):
             with h5py.File(source.path, "r") as f:
                 self.index.extend((number, row) for row in range(int(f.attrs["n_examples"])))
+                with_features.append(VISION_FEATURES in f)
+        # Precomputed vision features (h5.vision_features) replace the images.
+        self.features = all(with_features) and bool(with_features)
+        if any(with_features) and not self.features:
+            missing = [
+                str(s.path) for s, has in zip(sources, with_features, strict=True) if not has
+            ]
+            raise ValueError(
+                f"some training files hold precomputed vision features and some do not "
+                f"(without: {', '.join(missing)}); rebuild them with the same h5 settings"
+            )
         self._files: dict[int, h5py.File] = {}
-        self._target_side = _processor_side(image_processor)
+        self._target_side = processor_side(image_processor)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -128,18 +141,31 @@ class H5Examples(Dataset[dict[str, torch.Tensor]]):
             by_file.setdefault(number, []).append((row, position))
         rows: list[torch.Tensor | None] = [None] * len(items)
         images: list[Image.Image | None] = [None] * len(items)
+        features: list[torch.Tensor | None] = [None] * len(items)
         for number, wanted in by_file.items():
             if number not in self._files:
                 self._files[number] = h5py.File(self.sources[number].path, "r")
             f = self._files[number]
             ordered = sorted(set(row for row, _ in wanted))  # h5py reads increasing rows
             data = f["data"][ordered].astype(np.int64)
-            paths = f["img_path"][ordered]
             at = {row: i for i, row in enumerate(ordered)}
+            if self.features:
+                stored = f[VISION_FEATURES][ordered]
+                for row, position in wanted:
+                    rows[position] = torch.from_numpy(data[at[row]])
+                    features[position] = torch.from_numpy(stored[at[row]])
+                continue
+            paths = f["img_path"][ordered]
             for row, position in wanted:
                 rows[position] = torch.from_numpy(data[at[row]])
                 relative = paths[at[row]][0].decode()
                 images[position] = self._load_image(self.sources[number].image_root / relative)
+        if self.features:
+            return [
+                {"rows": row, "vision_features": feature}
+                for row, feature in zip(rows, features, strict=True)
+                if row is not None and feature is not None
+            ]
         pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         return [
             {"rows": row, "pixel_values": pixels[i]}
@@ -148,14 +174,19 @@ class H5Examples(Dataset[dict[str, torch.Tensor]]):
         ]
 
     def _load_image(self, path: Path) -> Image.Image:
-        with Image.open(path) as img:
-            # JPEG decodes at 1/2, 1/4 or 1/8 scale when the processor wants far fewer
-            # pixels anyway (DCT scaling: no detail is lost that the resize would keep).
-            img.draft("RGB", (self._target_side, self._target_side))
-            return img.convert("RGB")
+        return load_image(path, self._target_side)
 
 
-def _processor_side(image_processor: Any) -> int:
+def load_image(path: Path, side: int) -> Image.Image:
+    """An RGB image for a processor that resizes to ``side``: JPEG decodes at 1/2, 1/4 or
+    1/8 scale when that still leaves ``side`` pixels (DCT scaling: no detail is lost that
+    the resize would keep)."""
+    with Image.open(path) as img:
+        img.draft("RGB", (side, side))
+        return img.convert("RGB")
+
+
+def processor_side(image_processor: Any) -> int:
     """The side an image processor resizes images to (for JPEG draft decoding)."""
     sides = [
         getattr(getattr(image_processor, name, None), key, None)
@@ -261,6 +292,27 @@ def vision_blocks_feeding_projector(model: Any, count: int) -> list[torch.nn.Mod
             f"train.phase2.vision_trainable_blocks {count}: {top} blocks feed the projector"
         )
     return layers[top - count : top]
+
+
+class FromFeatures(torch.nn.Module):
+    """LLaVA's forward from precomputed vision features: project them, put them where
+    the image tokens are, and run the language model (the vision tower never runs).
+    A module of its own so that DDP wraps the projector and the LM together."""
+
+    def __init__(self, llava: Any) -> None:
+        super().__init__()
+        self.llava = llava
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision_features: torch.Tensor
+    ) -> Any:
+        image_token = self.llava.config.image_token_index
+        is_image = input_ids == image_token
+        embed = self.llava.get_input_embeddings()
+        embeds = embed(input_ids.masked_fill(is_image, 0))
+        projected = self.llava.model.multi_modal_projector(vision_features.to(embeds.dtype))
+        embeds = embeds.masked_scatter(is_image.unsqueeze(-1), projected.to(embeds.dtype))
+        return self.llava(inputs_embeds=embeds, attention_mask=attention_mask)
 
 
 def set_trainable(model: Any, settings: TrainSettings) -> list[torch.nn.Parameter]:
@@ -510,10 +562,12 @@ def run(
         generator=generator,
     )
     trainable = set_trainable(model, settings)
-    forward = model
+    forward = FromFeatures(model) if dataset.features else model
+    if dataset.features:
+        log.info("training from precomputed vision features: the vision tower does not run")
     if rank.world_size > 1:
         forward = DistributedDataParallel(
-            model, device_ids=[on.index] if on.type == "cuda" else None
+            forward, device_ids=[on.index] if on.type == "cuda" else None
         )
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(len(loader) / settings.grad_accum)
@@ -593,11 +647,18 @@ def run(
                 )
                 with sync:
                     with autocast:
-                        logits = forward(
-                            input_ids=inputs["input_ids"],
-                            attention_mask=inputs["attention_mask"],
-                            pixel_values=batch["pixel_values"].to(on, model.dtype),
-                        ).logits
+                        if dataset.features:
+                            logits = forward(
+                                input_ids=inputs["input_ids"],
+                                attention_mask=inputs["attention_mask"],
+                                vision_features=batch["vision_features"].to(on),
+                            ).logits
+                        else:
+                            logits = forward(
+                                input_ids=inputs["input_ids"],
+                                attention_mask=inputs["attention_mask"],
+                                pixel_values=batch["pixel_values"].to(on, model.dtype),
+                            ).logits
                     loss = masked_loss(logits, inputs["labels"], inputs["loss_mask"])
                     (loss / settings.grad_accum).backward()
                 tokens += int(inputs["attention_mask"].sum()) * rank.world_size

@@ -16,4 +16,5 @@ with log_to(snakemake.log[0]):
         out_phase2=snakemake.output.phase2,
         out_images=snakemake.output.images,
         out_params=snakemake.output.params,
+        vision_feature_layer=snakemake.params.vision_feature_layer,
     )
