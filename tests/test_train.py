@@ -723,6 +723,36 @@ def test_two_processes_stopped_by_sigterm_resume_with_the_same_losses(
     assert len(losses("reference")) == 36
 
 
+def test_fsdp_over_two_processes_trains_as_ddp_does(
+    tmp_path: Path, h5_files: H5Files, phase1_model: tuple[Path, list[dict[str, Any]]]
+) -> None:
+    """Phase 2 (projector + LM) with parameters sharded by FSDP over 2 gloo processes:
+    the same losses as DDP's full copies, and a plain LLaVA folder at the end."""
+    from transformers import LlavaForConditionalGeneration
+
+    phase1_folder, _ = phase1_model
+    launcher = "torchrun --standalone --nproc-per-node=2"
+    histories = {}
+    for name, fsdp in (("ddp", False), ("fsdp", True)):
+        job = train.TrainJob(
+            [h5_files.phase2], str(tmp_path / name), PHASE2, init_from=str(phase1_folder), fsdp=fsdp
+        )
+        with open(tmp_path / f"{name}.log", "w", encoding="utf-8") as handle:
+            train.launch(job, launcher, handle)
+        lines = (tmp_path / name / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        histories[name] = [json.loads(line) for line in lines]
+    assert "FSDP: parameters, gradients and optimiser state sharded over 2 ranks" in (
+        tmp_path / "fsdp.log"
+    ).read_text(encoding="utf-8")
+    assert [e["loss"] for e in histories["fsdp"]] == pytest.approx(
+        [e["loss"] for e in histories["ddp"]], rel=1e-4
+    )
+    ddp, fsdp = _weights(tmp_path / "ddp"), _weights(tmp_path / "fsdp")
+    assert ddp.keys() == fsdp.keys()
+    assert all(torch.allclose(ddp[k], fsdp[k], atol=1e-4) for k in ddp)
+    LlavaForConditionalGeneration.from_pretrained(tmp_path / "fsdp")
+
+
 def test_a_failing_rank_fails_the_launch(tmp_path: Path, h5_files: H5Files) -> None:
     job = train.TrainJob([h5_files.phase1], str(tmp_path / "model"), PHASE1)  # no model given
     with (

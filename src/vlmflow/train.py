@@ -294,6 +294,19 @@ def vision_blocks_feeding_projector(model: Any, count: int) -> list[torch.nn.Mod
     return layers[top - count : top]
 
 
+def shard_fsdp(root: torch.nn.Module, model: Any, on: torch.device) -> torch.nn.Module:
+    """FSDP (torch's fully_shard): each LM decoder layer its own unit, the rest with the
+    root, over all ranks of the job (gloo on the CPU, NCCL on GPUs)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(on.type, (dist.get_world_size(),))
+    for layer in model.model.language_model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(root, mesh=mesh)
+    return root
+
+
 class FromFeatures(torch.nn.Module):
     """LLaVA's forward from precomputed vision features: project them, put them where
     the image tokens are, and run the language model (the vision tower never runs).
@@ -519,6 +532,7 @@ def run(
     language_model: str | None = None,
     init_from: str | None = None,
     checkpoint_every: int = 0,
+    fsdp: bool = False,
 ) -> list[dict[str, Any]]:
     """Train one phase and save the model, its processor and the per-step log.
 
@@ -565,7 +579,20 @@ def run(
     forward = FromFeatures(model) if dataset.features else model
     if dataset.features:
         log.info("training from precomputed vision features: the vision tower does not run")
-    if rank.world_size > 1:
+    sharded = fsdp and rank.world_size > 1
+    if sharded:
+        if settings.lora_rank:
+            raise ValueError("train.fsdp with LoRA is not supported: use DDP for LoRA")
+        forward = shard_fsdp(forward, model, on)
+        # FSDP replaced the parameters with sharded ones: the optimiser takes those.
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        checkpoint_every = 0
+        log.info(
+            "FSDP: parameters, gradients and optimiser state sharded over %d ranks; "
+            "resumable checkpoints are not written with FSDP",
+            rank.world_size,
+        )
+    elif rank.world_size > 1:
         forward = DistributedDataParallel(
             forward, device_ids=[on.index] if on.type == "cuda" else None
         )
@@ -683,6 +710,8 @@ def run(
                 history.append(entry)
                 log.info(json.dumps(entry))
                 stopping = _any_rank(stop[0])
+                if stopping and sharded:
+                    raise Interrupted(f"SIGTERM: stopped after step {step} (FSDP: no checkpoint)")
                 if checkpoint.due(step) or stopping:
                     checkpoint.save(
                         step,
@@ -706,13 +735,23 @@ def run(
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
 
+    full_state = None
+    if sharded:  # every rank takes part in gathering the full weights
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        full_state = get_model_state_dict(
+            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
     if not rank.is_main:
         distributed.finish()
         return history
     model.eval()
     merge_lora(model)
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=full_state)
         processor.save_pretrained(tmp)
         with open(tmp / "metrics.jsonl", "w", encoding="utf-8") as handle:
             for entry in history:
@@ -746,6 +785,7 @@ class TrainJob:
     language_model: str | None = None
     init_from: str | None = None
     checkpoint_every: int = 0
+    fsdp: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -759,6 +799,7 @@ class TrainJob:
             "language_model": self.language_model,
             "init_from": self.init_from,
             "checkpoint_every": self.checkpoint_every,
+            "fsdp": self.fsdp,
         }
 
     @classmethod
@@ -771,6 +812,7 @@ class TrainJob:
             language_model=data["language_model"],
             init_from=data["init_from"],
             checkpoint_every=data.get("checkpoint_every", 0),
+            fsdp=data.get("fsdp", False),
         )
 
     def run(self) -> list[dict[str, Any]]:
@@ -782,6 +824,7 @@ class TrainJob:
             language_model=self.language_model,
             init_from=self.init_from,
             checkpoint_every=self.checkpoint_every,
+            fsdp=self.fsdp,
         )
 
 

@@ -21,6 +21,8 @@ with log_to(snakemake.log[0]):
     # How often to save a resumable checkpoint changes no result, so it is read from the
     # config here rather than made a param (editing it does not rerun training).
     every = snakemake.config["train"]["checkpoint_every"]
+    # DDP or FSDP: how the processes share the work, not what they compute.
+    fsdp = snakemake.config["train"]["fsdp"]
     if settings.phase == 1:
         job = train.TrainJob(
             sources,
@@ -29,6 +31,7 @@ with log_to(snakemake.log[0]):
             vision_tower=snakemake.params.vision_tower,
             language_model=snakemake.params.language_model,
             checkpoint_every=every,
+            fsdp=fsdp,
         )
     else:
         job = train.TrainJob(
@@ -37,6 +40,7 @@ with log_to(snakemake.log[0]):
             settings,
             init_from=snakemake.input.init,
             checkpoint_every=every,
+            fsdp=fsdp,
         )
     launcher = snakemake.resources.get("mpi")
     # log_to points stderr at the rule's log file; the launched processes write there too.
