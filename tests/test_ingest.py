@@ -871,3 +871,45 @@ def test_webp_shards_are_read_by_every_stage(tmp_path: Path, images: dict[str, P
 def test_bad_resize_mode_or_format_is_named(field: str, value: str, message: str) -> None:
     with pytest.raises(IngestError, match=message):
         IngestSettings(**{field: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".csv", ".jsonl", ".parquet"])
+def test_shard_digest_equals_the_per_range_digest_and_follows_edits(
+    tmp_path: Path, suffix: str
+) -> None:
+    """Planning reads the list once for all shards' digests; they are the digests of the
+    rows themselves, and an edited list is read again."""
+    import pandas as pd
+
+    from vlmflow.ingest import rows_digest, shard_digest, shard_ranges
+
+    path = tmp_path / f"urls{suffix}"
+
+    def write(captions: list[str]) -> None:
+        frame = pd.DataFrame(
+            {
+                "url": [f"https://example.org/{i}.jpg" for i in range(len(captions))],
+                "caption": captions,
+            }
+        )
+        if suffix == ".parquet":
+            frame.to_parquet(path)
+        elif suffix == ".jsonl":
+            frame.to_json(path, orient="records", lines=True)
+        else:
+            frame.to_csv(path, sep="\t" if suffix == ".tsv" else ",", index=False)
+
+    write([f"photo {i}" for i in range(23)])
+    ranges = shard_ranges(23, 5)
+    first = [shard_digest(path, a, b) for a, b in ranges]
+    assert first == [rows_digest(path, a, b) for a, b in ranges]
+    assert len(set(first)) == len(first)
+    write([f"photo {i}" if i != 7 else "edited" for i in range(23)])
+    second = [shard_digest(path, a, b) for a, b in ranges]
+    assert [a != b for a, b in zip(first, second, strict=True)] == [
+        False,
+        True,
+        False,
+        False,
+        False,
+    ]

@@ -45,8 +45,8 @@ from vlmflow.ingest import (
     count_rows,
     plan_jobs,
     read_rows,
-    rows_digest,
     sanitize_key,
+    shard_digest,
     shard_ranges,
     write_shard,
 )
@@ -147,7 +147,7 @@ class UrlListSource(Source):
         return count_rows(self.path)
 
     def digest(self, start: int, end: int) -> str:
-        return rows_digest(self.path, start, end)
+        return shard_digest(self.path, start, end)
 
     def jobs(self, start: int, end: int, settings: IngestSettings) -> list[_Job]:
         rows = read_rows(self.path, start, end, settings)
