@@ -163,6 +163,18 @@ def launch_command(
     raise ValueError(f"unknown launcher {launcher!r}: expected srun ... or torchrun ...")
 
 
+def log_as_rank() -> Rank:
+    """This process's rank, with logging to stderr that names it on every line (the
+    entry point of each launched process)."""
+    rank = rank_from_env()
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s rank {rank.rank}/{rank.world_size} %(levelname)s %(message)s",
+    )
+    return rank
+
+
 def launch_module(
     launcher: str, module: str, spec: Path, job: dict[str, Any], log_file: IO[str]
 ) -> None:

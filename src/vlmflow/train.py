@@ -845,12 +845,7 @@ def launch(job: TrainJob, launcher: str | None, log_file: IO[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of each launched process: ``python -m vlmflow.train JOB.json``."""
     args = sys.argv[1:] if argv is None else argv
-    rank = distributed.rank_from_env()
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format=f"%(asctime)s rank {rank.rank}/{rank.world_size} %(levelname)s %(message)s",
-    )
+    distributed.log_as_rank()
     TrainJob.from_json(read_json(args[0])).run()
 
 
