@@ -30,7 +30,14 @@ import webdataset as wds
 from PIL import Image
 
 from vlmflow.attribute_text import phase1_prompt
-from vlmflow.attributes import LLMSettings, answer_batch, length_order, load_llm, shared_prefix
+from vlmflow.attributes import (
+    LLMSettings,
+    answer_batch,
+    chat_ids,
+    length_order,
+    load_llm,
+    shared_prefix,
+)
 from vlmflow.caption import CaptionSettings, caption_batch, load_vlm
 from vlmflow.models import build_demo_llm, build_demo_vlm
 from vlmflow.shards import iter_samples
@@ -150,7 +157,7 @@ def main() -> None:
 
         # The stage also computes the prompts' shared head (chat header and instructions)
         # once and starts every batch from a copy of its cache.
-        prefix = shared_prefix(tokenizer, lm, prompts)
+        prefix = shared_prefix(lm, chat_ids(tokenizer, prompts))
 
         def answer_items_after_prefix(indices: list[int]) -> list[str]:
             batch = [prompts[i] for i in indices]

@@ -175,7 +175,7 @@ def test_shared_prompt_prefix_is_computed_once_and_changes_no_answer(
         ("snow", "Mountains covered with snow above a lake."),
     ]
     prompts = [phase1_prompt(PHASE1_TEMPLATE, web, vlm) for web, vlm in captions]
-    prefix = attributes.shared_prefix(tokenizer, model, prompts)
+    prefix = attributes.shared_prefix(model, attributes.chat_ids(tokenizer, prompts))
     assert prefix is not None
     # The chat header and the template's instructions: most of each prompt.
     assert len(prefix.ids) > 0.7 * min(
@@ -190,7 +190,8 @@ def test_shared_prompt_prefix_is_computed_once_and_changes_no_answer(
     # The cache is copied per batch, so a second batch starts from the same prefix.
     assert attributes.answer_batch(tokenizer, model, prompts[:2], settings, prefix) == alone[:2]
     # Prompts that share only a few tokens get no prefix cache.
-    assert attributes.shared_prefix(tokenizer, model, ["a dog", "a cat on a sofa"]) is None
+    short = attributes.chat_ids(tokenizer, ["a dog", "a cat on a sofa"])
+    assert attributes.shared_prefix(model, short) is None
 
     # The stage computes the prefix once per shard, not once per batch.
     calls = []

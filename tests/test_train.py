@@ -351,6 +351,10 @@ def _crash_at_loss_call(monkeypatch: pytest.MonkeyPatch, call: int, action: Any)
     monkeypatch.setattr(train, "masked_loss", wrapped)
 
 
+def die() -> None:
+    raise KeyboardInterrupt("killed")  # caught nowhere: stands in for SIGKILL
+
+
 def test_killed_run_resumes_from_its_checkpoint_with_the_same_losses(
     tmp_path: Path,
     demo_models: dict[str, str],
@@ -365,9 +369,6 @@ def test_killed_run_resumes_from_its_checkpoint_with_the_same_losses(
         "language_model": demo_models["lm"],
         "checkpoint_every": 2,
     }
-
-    def die() -> None:
-        raise KeyboardInterrupt("killed")  # not caught anywhere: stands in for SIGKILL
 
     # 6 steps of one batch each; dies computing step 5, after the step-4 checkpoint.
     _crash_at_loss_call(monkeypatch, 5, die)
@@ -432,9 +433,6 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(
         "language_model": demo_models["lm"],
         "checkpoint_every": 1,
     }
-
-    def die() -> None:
-        raise KeyboardInterrupt("killed")
 
     _crash_at_loss_call(monkeypatch, 3, die)
     with pytest.raises(KeyboardInterrupt):

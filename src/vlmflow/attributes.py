@@ -106,12 +106,21 @@ def _chat(tokenizer: Any, prompt: str) -> str:
     )
 
 
-def length_order(tokenizer: Any, prompts: list[str]) -> list[int]:
-    """Prompt indices by token count: batches of similar length waste less on padding."""
-    lengths = [
-        len(tokenizer(_chat(tokenizer, p), add_special_tokens=False)["input_ids"]) for p in prompts
+def chat_ids(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
+    """Token ids of each prompt as a one-turn chat, as answer_batch feeds it."""
+    return [
+        list(tokenizer(_chat(tokenizer, p), add_special_tokens=False)["input_ids"]) for p in prompts
     ]
-    return sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
+
+
+def order_by_length(lengths: list[int]) -> list[int]:
+    """Indices by length: batches of similar length waste less on padding."""
+    return sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+
+
+def length_order(tokenizer: Any, prompts: list[str]) -> list[int]:
+    """Prompt indices by token count."""
+    return order_by_length([len(ids) for ids in chat_ids(tokenizer, prompts)])
 
 
 @dataclass
@@ -127,12 +136,11 @@ class SharedPrefix:
 MIN_SHARED_PREFIX = 32
 
 
-def shared_prefix(tokenizer: Any, model: Any, prompts: list[str]) -> SharedPrefix | None:
-    """The longest token prefix all ``prompts`` share (as chats), with its cache; None
-    when they share too little. Each prompt keeps at least one token of its own."""
-    if not prompts:
+def shared_prefix(model: Any, rows: list[list[int]]) -> SharedPrefix | None:
+    """The longest prefix all prompts' token ids ``rows`` (see chat_ids) share, with its
+    cache; None when they share too little. Each prompt keeps at least one token."""
+    if not rows:
         return None
-    rows = [tokenizer(_chat(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
     length = 0
     shortest = min(len(row) for row in rows)
     while length < shortest - 1 and len({row[length] for row in rows}) == 1:
@@ -250,15 +258,15 @@ def _generator(
         def answer_meta(batch: list[str]) -> list[str]:
             return llm.chat(batch, **options)
 
-        order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
-        return answer_meta, order
+        return answer_meta, order_by_length(lengths)
     tokenizer, model = load_llm(settings)
-    prefix = shared_prefix(tokenizer, model, prompts)
+    rows = chat_ids(tokenizer, prompts)  # once: for the shared prefix and the batch order
+    prefix = shared_prefix(model, rows)
 
     def answer_hf(batch: list[str]) -> list[str]:
         return answer_batch(tokenizer, model, batch, settings, prefix=prefix)
 
-    return answer_hf, length_order(tokenizer, prompts)
+    return answer_hf, order_by_length([len(ids) for ids in rows])
 
 
 def _answers(

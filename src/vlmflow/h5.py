@@ -179,9 +179,8 @@ def vision_features_writer(
         out.attrs["vision_tower"] = vision_tower
         out.attrs["vision_feature_layer"] = feature_layer
         batch_size = 32
+        side = processor_side(processor)  # decoded exactly as the training loader does
         for start in range(0, len(img_paths), batch_size):
-            # Decoded exactly as the training loader decodes them.
-            side = processor_side(processor)
             names = img_paths[start : start + batch_size]
             images = [load_image(image_root / name, side) for name in names]
             pixels = processor(images=images, return_tensors="pt")["pixel_values"]

@@ -909,7 +909,7 @@ def _results_in_order(
         session.close()
 
 
-def _write_sample(tar: tarfile.TarFile, sample: dict[str, Any]) -> None:
+def write_tar_sample(tar: tarfile.TarFile, sample: dict[str, Any]) -> None:
     """Add one sample as WebDataset lays it out: ``{key}.{ext}`` members, in ext order.
 
     Written with the standard library rather than webdataset's TarWriter: importing
@@ -1001,7 +1001,7 @@ def write_shard(
                         }
                     )
                 else:
-                    _write_sample(sink, _sample(job, result))
+                    write_tar_sample(sink, _sample(job, result))
                     ok += 1
         # Every input row must end as a sample or a counted failure, never silently lost.
         rows_in = end - start

@@ -489,7 +489,6 @@ class MetaLlama:
         # weights_only: a checkpoint file cannot run code when it is read.
         state = torch.load(files[rank], map_location="cpu", weights_only=True, mmap=True)
         state.pop("rope.freqs", None)  # Llama 2 kept the rotations in the file
-        torch.manual_seed(0)  # the (skipped) init is then the same on every rank
         model = Transformer(params, len(files))
         try:
             model.load_state_dict(state, strict=True)

@@ -64,19 +64,19 @@ def write_shard(path: str | Path, items: list[tuple[str, Image.Image, list[str]]
     """A WebDataset tar of the items, as the ingest stage writes shards (jpg, txt, json)."""
     import tarfile
 
+    from vlmflow.ingest import write_tar_sample
+
     with tarfile.open(path, "w") as tar:
         for key, image, labels in items:
             buffer = io.BytesIO()
             image.save(buffer, format="JPEG", quality=95)
-            members = {
+            sample = {
+                "__key__": key,
                 "jpg": buffer.getvalue(),
                 "txt": f"a {' '.join(labels)}".encode(),
                 "json": json.dumps({"key": key}).encode(),
             }
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+            write_tar_sample(tar, sample)
 
 
 def write_attribute_tables(
