@@ -661,20 +661,60 @@ def test_two_processes_train_one_model_with_gloo(
     assert model.config.image_token_index is not None
 
 
-def test_two_processes_stopped_by_sigterm_resume_with_the_same_losses(
-    tmp_path: Path, demo_models: dict[str, str], h5_files: H5Files
-) -> None:
-    """DDP over gloo: SIGTERM to the whole launch (as Slurm signals a job) makes every rank
-    save at the same step and exit non-zero; the relaunch logs the losses of a run that
-    was never stopped."""
+TWO_PROCESSES = "torchrun --standalone --nproc-per-node=2"
+
+
+def _metrics(folder: Path) -> list[tuple[int, float, float]]:
+    lines = (folder / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [(e["step"], e["loss"], e["lr"]) for e in map(json.loads, lines)]
+
+
+def _stop_by_sigterm_and_relaunch(tmp_path: Path, job: Any) -> tuple[Path, list[str]]:
+    """Launch ``job`` on 2 processes, SIGTERM the whole launch (as Slurm signals a job)
+    once its first checkpoint is complete, check it stopped with a checkpoint, then
+    relaunch it to the end; returns the output folder and the checkpoint's files."""
     import subprocess
     import time
 
     from vlmflow import distributed
     from vlmflow.io import write_json
 
+    out = Path(job.out_dir)
+    spec = tmp_path / f"{out.name}.json"
+    write_json(spec, job.to_json())
+    argv, env = distributed.launch_command(TWO_PROCESSES, "vlmflow.train", [str(spec)])
+    checkpoints = out.parent / f".{out.name}.checkpoint"
+    first = checkpoints / f"step-{job.checkpoint_every:08d}" / "complete.json"
+    with open(tmp_path / "stopped.log", "w", encoding="utf-8") as handle:
+        process = subprocess.Popen(
+            argv, env=env, stdout=handle, stderr=handle, start_new_session=True
+        )
+        deadline = time.monotonic() + 120
+        while not first.exists():
+            assert process.poll() is None and time.monotonic() < deadline, "no checkpoint"
+            time.sleep(0.02)
+        os.killpg(process.pid, signal.SIGTERM)
+        assert process.wait(timeout=120) != 0
+    log = (tmp_path / "stopped.log").read_text(encoding="utf-8")
+    assert "SIGTERM: stopped after step" in log
+    saved = sorted(p.name for p in checkpoints.iterdir())
+    assert len(saved) == 1, saved
+    files = sorted(p.name for p in (checkpoints / saved[0]).iterdir())
+    assert not out.exists()
+
+    with open(tmp_path / "resumed.log", "w", encoding="utf-8") as handle:
+        train.launch(job, TWO_PROCESSES, handle)
+    assert "resuming from" in (tmp_path / "resumed.log").read_text(encoding="utf-8")
+    assert not checkpoints.exists()
+    return out, files
+
+
+def test_two_processes_stopped_by_sigterm_resume_with_the_same_losses(
+    tmp_path: Path, demo_models: dict[str, str], h5_files: H5Files
+) -> None:
+    """DDP over gloo: SIGTERM to the whole launch makes every rank save at the same step
+    and exit non-zero; the relaunch logs the losses of a run that was never stopped."""
     settings = replace(PHASE1, epochs=12)  # 36 steps: time to be stopped mid-way
-    launcher = "torchrun --standalone --nproc-per-node=2"
 
     def job(name: str) -> train.TrainJob:
         return train.TrainJob(
@@ -687,38 +727,41 @@ def test_two_processes_stopped_by_sigterm_resume_with_the_same_losses(
         )
 
     with open(tmp_path / "reference.log", "w", encoding="utf-8") as handle:
-        train.launch(job("reference"), launcher, handle)
+        train.launch(job("reference"), TWO_PROCESSES, handle)
+    stopped, files = _stop_by_sigterm_and_relaunch(tmp_path, job("stopped"))
+    assert files == ["complete.json", "rank-0.pt", "rank-1.pt", "trainable.safetensors"]
+    assert _metrics(stopped) == _metrics(tmp_path / "reference")
+    assert len(_metrics(stopped)) == 36
 
-    spec = tmp_path / "stopped.json"
-    write_json(spec, job("stopped").to_json())
-    argv, env = distributed.launch_command(launcher, "vlmflow.train", [str(spec)])
-    checkpoints = tmp_path / ".stopped.checkpoint"
-    with open(tmp_path / "stopped.log", "w", encoding="utf-8") as handle:
-        process = subprocess.Popen(
-            argv, env=env, stdout=handle, stderr=handle, start_new_session=True
+
+def test_fsdp_stopped_by_sigterm_resumes_from_sharded_checkpoints(
+    tmp_path: Path, h5_files: H5Files, phase1_model: tuple[Path, list[dict[str, Any]]]
+) -> None:
+    """FSDP over gloo: each rank writes its shards of the weights and optimiser state
+    (torch.distributed.checkpoint); the relaunch reads them back and logs the losses of
+    the run that was never stopped, ending with the same weights."""
+    phase1_folder, _ = phase1_model
+    settings = replace(PHASE2, epochs=8)  # 24 steps
+
+    def job(name: str) -> train.TrainJob:
+        return train.TrainJob(
+            [h5_files.phase2],
+            str(tmp_path / name),
+            settings,
+            init_from=str(phase1_folder),
+            checkpoint_every=3,
+            fsdp=True,
         )
-        deadline = time.monotonic() + 120
-        while not (checkpoints / "step-00000003" / "complete.json").exists():
-            assert process.poll() is None and time.monotonic() < deadline, "no checkpoint"
-            time.sleep(0.02)
-        os.killpg(process.pid, signal.SIGTERM)
-        assert process.wait(timeout=120) != 0
-    log = (tmp_path / "stopped.log").read_text(encoding="utf-8")
-    assert "SIGTERM: stopped after step" in log
-    saved = sorted(p.name for p in checkpoints.iterdir())
-    assert len(saved) == 1 and saved[0] != "step-00000036"
-    assert not (tmp_path / "stopped").exists()
 
-    with open(tmp_path / "resumed.log", "w", encoding="utf-8") as handle:
-        train.launch(job("stopped"), launcher, handle)
-    assert "resuming from" in (tmp_path / "resumed.log").read_text(encoding="utf-8")
-
-    def losses(name: str) -> list[tuple[int, float, float]]:
-        lines = (tmp_path / name / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-        return [(e["step"], e["loss"], e["lr"]) for e in map(json.loads, lines)]
-
-    assert losses("stopped") == losses("reference")
-    assert len(losses("reference")) == 36
+    with open(tmp_path / "reference.log", "w", encoding="utf-8") as handle:
+        train.launch(job("reference"), TWO_PROCESSES, handle)
+    stopped, files = _stop_by_sigterm_and_relaunch(tmp_path, job("stopped"))
+    # No rank holds whole weights: no trainable.safetensors, the shards instead.
+    assert files == ["complete.json", "rank-0.pt", "rank-1.pt", "sharded"]
+    assert _metrics(stopped) == _metrics(tmp_path / "reference")
+    assert len(_metrics(stopped)) == 24
+    reference, resumed = _weights(tmp_path / "reference"), _weights(stopped)
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
 
 
 def test_fsdp_over_two_processes_trains_as_ddp_does(
@@ -729,7 +772,7 @@ def test_fsdp_over_two_processes_trains_as_ddp_does(
     from transformers import LlavaForConditionalGeneration
 
     phase1_folder, _ = phase1_model
-    launcher = "torchrun --standalone --nproc-per-node=2"
+    launcher = TWO_PROCESSES
     histories = {}
     for name, fsdp in (("ddp", False), ("fsdp", True)):
         job = train.TrainJob(
@@ -749,6 +792,34 @@ def test_fsdp_over_two_processes_trains_as_ddp_does(
     assert ddp.keys() == fsdp.keys()
     assert all(torch.allclose(ddp[k], fsdp[k], atol=1e-4) for k in ddp)
     LlavaForConditionalGeneration.from_pretrained(tmp_path / "fsdp")
+
+
+def test_fsdp_with_lora_trains_as_ddp_does_and_saves_merged_weights(
+    tmp_path: Path, h5_files: H5Files, phase1_model: tuple[Path, list[dict[str, Any]]]
+) -> None:
+    phase1_folder, _ = phase1_model
+    settings = replace(PHASE2, lora_rank=4, lora_alpha=8)
+    for name, fsdp in (("ddp", False), ("fsdp", True)):
+        job = train.TrainJob(
+            [h5_files.phase2],
+            str(tmp_path / name),
+            settings,
+            init_from=str(phase1_folder),
+            fsdp=fsdp,
+        )
+        with open(tmp_path / f"{name}.log", "w", encoding="utf-8") as handle:
+            train.launch(job, TWO_PROCESSES, handle)
+    losses = {name: [loss for _, loss, _ in _metrics(tmp_path / name)] for name in ("ddp", "fsdp")}
+    assert losses["fsdp"] == pytest.approx(losses["ddp"], rel=1e-4)
+    before, ddp, fsdp = (
+        _weights(phase1_folder),
+        _weights(tmp_path / "ddp"),
+        _weights(tmp_path / "fsdp"),
+    )
+    # Plain LLaVA keys (adapters merged), the LM's projections changed, as under DDP.
+    assert before.keys() == ddp.keys() == fsdp.keys()
+    assert any("self_attn.q_proj" in k and not torch.equal(before[k], fsdp[k]) for k in before)
+    assert all(torch.allclose(ddp[k], fsdp[k], atol=1e-4) for k in ddp)
 
 
 def test_a_failing_rank_fails_the_launch(tmp_path: Path, h5_files: H5Files) -> None:

@@ -301,10 +301,22 @@ def shard_fsdp(root: torch.nn.Module, model: Any, on: torch.device) -> torch.nn.
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(on.type, (dist.get_world_size(),))
-    for layer in model.model.language_model.layers:
+    for layer in decoder_layers(model.model.language_model):
         fully_shard(layer, mesh=mesh)
     fully_shard(root, mesh=mesh)
     return root
+
+
+def decoder_layers(language_model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The LM's decoder layers, plain or inside peft's LoRA wrapper (``...layers.N``)."""
+    layers = [
+        module
+        for name, module in language_model.named_modules()
+        if name.rsplit(".", 2)[-2:-1] == ["layers"] and name.rsplit(".", 1)[-1].isdigit()
+    ]
+    if not layers:
+        raise ValueError(f"train.fsdp: no decoder layers found in {type(language_model).__name__}")
+    return layers
 
 
 class FromFeatures(torch.nn.Module):
@@ -440,8 +452,10 @@ class TrainCheckpoint:
     Every ``every`` optimiser steps (and when SIGTERM arrives) each rank saves its
     optimiser, scheduler, data-loader position (torchdata's StatefulDataLoader) and RNG
     states in ``step-N/rank-R.pt``, rank 0 the trainable weights in
-    ``step-N/trainable.safetensors``, then rank 0 marks the step complete. A restarted job
-    with the same fingerprint (settings, inputs, process count) continues from the last
+    ``step-N/trainable.safetensors``, then rank 0 marks the step complete. With FSDP no
+    rank holds the whole weights or optimiser state: each writes its shards of both with
+    torch.distributed.checkpoint in ``step-N/sharded/``. A restarted job with the same
+    fingerprint (settings, inputs, process count, FSDP or not) continues from the last
     complete step and logs the same losses as a run that was never stopped. Loading uses
     safetensors and ``torch.load(weights_only=True)``.
     """
@@ -466,7 +480,11 @@ class TrainCheckpoint:
         return None
 
     def save(
-        self, step: int, trainable: dict[str, torch.Tensor], state: dict[str, Any], rank: int
+        self,
+        step: int,
+        trainable: dict[str, torch.Tensor] | None,
+        state: dict[str, Any],
+        rank: int,
     ) -> None:
         from safetensors.torch import save_file
 
@@ -474,7 +492,7 @@ class TrainCheckpoint:
         step_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(step_dir / f"rank-{rank}.pt") as tmp:
             torch.save(state, tmp)
-        if rank == 0:
+        if rank == 0 and trainable is not None:
             with atomic_path(step_dir / "trainable.safetensors") as tmp:
                 save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp)
         if dist.is_initialized():
@@ -486,6 +504,47 @@ class TrainCheckpoint:
                     shutil.rmtree(old, ignore_errors=True)
         log.info("checkpoint at step %d in %s", step, step_dir)
 
+    def save_sharded(
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        state: dict[str, Any],
+        rank: int,
+    ) -> None:
+        """FSDP: each rank writes its own shards of the trainable weights and optimiser
+        state (torch.distributed.checkpoint), besides its loader/RNG/scheduler state."""
+        import torch.distributed.checkpoint as dcp
+
+        step_dir = self.folder / f"step-{step:08d}"
+        dcp.save(_sharded_state(model, optimizer), checkpoint_id=step_dir / "sharded")
+        self.save(step, None, state, rank)
+
+    def load_sharded(
+        self,
+        step_dir: Path,
+        rank: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+    ) -> dict[str, Any]:
+        """Read an FSDP checkpoint into ``model`` and ``optimizer`` (same process count:
+        the fingerprint says so); returns this rank's loader/RNG/scheduler state."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        sharded = _sharded_state(model, optimizer)
+        dcp.load(sharded, checkpoint_id=step_dir / "sharded")
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=sharded["model"],
+            optim_state_dict=sharded["optimizer"],
+            options=StateDictOptions(ignore_frozen_params=True, strict=False),
+        )
+        path = step_dir / f"rank-{rank}.pt"
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        return state
+
     def load(self, step_dir: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         from safetensors.torch import load_file
 
@@ -495,6 +554,16 @@ class TrainCheckpoint:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The trainable weights and optimiser state as this rank's shards (DTensors)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    weights, optimiser_state = get_state_dict(
+        model, optimizer, options=StateDictOptions(ignore_frozen_params=True)
+    )
+    return {"model": weights, "optimizer": optimiser_state}
 
 
 def _sigterm_flag() -> tuple[list[bool], Any]:
@@ -581,15 +650,11 @@ def run(
         log.info("training from precomputed vision features: the vision tower does not run")
     sharded = fsdp and rank.world_size > 1
     if sharded:
-        if settings.lora_rank:
-            raise ValueError("train.fsdp with LoRA is not supported: use DDP for LoRA")
         forward = shard_fsdp(forward, model, on)
         # FSDP replaced the parameters with sharded ones: the optimiser takes those.
         trainable = [p for p in model.parameters() if p.requires_grad]
-        checkpoint_every = 0
         log.info(
-            "FSDP: parameters, gradients and optimiser state sharded over %d ranks; "
-            "resumable checkpoints are not written with FSDP",
+            "FSDP: parameters, gradients and optimiser state sharded over %d ranks",
             rank.world_size,
         )
     elif rank.world_size > 1:
@@ -633,6 +698,7 @@ def run(
             "vision_tower": vision_tower,
             "language_model": language_model,
             "processes": rank.world_size,
+            "fsdp": sharded,
         },
         checkpoint_every,
     )
@@ -640,11 +706,14 @@ def run(
     resume_from = checkpoint.latest()
     resumed_loader: dict[str, Any] | None = None
     if resume_from is not None:
-        weights, state = checkpoint.load(resume_from, rank.rank)
-        with torch.no_grad():
-            for name, parameter in named_trainable.items():
-                parameter.copy_(weights[name])
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded:
+            state = checkpoint.load_sharded(resume_from, rank.rank, forward, optimizer)
+        else:
+            weights, state = checkpoint.load(resume_from, rank.rank)
+            with torch.no_grad():
+                for name, parameter in named_trainable.items():
+                    parameter.copy_(weights[name])
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         history, step, tokens = state["history"], state["step"], state["tokens"]
@@ -710,25 +779,22 @@ def run(
                 history.append(entry)
                 log.info(json.dumps(entry))
                 stopping = _any_rank(stop[0])
-                if stopping and sharded:
-                    raise Interrupted(f"SIGTERM: stopped after step {step} (FSDP: no checkpoint)")
                 if checkpoint.due(step) or stopping:
-                    checkpoint.save(
-                        step,
-                        named_trainable,
-                        {
-                            "step": step,
-                            "epoch": epoch,
-                            "micro_done": micro + 1,
-                            "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(),
-                            "loader": loader.state_dict(),
-                            "rng": _rng_state(),
-                            "history": history,
-                            "tokens": tokens,
-                        },
-                        rank.rank,
-                    )
+                    state = {
+                        "step": step,
+                        "epoch": epoch,
+                        "micro_done": micro + 1,
+                        "scheduler": scheduler.state_dict(),
+                        "loader": loader.state_dict(),
+                        "rng": _rng_state(),
+                        "history": history,
+                        "tokens": tokens,
+                    }
+                    if sharded:
+                        checkpoint.save_sharded(step, forward, optimizer, state, rank.rank)
+                    else:
+                        state["optimizer"] = optimizer.state_dict()
+                        checkpoint.save(step, named_trainable, state, rank.rank)
                 if stopping:
                     raise Interrupted(f"SIGTERM: stopped after step {step}, checkpoint saved")
     finally:
@@ -748,6 +814,17 @@ def run(
     if not rank.is_main:
         distributed.finish()
         return history
+    if full_state is not None and settings.lora_rank:
+        # The sharded modules cannot merge adapters in place: load the gathered weights
+        # into an unsharded copy of the same model (with its adapters) and merge there.
+        model, _ = (
+            load_llava(init_from)
+            if init_from is not None
+            else build_llava(str(vision_tower), str(language_model), settings)
+        )
+        set_trainable(model, settings)
+        model.load_state_dict(full_state)
+        full_state = None
     model.eval()
     merge_lora(model)
     with atomic_dir(out_dir) as tmp:
