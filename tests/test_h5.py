@@ -196,6 +196,15 @@ def test_write_h5_layout(tmp_path: Path) -> None:
         assert f.attrs["n_examples"] == 2
 
 
+def test_write_h5_marks_a_text_only_sample_none(tmp_path: Path) -> None:
+    example = pack([0], 2, [], [7], IDS, max_seq_len=8)
+    assert example is not None
+    path = tmp_path / "mixed.h5"
+    h5.write_h5(path, [example, example], ["000000/a.jpg", None], 8)
+    with h5py.File(path, "r") as f:
+        assert f["img_path"][:, 0].tolist() == [b"000000/a.jpg", b"None"]
+
+
 def test_write_h5_without_examples(tmp_path: Path) -> None:
     path = tmp_path / "empty.h5"
     h5.write_h5(path, [], [], 8)

@@ -244,6 +244,35 @@ def test_h5_examples_pair_rows_with_their_images(
     assert tuple(item["pixel_values"].shape) == (3, 32, 32)
 
 
+def test_a_text_only_row_is_fed_a_black_image(
+    tmp_path: Path, demo_models: dict[str, str], h5_files: H5Files
+) -> None:
+    """Cerebras' convention: img_path ``None`` marks a text-only sample; the reader feeds a
+    black image, so its rows keep the patch slots and it trains like any other."""
+    from transformers import AutoImageProcessor
+
+    with h5py.File(h5_files.phase2.path, "r") as f:
+        data, paths = f["data"][:2], [f["img_path"][0, 0].decode(), None]
+    path = tmp_path / "mixed.h5"
+    h5.write_rows(path, data, paths)
+    with h5py.File(path, "r") as f:
+        assert f["img_path"][1, 0] == b"None"
+    image_processor = AutoImageProcessor.from_pretrained(demo_models["vision"])
+    dataset = train.H5Examples([H5Source(path, h5_files.phase2.image_root)], image_processor)
+    black = image_processor(images=Image.new("RGB", (32, 32)), return_tensors="pt")
+    assert torch.equal(dataset[1]["pixel_values"], black["pixel_values"][0])
+    assert not torch.equal(dataset[0]["pixel_values"], dataset[1]["pixel_values"])
+    assert dataset[1]["rows"].tolist() == data[1].tolist()
+    history = train.run(
+        [H5Source(path, h5_files.phase2.image_root)],
+        tmp_path / "model",
+        replace(PHASE1, epochs=1),
+        vision_tower=demo_models["vision"],
+        language_model=demo_models["lm"],
+    )
+    assert len(history) == 1 and math.isfinite(history[0]["loss"])
+
+
 # ---------------------------------------------------------------------------
 # run(): phase 1 then phase 2
 # ---------------------------------------------------------------------------

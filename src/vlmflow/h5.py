@@ -10,7 +10,7 @@ the model fills with projected vision features.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -136,7 +136,7 @@ def phase2_example(
 def write_h5(
     path: str | Path,
     examples: list[Example],
-    img_paths: list[str],
+    img_paths: Sequence[str | None],
     max_seq_len: int,
     extra: Callable[[h5py.File], None] | None = None,
 ) -> None:
@@ -150,10 +150,13 @@ def write_h5(
 
 
 VISION_FEATURES = "vision_features"
+# The img_path of a sample without an image (Cerebras' convention): readers feed a black
+# image in its place, so every row keeps the same patch slots.
+TEXT_ONLY = "None"
 
 
 def vision_features_writer(
-    vision_tower: str, feature_layer: int, image_root: Path, img_paths: list[str]
+    vision_tower: str, feature_layer: int, image_root: Path, img_paths: Sequence[str | None]
 ) -> Callable[[h5py.File], None]:
     """Writes dataset ``vision_features`` (n, num_patches, hidden) float16: the frozen
     vision tower's hidden state ``feature_layer`` of each image, CLS dropped (LLaVA's
@@ -164,7 +167,7 @@ def vision_features_writer(
         from transformers import AutoImageProcessor
 
         from vlmflow.models import device
-        from vlmflow.train import _vision_model, load_image, processor_side
+        from vlmflow.train import _vision_model, black_image, load_image, processor_side
 
         tower = _vision_model(vision_tower).to(device()).eval()
         processor = AutoImageProcessor.from_pretrained(vision_tower)
@@ -182,7 +185,12 @@ def vision_features_writer(
         side = processor_side(processor)  # decoded exactly as the training loader does
         for start in range(0, len(img_paths), batch_size):
             names = img_paths[start : start + batch_size]
-            images = [load_image(image_root / name, side) for name in names]
+            images = [
+                black_image(side)
+                if name in (None, TEXT_ONLY)
+                else load_image(image_root / name, side)
+                for name in names
+            ]
             pixels = processor(images=images, return_tensors="pt")["pixel_values"]
             with torch.inference_mode():
                 states = tower(pixels.to(tower.device), output_hidden_states=True).hidden_states
@@ -195,13 +203,17 @@ def vision_features_writer(
 def write_rows(
     path: str | Path,
     data: np.ndarray,
-    img_paths: list[str],
+    img_paths: Sequence[str | bytes | None],
     extra: Callable[[h5py.File], None] | None = None,
 ) -> None:
-    """Write packed rows ``data`` (n, 4, max_seq_len) and their image paths atomically;
-    ``extra`` adds further datasets to the file before it appears."""
+    """Write packed rows ``data`` (n, 4, max_seq_len) and their image paths atomically
+    (``None`` for a text-only sample is stored as ``b"None"``); ``extra`` adds further
+    datasets to the file before it appears."""
     max_seq_len = int(data.shape[2])
-    width = max([len(p.encode()) for p in img_paths], default=1)
+    encoded = [
+        p if isinstance(p, bytes) else (TEXT_ONLY if p is None else p).encode() for p in img_paths
+    ]
+    width = max([len(p) for p in encoded], default=1)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset(
             "data",
@@ -213,7 +225,7 @@ def write_rows(
         )
         f.create_dataset(
             "img_path",
-            data=np.array([[p.encode()] for p in img_paths], dtype=f"S{width}").reshape(-1, 1),
+            data=np.array([[p] for p in encoded], dtype=f"S{width}").reshape(-1, 1),
             chunks=True if img_paths else None,
             compression="gzip" if img_paths else None,
             maxshape=(None, 1),

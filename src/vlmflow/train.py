@@ -31,7 +31,7 @@ from torch.utils.data import Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from vlmflow import distributed
-from vlmflow.h5 import VISION_FEATURES
+from vlmflow.h5 import TEXT_ONLY, VISION_FEATURES
 from vlmflow.io import (
     INPUT_IDS,
     KEY_PADDING_MASK,
@@ -159,7 +159,11 @@ class H5Examples(Dataset[dict[str, torch.Tensor]]):
             for row, position in wanted:
                 rows[position] = torch.from_numpy(data[at[row]])
                 relative = paths[at[row]][0].decode()
-                images[position] = self._load_image(self.sources[number].image_root / relative)
+                images[position] = (
+                    black_image(self._target_side)
+                    if relative == TEXT_ONLY
+                    else self._load_image(self.sources[number].image_root / relative)
+                )
         if self.features:
             return [
                 {"rows": row, "vision_features": feature}
@@ -184,6 +188,12 @@ def load_image(path: Path, side: int) -> Image.Image:
     with Image.open(path) as img:
         img.draft("RGB", (side, side))
         return img.convert("RGB")
+
+
+def black_image(side: int) -> Image.Image:
+    """What a text-only sample (img_path ``None``) is fed: its rows keep the patch slots."""
+    side = min(side, 1024)  # processor_side's "unknown" is huge; the processor resizes anyway
+    return Image.new("RGB", (side, side))
 
 
 def processor_side(image_processor: Any) -> int:
