@@ -14,11 +14,13 @@ the h5 stage (vlmflow.h5.run_shard, phase-2 layout) and measures, in one run:
 The last line is ``ratio loader/step: X.XX`` (loader samples/s over step samples/s).
 
     .venv/bin/python benchmarks/h5_loader.py [--samples 512] [--batch-size 8] [--workers 0]
+        [--repeats 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -32,17 +34,20 @@ from vlmflow import h5, shapes, train
 from vlmflow.models import build_demo_language_model, build_demo_vision_tower
 
 
-def timed(iterable: Any, count_of: Any) -> float:
-    """Items per second over a full pass (after one warm-up item)."""
-    iterator = iter(iterable)
-    seen = count_of(next(iterator))
-    started = time.perf_counter()
-    counted = 0
-    for item in iterator:
-        counted += count_of(item)
-    seconds = time.perf_counter() - started
-    del seen
-    return counted / seconds
+def timed(make_iterable: Any, count_of: Any, repeats: int) -> float:
+    """Items per second: the median of ``repeats`` full passes over a fresh iterable (each
+    after one warm-up item). One pass of a few hundred samples lasts a fraction of a
+    second, so a single pass swings with whatever else the machine does."""
+    rates = []
+    for _ in range(repeats):
+        iterator = iter(make_iterable())
+        count_of(next(iterator))
+        started = time.perf_counter()
+        counted = 0
+        for item in iterator:
+            counted += count_of(item)
+        rates.append(counted / (time.perf_counter() - started))
+    return statistics.median(rates)
 
 
 def main() -> None:
@@ -52,6 +57,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20, help="training steps to time")
+    parser.add_argument("--repeats", type=int, default=5, help="passes per path (median)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,7 +91,7 @@ def main() -> None:
         loader = StatefulDataLoader(
             dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers
         )
-        loader_rate = timed(loader, lambda batch: len(batch["rows"]))
+        loader_rate = timed(lambda: loader, lambda batch: len(batch["rows"]), args.repeats)
 
         # The same samples from the WebDataset shard: decode, transform, tokenise, pack.
         tokenizer = processor.tokenizer
@@ -108,7 +114,7 @@ def main() -> None:
                 )
                 yield pixels, example
 
-        tar_rate = timed(from_tar(), lambda _: 1)
+        tar_rate = timed(from_tar, lambda _: 1, args.repeats)
 
         # The training step, fed from memory so only the step is timed.
         trainable = train.set_trainable(model, train.TrainSettings(phase=2))
@@ -132,11 +138,12 @@ def main() -> None:
                 optimizer.zero_grad(set_to_none=True)
                 yield len(batch["rows"])
 
-        step_rate = timed(steps(), lambda n: n)
+        step_rate = timed(steps, lambda n: n, args.repeats)
 
     print(
         f"\n{args.samples} samples, {args.image_size} px JPEG, batch {args.batch_size}, "
-        f"{args.workers} loader workers, {torch.get_num_threads()} CPU threads\n"
+        f"{args.workers} loader workers, {torch.get_num_threads()} CPU threads, "
+        f"median of {args.repeats} passes\n"
     )
     print(f"{'path':<44} {'samples/s':>10}")
     print(f"{'H5 loader (HDF5 rows + image decode/transform)':<44} {loader_rate:>10.1f}")

@@ -244,6 +244,27 @@ def test_h5_examples_pair_rows_with_their_images(
     assert tuple(item["pixel_values"].shape) == (3, 32, 32)
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_load_image_gives_pillows_draft_pixels(tmp_path: Path, mode: str) -> None:
+    """simplejpeg's DCT-scaled decode must be the very pixels of Pillow's draft mode (the
+    loader, the feature writer and eval all see an image alike); grey JPEGs come out RGB
+    and CMYK ones (which libjpeg-turbo cannot make RGB) go through Pillow."""
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray(rng.integers(0, 255, (300, 200, 3), dtype=np.uint8)).convert(mode)
+    path = tmp_path / "x.jpg"
+    picture.save(path, format="JPEG", quality=90)
+    decoded = train.load_image(path, 32)
+    with Image.open(path) as img:
+        img.draft("RGB", (32, 32))
+        expected = np.asarray(img.convert("RGB"))
+    assert decoded.shape == expected.shape == (75, 50, 3)  # 1/4 scale: both sides >= 32
+    assert decoded.dtype == np.uint8
+    assert np.array_equal(decoded, expected)
+    png = tmp_path / "x.png"
+    picture.convert("RGB").save(png)
+    assert train.load_image(png, 32).shape == (300, 200, 3)
+
+
 def test_a_text_only_row_is_fed_a_black_image(
     tmp_path: Path, demo_models: dict[str, str], h5_files: H5Files
 ) -> None:

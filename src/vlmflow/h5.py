@@ -191,7 +191,9 @@ def vision_features_writer(
                 else load_image(image_root / name, side)
                 for name in names
             ]
-            pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+            pixels = processor(
+                images=images, return_tensors="pt", input_data_format="channels_last"
+            )["pixel_values"]
             with torch.inference_mode():
                 states = tower(pixels.to(tower.device), output_hidden_states=True).hidden_states
             selected = states[feature_layer][:, 1:]
