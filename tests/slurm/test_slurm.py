@@ -125,6 +125,7 @@ class SlurmJob:
     tres: str
     mem_mb: int
     num_tasks: int
+    time_limit: str
 
     @property
     def name(self) -> str:
@@ -132,10 +133,10 @@ class SlurmJob:
 
 
 def _mem_mb(value: str) -> int:
-    match = re.fullmatch(r"(\d+)([MGT]?)", value)
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([MGT]?)", value)  # scontrol: 300M, 125G, 62.50G
     if not match:
         return 0
-    return int(match[1]) * {"": 1, "M": 1, "G": 1024, "T": 1024 * 1024}[match[2]]
+    return round(float(match[1]) * {"": 1, "M": 1, "G": 1024, "T": 1024 * 1024}[match[2]])
 
 
 def slurm_jobs(workdir: Path) -> list[SlurmJob]:
@@ -162,6 +163,7 @@ def slurm_jobs(workdir: Path) -> list[SlurmJob]:
                 tres=fields.get("TresPerJob", ""),
                 mem_mb=_mem_mb(fields.get("MinMemoryNode", "")),
                 num_tasks=int(fields.get("NumTasks", "1")),
+                time_limit=fields.get("TimeLimit", ""),
             )
         )
     return sorted(jobs, key=lambda job: job.id)
@@ -491,6 +493,44 @@ def scenario_caption_edited_and_snakemake_killed(workdir: Path) -> None:
         assert used == {config["caption"]["max_new_tokens"]}, path
 
 
+# README "Several shards in one Slurm job": the caption jobs of 3 shards in one group job
+# that holds one GPU and runs them one after another.
+GROUPED_CAPTIONS = (
+    "--groups",
+    "caption=gpu_batch",
+    "--group-components",
+    "gpu_batch=3",
+    "--resources",
+    "gpu=1",
+    "--resource-scopes",
+    "gpu=local",
+)
+
+
+def scenario_captions_grouped_into_one_job(workdir: Path) -> None:
+    """Small shards batched: three caption jobs in one Slurm job with one GPU, the summed
+    time limit and the largest memory; the same captions as one job per shard."""
+    captions = sorted(workdir.glob("results/*/captions/*.parquet"))
+    assert len(captions) == 3
+    expected = {path: parquet_keys(path) for path in captions}
+    for path in captions:
+        path.unlink()
+    before = slurm_jobs(workdir)
+    targets = [str(path.relative_to(workdir)) for path in captions]
+    ok(run(workdir, *GROUPED_CAPTIONS, *targets))
+    jobs = new_jobs(workdir, before)
+    assert len(jobs) == 1, jobs
+    (job,) = jobs
+    assert job.state == "COMPLETED" and job.tres == "gres:gpu:1", job
+    # caption's runtime is 120 min per attempt: three in series.
+    assert job.time_limit == "06:00:00", job
+    assert job.mem_mb == 64000, job
+    for path, keys in expected.items():
+        assert sorted(parquet_keys(path)) == sorted(keys), path
+    for rule_log in sorted((workdir / "logs/caption").rglob("*.log")):
+        assert f"Slurm job {job.id}," in rule_log.read_text(encoding="utf-8"), rule_log
+
+
 def _job_processes(job_id: int) -> list[int]:
     """The rule's own process (the script Snakemake runs) of a running job, if started."""
     listed = subprocess.run(
@@ -576,6 +616,9 @@ def scenarios(reference: Reference, tmp_path_factory: pytest.TempPathFactory) ->
         "killed": lambda: scenario_caption_edited_and_snakemake_killed(
             copy_workdir(reference.workdir, root / "killed")
         ),
+        "grouped": lambda: scenario_captions_grouped_into_one_job(
+            copy_workdir(reference.workdir, root / "grouped")
+        ),
     }
     results: dict[str, Any] = {}
     lock = threading.Lock()
@@ -620,6 +663,10 @@ def test_caption_edit_reruns_captions_on_and_a_killed_snakemake_resumes(
     scenarios: dict[str, Any],
 ) -> None:
     outcome(scenarios, "killed")
+
+
+def test_small_shards_run_as_one_group_job(scenarios: dict[str, Any]) -> None:
+    outcome(scenarios, "grouped")
 
 
 def test_chaos_kills_leave_results_identical_to_an_undisturbed_run(
