@@ -23,10 +23,10 @@ from typing import Any
 
 import pyarrow as pa
 import torch
-from tqdm import tqdm
 
 from vlmflow.attribute_text import parse_list
 from vlmflow.io import atomic_open, read_parquet_rows, write_rows_parquet
+from vlmflow.logs import progress_bar
 from vlmflow.metrics import sentence_encoder, soft_prf, strict_prf
 from vlmflow.models import device, num_image_tokens, pad_token_id
 from vlmflow.prompts import phase2_layout, special_token_ids
@@ -121,7 +121,7 @@ def one_shot(
     branches = max(settings.top_k)
     pad_id = pad_token_id(tokenizer)
     results = []
-    for sample in tqdm(samples, desc="eval one-shot", unit="image"):
+    for sample in progress_bar(samples, desc="eval one-shot", unit="image"):
         pixels = processor.image_processor(images=[sample.image()], return_tensors="pt")
         with torch.inference_mode():
             first = model(
@@ -173,7 +173,7 @@ def predict(model: Any, processor: Any, samples: list[Sample], settings: EvalSet
     pad_id = pad_token_id(tokenizer)
     answers: list[str] = []
     batches = range(0, len(samples), settings.batch_size)
-    for start in tqdm(batches, desc="eval", unit="batch"):
+    for start in progress_bar(batches, desc="eval", unit="batch"):
         batch = samples[start : start + settings.batch_size]
         input_ids = torch.tensor([prompt] * len(batch), device=model.device)
         pixels = processor.image_processor(images=[s.image() for s in batch], return_tensors="pt")

@@ -29,6 +29,7 @@ from vlmflow.io import (
     read_parquet_rows,
     write_json,
 )
+from vlmflow.logs import progress_bar
 from vlmflow.models import num_image_tokens, pad_token_id
 from vlmflow.prompts import phase2_layout
 from vlmflow.shards import iter_samples
@@ -285,7 +286,10 @@ def run_shard(
     }
     skipped: dict[str, int] = {}
     with atomic_dir(out_images) as image_dir:
-        for sample in iter_samples(shard_tar):
+        samples = iter_samples(shard_tar)
+        for sample in progress_bar(
+            samples, desc=f"h5 {shard_id}", unit="sample", total=len(attributes)
+        ):
             row = attributes.get(sample.key)
             failure = "missing_attributes" if row is None else row["failure"]
             if failure is not None:

@@ -29,6 +29,7 @@ import numpy as np
 
 from vlmflow.h5 import write_rows
 from vlmflow.io import atomic_dir, read_json, write_json
+from vlmflow.logs import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def shuffle_files(
     work = Path(work_dir) if work_dir else out.parent / f".{out.name}.parts"
     files = [Path(p) for p in inputs]
     max_seq_len: int | None = None
-    for index, path in enumerate(files):
+    for index, path in enumerate(progress_bar(files, desc="shuffle pass 1", unit="file")):
         part = work / f"{index:06d}"
         done = part / "done.json"
         if done.exists() and read_json(done) == {"input": str(path), "state": _state(path)}:
@@ -91,7 +92,7 @@ def shuffle_files(
 
     written = []
     with atomic_dir(out) as tmp:
-        for chunk in range(chunks):
+        for chunk in progress_bar(range(chunks), desc="shuffle pass 2", unit="chunk"):
             pieces = [
                 read_rows(work / f"{i:06d}" / f"chunk-{chunk:05d}.h5") for i in range(len(files))
             ]

@@ -51,6 +51,7 @@ import urllib3
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlmflow.io import atomic_open, jpeg_bytes, write_json
+from vlmflow.logs import progress_bar
 
 SUPPORTED_SUFFIXES = (".tsv", ".csv", ".parquet", ".jsonl")
 
@@ -988,7 +989,9 @@ def write_shard(
             # closing(): if writing fails, stop the downloads now rather than at GC.
             contextlib.closing(_results_in_order(jobs, settings)) as results,
         ):
-            for job, result in results:
+            for job, result in progress_bar(
+                results, desc=f"ingest {shard_id}", unit="row", total=len(jobs)
+            ):
                 if isinstance(result, _Failure):
                     failed[result.reason] = failed.get(result.reason, 0) + 1
                     failures.append(

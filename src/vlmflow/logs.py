@@ -6,8 +6,16 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
+
+from tqdm import tqdm
+
+T = TypeVar("T")
+# In a log file a bar is a line every so often, not a redraw 10 times a second.
+LOG_FILE_INTERVAL_S = 30.0
 
 
 @contextlib.contextmanager
@@ -37,3 +45,47 @@ def log_to(path: str | Path) -> Iterator[logging.Logger]:
             raise
         finally:
             root.removeHandler(handler)
+
+
+class _OneLinePerUpdate:
+    """A stream for tqdm that writes each refresh as its own line: tqdm redraws with
+    carriage returns, which a log file turns into one endless line."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").rstrip()
+        if line:
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(
+    iterable: Iterable[T] | None = None,
+    *,
+    desc: str,
+    unit: str,
+    total: int | None = None,
+    initial: int = 0,
+    disable: bool = False,
+) -> tqdm[T]:
+    """A tqdm bar on stderr (the job's log inside ``log_to``): redrawn in place on a
+    terminal, a line every 30 s (and at the end) in a file."""
+    stream = sys.stderr
+    if stream.isatty():
+        return tqdm(iterable, desc=desc, unit=unit, total=total, initial=initial, disable=disable)
+    return tqdm(
+        iterable,
+        desc=desc,
+        unit=unit,
+        total=total,
+        initial=initial,
+        disable=disable,
+        file=_OneLinePerUpdate(stream),
+        mininterval=LOG_FILE_INTERVAL_S,
+        ascii=True,
+        ncols=100,
+    )

@@ -30,9 +30,9 @@ from types import FrameType
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from vlmflow.io import atomic_open, stable_seed
+from vlmflow.logs import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def run_batches(
         with sigterm_raises():
             # Model-parallel ranks run the same batches: one progress bar is enough.
             quiet = progress.read_only
-            for batch in tqdm(todo, desc=desc, unit="batch", disable=quiet):
+            for batch in progress_bar(todo, desc=desc, unit="batch", disable=quiet):
                 rows = _run_or_split(batch, keys, run_batch, failed_row, seed)
                 progress.add(rows)
                 computed["batches"] += 1

@@ -44,6 +44,7 @@ from vlmflow.io import (
     read_json,
     write_json,
 )
+from vlmflow.logs import progress_bar
 from vlmflow.models import IMAGE, num_image_tokens, pad_token_id
 from vlmflow.progress import Interrupted
 
@@ -753,6 +754,13 @@ def run(
             first_epoch, first_micro, resumed_loader = first_epoch + 1, 0, None
         log.info("resuming from %s: step %d, epoch %d", resume_from, step, first_epoch)
     stop, previous_handler = _sigterm_flag()
+    bar = progress_bar(
+        total=total_steps,
+        initial=step,
+        desc=f"train phase {settings.phase}",
+        unit="step",
+        disable=not rank.is_main,
+    )
     try:
         model.train()
         for epoch in range(first_epoch, settings.epochs):
@@ -808,6 +816,8 @@ def run(
                 }
                 history.append(entry)
                 log.info(json.dumps(entry))
+                bar.set_postfix(loss=f"{entry['loss']:.4f}", refresh=False)
+                bar.update(1)
                 stopping = _any_rank(stop[0])
                 if checkpoint.due(step) or stopping:
                     state = {
@@ -828,6 +838,7 @@ def run(
                 if stopping:
                     raise Interrupted(f"SIGTERM: stopped after step {step}, checkpoint saved")
     finally:
+        bar.close()
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
 

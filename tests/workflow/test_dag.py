@@ -86,6 +86,25 @@ def test_full_run_writes_every_file_of_the_data_contract(workdir: Path) -> None:
         assert f.attrs["n_examples"] == f["data"].shape[0] == f["img_path"].shape[0]
 
 
+def test_every_long_running_job_logs_a_progress_bar(workdir: Path) -> None:
+    """tqdm bars in the job logs, as lines (not carriage returns), ending at 100 %."""
+    logs = {
+        "ingest": f"logs/ingest/{TRAIN}/000000.log",
+        "caption": f"logs/caption/{TRAIN}/000000.log",
+        "attributes phase1": f"logs/attributes_phase1/{TRAIN}/000000.log",
+        "attributes phase2": f"logs/attributes_phase2/{TRAIN}/000000.log",
+        "h5": f"logs/h5/{TRAIN}/000000.log",
+        "train phase 1": "logs/train/phase1.log",
+        "train phase 2": "logs/train/phase2.log",
+        "eval": f"logs/evaluate/{EVAL}.log",
+    }
+    for stage, relative in logs.items():
+        text = (workdir / relative).read_text(encoding="utf-8")
+        assert "\r" not in text, relative
+        bars = [line for line in text.splitlines() if "100%|" in line]
+        assert bars, f"{stage}: no finished progress bar in {relative}"
+
+
 def test_second_run_has_nothing_to_do(workdir: Path) -> None:
     dry = snakemake(workdir, "-n", "all")
     assert dry.returncode == 0, dry.stderr[-4000:]
