@@ -4,8 +4,12 @@ For each size, writes a copy of the workflow with a generated URL list (16 rows 
 one train dataset; nothing is downloaded) and times ``snakemake -n all`` with the local
 profile as its own process, reporting wall time and peak memory (the child's maximum
 resident set). Every train shard has five jobs (ingest, caption, two attribute phases,
-h5), so 10,000 shards is a DAG of about 50,000 jobs. The last line is
-``dry-run 10000 shards: X s``.
+h5), so 10,000 shards is a DAG of about 50,000 jobs.
+
+The baseline, measured in the same run: a bare Snakefile with the same DAG shape (five
+chained rules per shard, one file in and one out, no params, logs, benchmarks, conda
+envs or scripts), dry-run the same way: what Snakemake itself costs for that many jobs
+on this machine. The last line is ``dry-run 10000 shards: X s``.
 
     .venv/bin/python benchmarks/dag.py [--shards 1000 10000]
 """
@@ -56,13 +60,42 @@ def make_workdir(root: Path, shards: int) -> None:
         yaml.safe_dump(config, handle, sort_keys=False)
 
 
-def dry_run(root: Path) -> tuple[float, float, int]:
+BARE_STEPS = ["ingest", "caption", "attributes_phase1", "attributes_phase2", "h5"]
+
+
+def make_bare_workdir(root: Path, shards: int) -> None:
+    """The baseline: the same number of shards and jobs per shard, nothing else."""
+    lines = [
+        f"SHARDS = [f'{{i:06d}}' for i in range({shards})]",
+        "",
+        "rule all:",
+        "    input:",
+        f"        expand('out/{BARE_STEPS[-1]}/{{shard}}', shard=SHARDS),",
+        "",
+    ]
+    previous = None
+    for step in BARE_STEPS:
+        lines += [f"rule {step}:"]
+        if previous:
+            lines += ["    input:", f"        'out/{previous}/{{shard}}',"]
+        lines += [
+            "    output:",
+            f"        'out/{step}/{{shard}}',",
+            "    shell:",
+            "        'touch {output}'",
+            "",
+        ]
+        previous = step
+    (root / "Snakefile").write_text("\n".join(lines), encoding="utf-8")
+
+
+def dry_run(root: Path, *options: str) -> tuple[float, float, int]:
     """Seconds, peak MiB of the snakemake process and its job count."""
     snakemake = str(Path(sys.executable).parent / "snakemake")
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     started = time.perf_counter()
     done = subprocess.run(
-        [snakemake, "--profile", "profiles/local", "-n", "all", "--quiet", "rules"],
+        [snakemake, *options, "-n", "all", "--quiet", "rules"],
         cwd=root,
         capture_output=True,
         text=True,
@@ -89,14 +122,28 @@ def main() -> None:
     for shards in sorted(args.shards):
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
+            make_bare_workdir(root, shards)
+            bare_seconds, _, bare_jobs = dry_run(root, "--cores", "1")
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
             make_workdir(root, shards)
-            seconds, peak, jobs = dry_run(root)
-        rows.append((shards, jobs, seconds, peak))
-        print(f"{shards} shards: {jobs} jobs, {seconds:.1f} s, peak {peak:.0f} MiB", flush=True)
-    print(f"\n{'shards':>7} {'jobs':>7} {'seconds':>8} {'peak MiB':>9}")
-    for shards, jobs, seconds, peak in rows:
-        print(f"{shards:>7} {jobs:>7} {seconds:>8.1f} {peak:>9.0f}")
-    shards, _, seconds, _ = rows[-1]
+            seconds, peak, jobs = dry_run(root, "--profile", "profiles/local")
+        rows.append((shards, jobs, seconds, peak, bare_jobs, bare_seconds))
+        print(
+            f"{shards} shards: {jobs} jobs, {seconds:.1f} s, peak {peak:.0f} MiB; "
+            f"bare Snakefile {bare_jobs} jobs, {bare_seconds:.1f} s",
+            flush=True,
+        )
+    print(
+        f"\n{'shards':>7} {'jobs':>7} {'seconds':>8} {'peak MiB':>9} "
+        f"{'bare jobs':>10} {'bare s':>7} {'vs bare':>8}"
+    )
+    for shards, jobs, seconds, peak, bare_jobs, bare_seconds in rows:
+        print(
+            f"{shards:>7} {jobs:>7} {seconds:>8.1f} {peak:>9.0f} "
+            f"{bare_jobs:>10} {bare_seconds:>7.1f} {seconds / bare_seconds:>7.2f}x"
+        )
+    shards, _, seconds, _, _, _ = rows[-1]
     print(f"dry-run {shards} shards: {seconds:.1f} s")
 
 
