@@ -1,0 +1,23 @@
+"""The ``vlmflow`` command: ``vlmflow status`` (more subcommands may join it)."""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {"status": "where a run stands: shards, samples, stale outputs, failed jobs"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help") or args[0] not in COMMANDS:
+        lines = ["usage: vlmflow COMMAND [options]", "", "commands:"]
+        lines += [f"  {name:<8} {text}" for name, text in COMMANDS.items()]
+        print("\n".join(lines), file=sys.stdout if args[:1] in (["-h"], ["--help"]) else sys.stderr)
+        return 0 if args[:1] in (["-h"], ["--help"]) else 2
+    from vlmflow import status
+
+    return status.main(args[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
