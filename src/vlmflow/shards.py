@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,19 @@ class Sample:
 def iter_samples(tar_path: str | Path) -> Iterator[Sample]:
     """Yield the samples of one shard in their stored order."""
     dataset = wds.WebDataset(str(tar_path), shardshuffle=False, empty_check=False)
-    for record in dataset:
+    records = iter(dataset)
+    while True:
+        try:
+            record = next(records)
+        except StopIteration:
+            return
+        except tarfile.ReadError as error:
+            # A truncated or overwritten shard: say which file, not tarfile's internals.
+            reason = str(error.args[0] if error.args else error).split(" @ ", 1)[0]
+            raise ValueError(
+                f"{tar_path}: damaged WebDataset shard ({reason}); "
+                "delete it and rerun its ingest job"
+            ) from error
         key = record["__key__"]
         image_ext = next((ext for ext in IMAGE_EXTS if ext in record), None)
         missing = [ext for ext in ("txt", "json") if ext not in record]

@@ -71,7 +71,10 @@ def test_status_of_a_half_finished_run(tmp_path: Path) -> None:
     assert job["rule"] == "caption"
     assert job["outputs"] == ["results/photos/captions/000001.parquet"]
     assert job["log"] == "logs/caption/photos/000001.log"
-    assert "ReadError" in job["last_error"]
+    assert job["last_error"].endswith(
+        "results/photos/shards/000001.tar: damaged WebDataset shard (unexpected end of data); "
+        "delete it and rerun its ingest job"
+    )
 
     # An edited setting: Snakemake's own reason shows up for exactly that rule's outputs.
     config = load_config(workdir)
