@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 COMMANDS = {"status": "where a run stands: shards, samples, stale outputs, failed jobs"}
@@ -16,7 +17,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args[:1] in (["-h"], ["--help"]) else 2
     from vlmflow import status
 
-    return status.main(args[1:])
+    try:
+        return status.main(args[1:])
+    except BrokenPipeError:
+        # The reader went away (`vlmflow status | head`): not an error of ours.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python flushes it at exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -1,18 +1,30 @@
 """``vlmflow status``: where a run stands, per dataset and stage, at a glance.
 
-What is done, stale or missing comes from Snakemake's own ``--summary`` (the same
-decision ``snakemake all`` would take, with its reason: "missing", "params changed",
-"updated input files", "code changed" ...); how many samples each finished shard kept or
-lost comes from the stage outputs themselves (ingest stats, the ``failure`` column of
-caption and attribute tables, the h5 shard parameters); and why a job failed comes from
-Snakemake's run logs (``.snakemake/log``: each "Error in rule" block names the job's log
-file), reported while that job's outputs are still not up to date, with the last error
-line of its log.
+Three sources, each the one that owns the fact:
+
+- What is done, stale or missing, and why: Snakemake's own ``--detailed-summary`` (the
+  same decision ``snakemake all`` would take: "missing", "params changed", "updated input
+  files", "rule implementation changed", "set of input files changed"). A file that
+  exists but whose job will run again only because an upstream job will has status "ok"
+  and plan "update pending" there; its recorded input files (the detailed column) say
+  which, and it is reported as "input files updated by another job", Snakemake's words in
+  a dry run. ``--summary`` ignores Snakemake's incomplete markers (``.snakemake/incomplete``:
+  a job started and has not finished, because it is running now or Snakemake was killed),
+  so they are read here, and such outputs count as neither done nor trustworthy.
+- How many samples each finished shard kept or lost: the stage outputs themselves (ingest
+  stats, the ``failure`` column of caption and attribute tables and phase 2's
+  ``phase2_failure``, the h5 shard parameters).
+- Why a job failed: Snakemake's run logs (``.snakemake/log/*.snakemake.log``), whose
+  "Error in rule" blocks name the job's outputs and log file. A failure counts while one
+  of its outputs is still missing or incomplete: Snakemake deletes the outputs of a failed
+  job, so outputs that exist again were made by a later, successful run.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import json
 import re
 import shutil
@@ -38,6 +50,8 @@ SINGLE_STAGES = ["train_phase1", "train_phase2", "evaluate", "metrics_table"]
 # results/<dataset>/<anything>/<shard>[.<ext>]
 _SHARD_PATH = re.compile(r"^results/(?P<dataset>[^/]+)/(?:[^/]+/)*(?P<shard>[^/.]+)(?:\.[^/]*)?$")
 UP_TO_DATE = "no update"
+UPSTREAM = "input files updated by another job"
+INCOMPLETE = "incomplete (its job is running, or was killed)"
 
 
 class StatusError(Exception):
@@ -46,7 +60,7 @@ class StatusError(Exception):
 
 @dataclass(frozen=True)
 class SummaryRow:
-    """One line of ``snakemake --summary``."""
+    """One line of ``snakemake --summary`` (``inputs`` only from ``--detailed-summary``)."""
 
     output: str
     date: str
@@ -54,6 +68,7 @@ class SummaryRow:
     log: str
     status: str
     plan: str
+    inputs: tuple[str, ...] = ()
 
     @property
     def exists(self) -> bool:
@@ -75,6 +90,9 @@ class StageStatus:
     samples_ok: int = 0
     samples_failed: int = 0
     failure_reasons: dict[str, int] = field(default_factory=dict)
+    # Phase 2 only: samples kept with their phase-1 attributes because the phase-2 answer
+    # failed (the phase2_failure column), counted in samples_ok, by reason.
+    phase1_only: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -85,6 +103,16 @@ class FailedJob:
     last_error: str
 
 
+@dataclass(frozen=True)
+class ShardSamples:
+    """Samples of one finished shard of a stage."""
+
+    ok: int = 0
+    failed: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    phase1_only: dict[str, int] = field(default_factory=dict)
+
+
 @dataclass
 class Status:
     workdir: str
@@ -92,18 +120,20 @@ class Status:
     singles: list[dict[str, str]]
     stale: dict[str, dict[str, list[str]]]  # rule -> reason -> outputs
     failed: list[FailedJob]
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
 # ---------------------------------------------------------------------------
-# Snakemake's summary
+# Snakemake's summary and incomplete markers
 # ---------------------------------------------------------------------------
 
 
 def parse_summary(text: str) -> list[SummaryRow]:
-    """The rows of ``snakemake --summary`` (tab-separated, with a header line)."""
+    """The rows of ``snakemake --summary`` or ``--detailed-summary`` (tab-separated,
+    with a header line; other lines Snakemake prints around it are skipped)."""
     lines = [line for line in text.splitlines() if line.strip()]
     header_at = next((i for i, line in enumerate(lines) if line.startswith("output_file\t")), None)
     if header_at is None:
@@ -113,12 +143,13 @@ def parse_summary(text: str) -> list[SummaryRow]:
     missing = [name for name in wanted if name not in header]
     if missing:
         raise StatusError(f"snakemake --summary table lacks columns {missing}: {header}")
-    at = {name: header.index(name) for name in wanted}
+    at = {name: header.index(name) for name in [*wanted, "input-file(s)"] if name in header}
     rows = []
     for line in lines[header_at + 1 :]:
         cells = line.split("\t")
         if len(cells) != len(header):
             continue  # a warning line Snakemake printed among the rows
+        inputs = cells[at["input-file(s)"]] if "input-file(s)" in at else "-"
         rows.append(
             SummaryRow(
                 output=cells[at["output_file"]],
@@ -127,9 +158,33 @@ def parse_summary(text: str) -> list[SummaryRow]:
                 log=cells[at["log-file(s)"]],
                 status=cells[at["status"]],
                 plan=cells[at["plan"]],
+                inputs=tuple(p for p in inputs.split(",") if p and inputs != "-"),
             )
         )
     return rows
+
+
+def read_incomplete(workdir: Path) -> set[str]:
+    """Outputs that Snakemake marked as started but not finished.
+
+    Snakemake's file persistence keeps one marker per output under
+    ``.snakemake/incomplete``, named by the urlsafe base64 of the output's path and cut
+    into folder levels (each but the last prefixed with "@") when longer than a file name
+    may be.
+    """
+    root = workdir / ".snakemake" / "incomplete"
+    outputs: set[str] = set()
+    if not root.is_dir():
+        return outputs
+    for marker in root.rglob("*"):
+        if not marker.is_file() or marker.name == "migration_underway":
+            continue
+        encoded = "".join(part.removeprefix("@") for part in marker.relative_to(root).parts)
+        try:
+            outputs.add(base64.urlsafe_b64decode(encoded.encode()).decode())
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            continue  # not a marker of this Snakemake version
+    return outputs
 
 
 def snakemake_executable() -> str:
@@ -144,17 +199,47 @@ def snakemake_executable() -> str:
 
 
 def run_summary(workdir: Path, snakemake_args: list[str]) -> list[SummaryRow]:
-    """Ask Snakemake (without taking its lock, so it works during a run)."""
+    """Ask Snakemake (without taking its lock, so it works during a run).
+
+    Like every Snakemake run that is not a dry run, this leaves a (one-line) run log in
+    ``.snakemake/log``.
+    """
+    if not workdir.is_dir():
+        raise StatusError(f"{workdir}: no such folder")
     if not (workdir / "Snakefile").exists() and not (workdir / "workflow/Snakefile").exists():
         raise StatusError(
             f"{workdir}: no Snakefile here; run vlmflow status in the workflow folder"
         )
-    argv = [snakemake_executable(), "--summary", "--nolock", *snakemake_args]
-    done = subprocess.run(argv, cwd=workdir, capture_output=True, text=True, check=False)
+    argv = [snakemake_executable(), "--detailed-summary", "--nolock", *snakemake_args]
+    try:
+        done = subprocess.run(argv, cwd=workdir, capture_output=True, text=True, check=False)
+    except OSError as error:
+        raise StatusError(f"could not run {argv[0]}: {error}") from None
     if done.returncode != 0:
-        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
-        raise StatusError(f"snakemake --summary failed in {workdir}:\n{tail}")
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        tail = "\n".join(f"  {line}" for line in lines[-10:])
+        raise StatusError(
+            f"snakemake --detailed-summary failed in {workdir}: {last_error_of(lines)}\n"
+            f"Its last lines:\n{tail}"
+        )
     return parse_summary(done.stdout)
+
+
+def stale_reason(row: SummaryRow, pending: set[str], incomplete: set[str]) -> str | None:
+    """Why an existing output will be made again, or None if it is done or missing."""
+    if not row.exists:
+        return None
+    if row.output in incomplete:
+        return INCOMPLETE
+    if row.up_to_date:
+        return None
+    if row.status != "ok":
+        return row.status
+    if any(path in pending for path in row.inputs):
+        return UPSTREAM
+    # Pending for a reason --summary does not show: another output of the same job is
+    # missing, or the run is forced.
+    return "another output of its job is missing"
 
 
 # ---------------------------------------------------------------------------
@@ -167,34 +252,42 @@ def shard_of(path: str) -> tuple[str, str] | None:
     return (match["dataset"], match["shard"]) if match else None
 
 
-def count_samples(rule: str, outputs: list[Path]) -> tuple[int, int, Counter[str]]:
-    """(ok, failed, failures by reason) of one finished shard of a stage."""
-    reasons: Counter[str] = Counter()
+def count_samples(rule: str, outputs: list[Path]) -> ShardSamples:
+    """Samples kept and lost (by reason) in one finished shard of a stage."""
     if rule == "ingest":
         for path in outputs:
             if path.name.endswith(".stats.json"):
                 stats = json.loads(path.read_text(encoding="utf-8"))
-                reasons.update(stats.get("failed", {}))
-                return int(stats["ok"]), sum(reasons.values()), reasons
+                reasons = {str(k): int(v) for k, v in stats.get("failed", {}).items()}
+                return ShardSamples(int(stats["ok"]), sum(reasons.values()), reasons)
     elif rule in ("caption", "attributes_phase1", "attributes_phase2"):
         import pyarrow.parquet as pq
 
         for path in outputs:
             if path.suffix == ".parquet":
-                failures = pq.read_table(path, columns=["failure"]).column("failure").to_pylist()
-                reasons.update(_reason(f) for f in failures if f is not None)
+                table = pq.read_table(path)
+                failures = table.column("failure").to_pylist()
+                reasons = Counter(_reason(f) for f in failures if f is not None)
+                phase1_only: Counter[str] = Counter()
+                if "phase2_failure" in table.column_names:
+                    kept = zip(failures, table.column("phase2_failure").to_pylist(), strict=True)
+                    phase1_only.update(_reason(p2) for f, p2 in kept if f is None and p2)
                 failed = sum(reasons.values())
-                return len(failures) - failed, failed, reasons
+                return ShardSamples(
+                    len(failures) - failed, failed, dict(reasons), dict(phase1_only)
+                )
     elif rule == "h5":
         for path in outputs:
             if path.suffix == ".json" and path.parent.name == "shards":
                 params = json.loads(path.read_text(encoding="utf-8"))
-                reasons.update(params.get("skipped", {}))
+                reasons = Counter({str(k): int(v) for k, v in params.get("skipped", {}).items()})
                 too_long = int(params["phase1"].get("discarded_too_long", 0))
                 if too_long:
                     reasons["too_long"] += too_long
-                return int(params["phase1"]["n_examples"]), sum(reasons.values()), reasons
-    return 0, 0, reasons
+                return ShardSamples(
+                    int(params["phase1"]["n_examples"]), sum(reasons.values()), dict(reasons)
+                )
+    return ShardSamples()
 
 
 def _reason(failure: str) -> str:
@@ -237,36 +330,62 @@ def parse_error_blocks(text: str) -> list[tuple[str, list[str], str]]:
 
 
 _PROGRESS = re.compile(r"\d+%\|")
+# An exception ("ValueError: ...", "torch.OutOfMemoryError: ..."), a logged error
+# ("... ERROR vlmflow: ...", "slurmstepd: error: ..."), or a kill.
+_ERROR_LINE = re.compile(
+    r"^(?:[\w.]+(?:Error|Exception|Exit|Interrupt)\b|.*\b(?:ERROR|CRITICAL)\b|.*\berror:|"
+    r".*\b(?:Killed|CANCELLED|oom-kill|TIME LIMIT)\b)"
+)
 
 
 def last_error_line(log: Path) -> str:
-    """The last line of a job log that is not blank, a progress bar or a traceback frame:
-    for a Python job, the exception and its message."""
+    """The last line of a job log that reads as an error (for a Python job, the exception
+    and its message), else its last line that is not blank, a progress bar or a traceback
+    frame."""
     try:
         lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return f"(log {log} not readable)"
-    for line in reversed(lines):
-        text = line.strip()
-        if not text or _PROGRESS.search(text) or text.startswith(("File ", "^", "~")):
-            continue
-        return text
-    return "(empty log)"
+    return last_error_of(lines) or "(empty log)"
 
 
-def failed_jobs(workdir: Path, rows: Iterable[SummaryRow]) -> list[FailedJob]:
-    """Jobs whose last run failed and whose outputs are still not up to date."""
-    up_to_date = {row.output for row in rows if row.up_to_date}
+def last_error_of(lines: list[str]) -> str:
+    """The last error line of some output (see last_error_line), or ""."""
+    meaningful = [
+        text
+        for text in (line.strip() for line in lines)
+        if text and not _PROGRESS.search(text) and not text.startswith(("File ", "^", "~"))
+    ]
+    for text in reversed(meaningful):
+        if _ERROR_LINE.match(text):
+            return text
+    return meaningful[-1] if meaningful else ""
+
+
+def failed_jobs(
+    workdir: Path, rows: Iterable[SummaryRow], incomplete: set[str] | None = None
+) -> list[FailedJob]:
+    """Jobs whose last run failed and which have not been made since: one of their outputs
+    is missing or incomplete."""
+    incomplete = incomplete or set()
+    exists = {row.output: row.exists for row in rows}
     latest: dict[tuple[str, tuple[str, ...]], tuple[str, list[str], str]] = {}
     run_logs = sorted((workdir / ".snakemake" / "log").glob("*.snakemake.log"))
-    for run_log in run_logs:  # oldest first: a later failure of the same job replaces it
+    for run_log in run_logs:  # named by start time: a later failure of the same job wins
         text = run_log.read_text(encoding="utf-8", errors="replace")
         for rule, outputs, log in parse_error_blocks(text):
             latest[(rule, tuple(outputs))] = (rule, outputs, log)
+
+    def made(output: str) -> bool:
+        present = exists.get(output)
+        if present is None:  # not in this DAG (made for another target): ask the disk
+            present = (workdir / output).exists()
+        return present and output not in incomplete
+
     failed = []
     for rule, outputs, log in latest.values():
-        if outputs and all(output in up_to_date for output in outputs):
-            continue  # fixed since
+        if not outputs or all(made(output) for output in outputs):
+            continue
         last = last_error_line(workdir / log) if log else "(the job has no log file)"
         failed.append(FailedJob(rule, outputs, log, last))
     return failed
@@ -277,20 +396,25 @@ def failed_jobs(workdir: Path, rows: Iterable[SummaryRow]) -> list[FailedJob]:
 # ---------------------------------------------------------------------------
 
 
-def collect(workdir: Path, rows: list[SummaryRow]) -> Status:
+def collect(workdir: Path, rows: list[SummaryRow], incomplete: set[str] | None = None) -> Status:
+    incomplete = incomplete or set()
+    pending = {row.output for row in rows if not row.up_to_date or row.output in incomplete}
     per_shard: dict[tuple[str, str, str], list[SummaryRow]] = {}
     singles = []
     stale: dict[str, dict[str, list[str]]] = {}
+    warnings: list[str] = []
     for row in rows:
-        if row.exists and not row.up_to_date:
-            stale.setdefault(row.rule, {}).setdefault(row.status, []).append(row.output)
+        reason = stale_reason(row, pending, incomplete)
+        if reason is not None:
+            stale.setdefault(row.rule, {}).setdefault(reason, []).append(row.output)
         if row.rule in SHARD_RULES:
             where = shard_of(row.output)
             if where is not None:
                 per_shard.setdefault((row.rule, *where), []).append(row)
         elif row.rule in SINGLE_STAGES:
-            state = "done" if row.up_to_date else ("stale" if row.exists else "missing")
+            state = "missing" if not row.exists else ("stale" if row.output in pending else "done")
             singles.append({"rule": row.rule, "output": row.output, "state": state})
+    singles.sort(key=lambda single: SINGLE_STAGES.index(single["rule"]))
     datasets = sorted({dataset for _, dataset, _ in per_shard})
     stages = []
     for dataset in datasets:
@@ -304,21 +428,31 @@ def collect(workdir: Path, rows: list[SummaryRow]) -> Status:
                 continue
             stage = StageStatus(dataset, label, rule, shards_total=len(shards))
             reasons: Counter[str] = Counter()
+            phase1_only: Counter[str] = Counter()
             for shard_rows in shards.values():
-                if all(row.up_to_date for row in shard_rows):
-                    stage.shards_done += 1
-                elif all(row.exists for row in shard_rows):
+                if not all(row.exists for row in shard_rows):
+                    continue
+                if any(row.output in pending for row in shard_rows):
                     stage.shards_stale += 1
-                if all(row.exists for row in shard_rows):
-                    ok, failed, why = count_samples(
-                        rule, [workdir / row.output for row in shard_rows]
-                    )
-                    stage.samples_ok += ok
-                    stage.samples_failed += failed
-                    reasons.update(why)
+                else:
+                    stage.shards_done += 1
+                if any(row.output in incomplete for row in shard_rows):
+                    continue  # half-written: its counts mean nothing yet
+                try:
+                    samples = count_samples(rule, [workdir / row.output for row in shard_rows])
+                except (OSError, ValueError, KeyError, TypeError) as error:
+                    files = ", ".join(row.output for row in shard_rows)
+                    warnings.append(f"{rule} {files}: samples not readable ({error})")
+                    continue
+                stage.samples_ok += samples.ok
+                stage.samples_failed += samples.failed
+                reasons.update(samples.reasons)
+                phase1_only.update(samples.phase1_only)
             stage.failure_reasons = dict(reasons.most_common())
+            stage.phase1_only = dict(phase1_only.most_common())
             stages.append(stage)
-    return Status(str(workdir), stages, singles, stale, failed_jobs(workdir, rows))
+    failed = failed_jobs(workdir, rows, incomplete)
+    return Status(str(workdir), stages, singles, stale, failed, warnings)
 
 
 def render(status: Status, examples: int = 3) -> str:
@@ -329,11 +463,14 @@ def render(status: Status, examples: int = 3) -> str:
     )
     out += [header, "-" * len(header)]
     for stage in status.stages:
-        reasons = ", ".join(f"{k} {v}" for k, v in stage.failure_reasons.items())
+        reasons = [f"{k} {v}" for k, v in stage.failure_reasons.items()]
+        if stage.phase1_only:
+            kept = ", ".join(f"{k} {v}" for k, v in stage.phase1_only.items())
+            reasons.append(f"(kept with phase-1 attributes only: {kept})")
         out.append(
             f"{stage.dataset:<16} {stage.stage:<20} "
             f"{f'{stage.shards_done}/{stage.shards_total}':>11} {stage.shards_stale:>6} "
-            f"{stage.samples_ok:>11} {stage.samples_failed:>7}  {reasons}"
+            f"{stage.samples_ok:>11} {stage.samples_failed:>7}  {', '.join(reasons)}".rstrip()
         )
     if status.singles:
         out += ["", "Whole-run steps:"]
@@ -351,6 +488,8 @@ def render(status: Status, examples: int = 3) -> str:
     for job in status.failed:
         out.append(f"  {job.rule} -> {', '.join(job.outputs) or '?'}")
         out.append(f"    {job.log or '(no log)'}: {job.last_error}")
+    if status.warnings:
+        out += ["", "Warnings:", *(f"  {warning}" for warning in status.warnings)]
     return "\n".join(out)
 
 
@@ -358,21 +497,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="vlmflow status",
         description="Shards done per dataset and stage, samples kept and lost, what is "
-        "stale and why (Snakemake's --summary), and why failed jobs failed.",
+        "stale and why (Snakemake's --detailed-summary), and why failed jobs failed.",
     )
     parser.add_argument("--directory", "-d", type=Path, default=Path.cwd(), help="workflow folder")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument(
+        "--profile", help="passed to snakemake (a profile that sets config or a configfile)"
+    )
+    parser.add_argument(
+        "--configfile", nargs="+", default=[], help="passed to snakemake: the run's config"
+    )
+    parser.add_argument(
         "snakemake_args",
         nargs=argparse.REMAINDER,
-        help="after --: passed to snakemake --summary (e.g. --configfile other.yaml)",
+        help="after --: passed to snakemake --detailed-summary (e.g. --config seed=1)",
     )
     args = parser.parse_args(argv)
     extra = [a for a in args.snakemake_args if a != "--"]
+    if args.profile:
+        extra = ["--profile", args.profile, *extra]
+    if args.configfile:
+        extra = ["--configfile", *args.configfile, *extra]
     workdir = args.directory.resolve()
     try:
         rows = run_summary(workdir, extra)
-        status = collect(workdir, rows)
+        status = collect(workdir, rows, read_incomplete(workdir))
     except StatusError as error:
         print(f"vlmflow status: {error}", file=sys.stderr)
         return 2
