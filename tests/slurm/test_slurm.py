@@ -502,7 +502,7 @@ GROUPED_CAPTIONS = (
     "gpu_batch=3",
     "--resources",
     "gpu=1",
-    "--resource-scopes",
+    "--set-resource-scopes",
     "gpu=local",
 )
 
@@ -517,7 +517,8 @@ def scenario_captions_grouped_into_one_job(workdir: Path) -> None:
         path.unlink()
     before = slurm_jobs(workdir)
     targets = [str(path.relative_to(workdir)) for path in captions]
-    ok(run(workdir, *GROUPED_CAPTIONS, *targets))
+    # Targets first: --set-resource-scopes takes every argument after it.
+    ok(run(workdir, *targets, *GROUPED_CAPTIONS))
     jobs = new_jobs(workdir, before)
     assert len(jobs) == 1, jobs
     (job,) = jobs
