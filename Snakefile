@@ -17,6 +17,7 @@ include: "rules/attributes.smk"
 include: "rules/h5.smk"
 include: "rules/train.smk"
 include: "rules/eval.smk"
+include: "rules/report.smk"
 
 
 localrules:

@@ -68,3 +68,61 @@ rule dialog_samples:
         entries=config["report"]["dialog_samples"],
     script:
         "../workflow/scripts/inspect_samples.py"
+
+
+localrules:
+    attribute_stats,
+    parse_failures,
+
+
+rule attribute_stats:
+    input:
+        unpack(get_attribute_files),
+    output:
+        top=report(
+            "results/{dataset}/report/top_attributes.png",
+            caption="../workflow/report/top_attributes.rst",
+            category="Attributes",
+            labels={
+                "dataset": "{dataset}",
+                "figure": f"top {config['report']['top_attributes']} attributes",
+            },
+        ),
+        per_image=report(
+            "results/{dataset}/report/attributes_per_image.png",
+            caption="../workflow/report/attributes_per_image.rst",
+            category="Attributes",
+            labels={"dataset": "{dataset}", "histogram": "attributes per image"},
+        ),
+    log:
+        "logs/attribute_stats/{dataset}.log",
+    benchmark:
+        "results/benchmarks/attribute_stats/{dataset}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    params:
+        top=config["report"]["top_attributes"],
+    script:
+        "../workflow/scripts/attribute_stats.py"
+
+
+rule parse_failures:
+    input:
+        unpack(get_attribute_files),
+    output:
+        report(
+            "results/{dataset}/report/parse_failures.html",
+            caption="../workflow/report/parse_failures.rst",
+            category="Attributes",
+            labels={"dataset": "{dataset}", "table": "parse failures"},
+        ),
+    log:
+        "logs/parse_failures/{dataset}.log",
+    benchmark:
+        "results/benchmarks/parse_failures/{dataset}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    params:
+        examples=config["report"]["failure_examples"],
+    script:
+        "../workflow/scripts/parse_failures.py"

@@ -44,3 +44,27 @@ rule caption_gallery:
         entries=config["report"]["gallery_size"],
     script:
         "../workflow/scripts/inspect_samples.py"
+
+
+localrules:
+    caption_lengths,
+
+
+rule caption_lengths:
+    input:
+        get_caption_files,
+    output:
+        report(
+            "results/{dataset}/report/caption_lengths.png",
+            caption="../workflow/report/caption_lengths.rst",
+            category="Captions",
+            labels={"dataset": "{dataset}", "histogram": "caption length"},
+        ),
+    log:
+        "logs/caption_lengths/{dataset}.log",
+    benchmark:
+        "results/benchmarks/caption_lengths/{dataset}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../workflow/scripts/caption_lengths.py"

@@ -208,6 +208,38 @@ def get_h5_params(wildcards):
     )
 
 
+def get_caption_files(wildcards):
+    return expand(
+        "results/{dataset}/captions/{shard}.parquet",
+        dataset=wildcards.dataset,
+        shard=get_shard_ids(wildcards.dataset),
+    )
+
+
+def get_attribute_files(wildcards):
+    """Every phase-1 and phase-2 attribute parquet of a dataset."""
+    return {
+        phase: expand(
+            "results/{dataset}/attributes/{phase}/{shard}.parquet",
+            dataset=wildcards.dataset,
+            phase=phase,
+            shard=get_shard_ids(wildcards.dataset),
+        )
+        for phase in ("phase1", "phase2")
+    }
+
+
+def get_funnel_inputs(wildcards):
+    """Every per-shard output a dataset's funnel counts; h5 ones for train datasets only."""
+    in_h5 = wildcards.dataset in config["train_datasets"]
+    return {
+        "stats": get_ingest_stats(wildcards),
+        "captions": get_caption_files(wildcards),
+        **get_attribute_files(wildcards),
+        "h5": get_h5_params(wildcards) if in_h5 else [],
+    }
+
+
 def get_train_inputs(phase):
     """Every phase-N HDF5 file of the train datasets, with their image folders."""
     files, images = [], []
@@ -294,9 +326,26 @@ def get_h5_phase_files(wildcards):
     )
 
 
+# The report items of each dataset, under results/{dataset}/report/.
+REPORT_FILES = [
+    "funnel.html",
+    "funnel.png",
+    "gallery.html",
+    "caption_lengths.png",
+    "top_attributes.png",
+    "attributes_per_image.png",
+    "parse_failures.html",
+    "dialogs.html",
+]
+
+
 def get_final_outputs():
     """Every file of the data contract, so that a deleted one is made again."""
-    outputs = ["results/eval/metrics.tsv", "results/train/loss.png"]
+    outputs = [
+        "results/eval/metrics.tsv",
+        "results/eval/metrics.html",
+        "results/train/loss.png",
+    ]
     per_shard = [
         "results/{dataset}/shards/{shard}.tar",
         "results/{dataset}/shards/{shard}.stats.json",
@@ -308,9 +357,9 @@ def get_final_outputs():
         outputs.append(f"results/{dataset}/ingest_summary.tsv")
         if get_shard_ids(dataset):
             outputs += expand(
-                "results/{dataset}/report/{page}.html",
+                "results/{dataset}/report/{name}",
                 dataset=dataset,
-                page=["gallery", "dialogs"],
+                name=REPORT_FILES,
             )
         outputs += expand(per_shard, dataset=dataset, shard=get_shard_ids(dataset))
     for dataset in config["train_datasets"]:

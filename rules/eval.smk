@@ -39,3 +39,27 @@ rule metrics_table:
         "../envs/torch.yaml"
     script:
         "../workflow/scripts/metrics_table.py"
+
+
+localrules:
+    metrics_page,
+
+
+rule metrics_page:
+    input:
+        "results/eval/metrics.tsv",
+    output:
+        report(
+            "results/eval/metrics.html",
+            caption="../workflow/report/eval.rst",
+            category="Eval",
+            labels={"page": "R/P/F1@k per dataset and k"},
+        ),
+    log:
+        "logs/metrics_page/metrics_page.log",
+    benchmark:
+        "results/benchmarks/metrics_page/metrics_page.tsv"
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../workflow/scripts/metrics_page.py"

@@ -115,3 +115,53 @@ def save_config(workdir: Path, config: dict[str, Any]) -> None:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_workdir(tmp_path_factory.mktemp("workflow"))
+
+
+# Headless Chromium opens the report as a user's browser would. Without the background
+# networking switches it tries to reach Google's services, which a closed network refuses.
+CHROMIUM_SWITCHES = [
+    "--headless",
+    "--no-sandbox",  # the tests run as root
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+]
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium, installed with apt-get when missing (the tests run as root)."""
+    found = shutil.which("chromium")
+    if found:
+        return found
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
+    steps = []
+    for command in (install, ["apt-get", "update"], install):
+        step = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        steps.append(step)
+        if command is install and step.returncode == 0:
+            break  # installed without refreshing the package lists
+    found = shutil.which("chromium")
+    if not found:
+        pytest.fail(
+            "chromium is missing and `apt-get install chromium` failed: " + steps[-1].stderr[-2000:]
+        )
+    return found
+
+
+def run_chromium(
+    chromium: str, page: Path, user_data: Path, *switches: str
+) -> subprocess.CompletedProcess[str]:
+    """Open ``page`` in a fresh headless profile; ``--dump-dom`` prints the DOM on stdout."""
+    return subprocess.run(
+        [chromium, *CHROMIUM_SWITCHES, f"--user-data-dir={user_data}", *switches, page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )

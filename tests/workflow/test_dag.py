@@ -7,14 +7,27 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import html as htmllib
+import json
+import re
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import h5py
 import pyarrow.parquet as pq
 import pytest
 
-from tests.workflow.conftest import job_counts, job_outputs, load_config, save_config, snakemake
+from tests.workflow.conftest import (
+    REPO,
+    job_counts,
+    job_outputs,
+    load_config,
+    run_chromium,
+    save_config,
+    snakemake,
+)
 
 pytestmark = pytest.mark.workflow
 
@@ -33,6 +46,12 @@ ONE_SHARD_CHAIN = {
     "evaluate": 1,
     "loss_plot": 1,
     "metrics_table": 1,
+    "metrics_page": 1,
+    # The dataset's report items that count every shard.
+    "funnel": 1,
+    "caption_lengths": 1,
+    "attribute_stats": 1,
+    "parse_failures": 1,
     "all": 1,
 }
 
@@ -49,6 +68,12 @@ def contract_files(workdir: Path) -> list[Path]:
                 workdir / f"results/{dataset}/attributes/phase2/{shard}.parquet",
                 workdir / f"results/{dataset}/report/gallery.html",
                 workdir / f"results/{dataset}/report/dialogs.html",
+                workdir / f"results/{dataset}/report/funnel.html",
+                workdir / f"results/{dataset}/report/funnel.png",
+                workdir / f"results/{dataset}/report/caption_lengths.png",
+                workdir / f"results/{dataset}/report/top_attributes.png",
+                workdir / f"results/{dataset}/report/attributes_per_image.png",
+                workdir / f"results/{dataset}/report/parse_failures.html",
                 workdir / f"logs/caption/{dataset}/{shard}.log",
                 workdir / f"results/benchmarks/caption/{dataset}/{shard}.tsv",
             ]
@@ -66,6 +91,7 @@ def contract_files(workdir: Path) -> list[Path]:
         workdir / "results/train/phase2/metrics.jsonl",
         workdir / "results/train/loss.png",
         workdir / "results/eval/metrics.tsv",
+        workdir / "results/eval/metrics.html",
     ]
     return files
 
@@ -170,6 +196,7 @@ def test_changing_a_training_setting_reruns_only_training_and_eval(workdir: Path
         "evaluate": 1,
         "loss_plot": 1,
         "metrics_table": 1,
+        "metrics_page": 1,
         "all": 1,
     }
 
@@ -202,16 +229,141 @@ def test_editing_a_row_reruns_only_its_shard(workdir: Path) -> None:
     assert ingest.startswith("results/photos/shards/000001.tar")
 
 
-def test_report_includes_the_eval_table_ingest_stats_loss_curve_and_samples(
-    workdir: Path,
+# Each category's items in the report, by the label the report lists them under.
+REPORT_ITEMS = {
+    "Ingest": {
+        "results/{dataset}/ingest_summary.tsv": "shards",
+        "results/{dataset}/report/funnel.html": "funnel and failures",
+        "results/{dataset}/report/funnel.png": "funnel and failures",
+    },
+    "Captions": {
+        "results/{dataset}/report/gallery.html": "gallery",
+        "results/{dataset}/report/caption_lengths.png": "caption length",
+    },
+    "Attributes": {
+        "results/{dataset}/report/top_attributes.png": "top 50 attributes",
+        "results/{dataset}/report/attributes_per_image.png": "attributes per image",
+        "results/{dataset}/report/parse_failures.html": "parse failures",
+        "results/{dataset}/report/dialogs.html": "dialog samples",
+    },
+    "Training": {"results/train/loss.png": "loss and learning rate"},
+    "Eval": {
+        "results/eval/metrics.tsv": "R/P/F1@k",
+        "results/eval/metrics.html": "R/P/F1@k per dataset and k",
+    },
+}
+# A resource a page would fetch: <script src=...>, <link href=...>, <img src=...>, url(...).
+FETCHED_URL = re.compile(
+    r"""(?:\b(?:src|href|srcset)\s*=\s*["']?|url\(\s*["']?|@import\s+["'])https?:""", re.I
+)
+SCREENSHOT = REPO / "test-artifacts" / "report.png"
+# Run inside the report (a copy): list each category's items as the navigation bar shows
+# them, and the resources the page loaded; then open the Ingest funnel for the screenshot.
+PROBE = """
+<script>
+(function () {
+  const seen = {};
+  const names = Object.keys(categories).sort();
+  let index = -1;
+  function step() {
+    if (index < 0) seen.__menu = document.querySelector("nav").innerText;
+    else seen[names[index]] = document.querySelector("nav").innerText;
+    index += 1;
+    if (index < names.length) {
+      // Back to the menu first, as a user clicks: the item list is built when it mounts.
+      app.setView({ navbarMode: "menu" });
+      setTimeout(() => app.showCategory(names[index]), 200);
+      setTimeout(step, 400);
+      return;
+    }
+    seen.__resources = performance.getEntriesByType("resource").map((entry) => entry.name);
+    const probe = document.createElement("pre");
+    probe.id = "vlmflow-probe";
+    probe.hidden = true;
+    probe.textContent = JSON.stringify(seen);
+    document.body.appendChild(probe);
+    app.setView({ navbarMode: "menu" });
+    setTimeout(() => app.showCategory("Ingest"), 200);
+    setTimeout(function () {
+      const shown = "results/photos/report/funnel.png";
+      app.setView({ content: "img", contentPath: results[shown].data_uri, resultPath: shown });
+    }, 400);
+  }
+  window.addEventListener("load", () => setTimeout(step, 200));
+})();
+</script>
+"""
+
+
+def report_json(page: str, name: str) -> Any:
+    """The ``var NAME = {...};`` data the report's app renders from."""
+    match = re.search(rf"<script id=\"{name}\">\s*var {name} = (.*?);\s*</script>", page, re.S)
+    assert match, f"no {name} data in the report"
+    return json.loads(match[1])
+
+
+def test_report_shows_every_category_with_its_items_and_needs_no_network(
+    workdir: Path, chromium: str, tmp_path: Path
 ) -> None:
     run = snakemake(workdir, "--report", "results/report.html", "all")
     assert run.returncode == 0, run.stderr[-4000:]
-    html = (workdir / "results/report.html").read_text(encoding="utf-8")
-    for name in ("metrics.tsv", "ingest_summary.tsv", "loss.png", "gallery.html", "dialogs.html"):
-        assert name in html
-    for category in ("Ingest", "Captions", "Attributes"):
-        assert category in html
+    report = (workdir / "results/report.html").read_text(encoding="utf-8")
+
+    # Every item is in its category, with its caption rendered for its dataset.
+    categories, results = report_json(report, "categories"), report_json(report, "results")
+    for category, items in REPORT_ITEMS.items():
+        listed = {path for paths in categories[category].values() for path in paths}
+        for pattern in items:
+            datasets = (TRAIN, EVAL) if "{dataset}" in pattern else (None,)
+            for dataset in datasets:
+                path = pattern.format(dataset=dataset)
+                assert path in listed, f"{path} is not under {category}"
+                assert results[path]["caption"].strip(), f"{path} has no caption"
+                if dataset:
+                    assert dataset in results[path]["caption"], path
+
+    # Nothing is fetched: neither the report nor the pages it embeds name a URL to load.
+    pages = [workdir / "results/report.html", workdir / "results/eval/metrics.html"]
+    pages += sorted(workdir.glob("results/*/report/*.html"))
+    for page in pages:
+        found = FETCHED_URL.search(page.read_text(encoding="utf-8"))
+        assert found is None, f"{page.name} fetches {found[0]!r}"
+
+    # The report as a browser shows it: the menu, and each category's list of items.
+    probe_page = tmp_path / "report.html"
+    head, body_end, tail = report.rpartition("</body>")  # the script text has others
+    probe_page.write_text(head + PROBE + body_end + tail, encoding="utf-8")
+    budget = "--virtual-time-budget=15000"
+    dom = run_chromium(chromium, probe_page, tmp_path / "profile-dom", budget, "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-4000:]
+    match = re.search(r'<pre id="vlmflow-probe" hidden="">(.*?)</pre>', dom.stdout, re.S)
+    assert match, "the report's app did not render (no probe output)"
+    seen = json.loads(htmllib.unescape(match[1]))
+    for category in REPORT_ITEMS:
+        assert category in seen["__menu"].splitlines(), category
+    for category, items in REPORT_ITEMS.items():
+        rows: Counter[str] = Counter()  # label -> rows listing it (one per dataset)
+        for pattern, label in items.items():
+            rows[label] += 2 if "{dataset}" in pattern else 1
+        for label, count in rows.items():
+            listed = seen[category].count(label)
+            assert listed >= count, f"{category} lists {label!r} {listed} times, not {count}"
+        if category not in ("Training", "Eval"):
+            assert TRAIN in seen[category] and EVAL in seen[category], category
+    assert not [url for url in seen["__resources"] if url.startswith(("http:", "https:"))]
+
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    SCREENSHOT.unlink(missing_ok=True)
+    shot = run_chromium(
+        chromium,
+        probe_page,
+        tmp_path / "profile-shot",
+        budget,
+        f"--screenshot={SCREENSHOT}",
+        "--window-size=1400,900",
+    )
+    assert shot.returncode == 0, shot.stderr[-4000:]
+    assert SCREENSHOT.read_bytes().startswith(b"\x89PNG")
 
 
 def test_slurm_profile_dry_run_needs_no_cluster_and_asks_gpus_for_model_rules(
