@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmflow.attribute_text import clean_vlm_caption, phase1_prompt, phase2_prompt
-from vlmflow.io import atomic_open, read_parquet_rows
+from vlmflow.io import atomic_open, html_page, read_parquet_rows
 from vlmflow.shards import iter_samples
 
 STYLE = """
@@ -29,14 +29,6 @@ img { max-width: 224px; max-height: 224px; }
 pre { white-space: pre-wrap; margin: 0; max-width: 60em; }
 .failure { color: #b00; }
 """
-
-
-def _page(title: str, body: str) -> str:
-    return (
-        "<!doctype html>\n<html><head><meta charset='utf-8'>"
-        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>"
-        f"<body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n"
-    )
 
 
 def _text(value: Any) -> str:
@@ -84,7 +76,7 @@ def write_gallery(
         "<th>final attributes</th></tr>\n" + "\n".join(rows) + "\n</table>"
     )
     with atomic_open(out_html) as handle:
-        handle.write(_page(title, table))
+        handle.write(html_page(title, table, STYLE))
     return len(rows)
 
 
@@ -126,7 +118,7 @@ def write_dialogs(
     ]
     sections.append(_dialog_table("Phase 2: parts of compound phrases", pairs))
     with atomic_open(out_html) as handle:
-        handle.write(_page(title, "\n".join(sections)))
+        handle.write(html_page(title, "\n".join(sections), STYLE))
     return len(phase1[:count]) + len(phase2[:count])
 
 

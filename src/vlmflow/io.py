@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import html
 import io
 import json
 import os
@@ -122,3 +123,18 @@ def jpeg_bytes(image: Any, quality: int = 90) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
+
+
+def failure_reason(failure: str) -> str:
+    """A failure's reason without its detail: ``generation_error: CUDA out of memory`` ->
+    ``generation_error`` (stage outputs write ``reason: detail``)."""
+    return failure.split(":", 1)[0].strip() or "unknown"
+
+
+def html_page(title: str, body: str, style: str) -> str:
+    """A self-contained report page: inline CSS, no scripts, nothing fetched."""
+    return (
+        "<!doctype html>\n<html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>{style}</style></head>"
+        f"<body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n"
+    )

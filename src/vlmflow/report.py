@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlmflow.ingest import IngestError, summarize_stats
-from vlmflow.io import atomic_open, read_json
+from vlmflow.io import atomic_open, failure_reason, html_page, read_json
 from vlmflow.plots import (
     plot_attributes_per_image,
     plot_caption_lengths,
@@ -84,15 +84,6 @@ class ReportError(ValueError):
     """A stage output the report cannot use: the message names the file and field."""
 
 
-def html_page(title: str, body: str) -> str:
-    """A self-contained page: inline CSS, no scripts, nothing fetched."""
-    return (
-        "<!doctype html>\n<html><head><meta charset='utf-8'>"
-        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>"
-        f"<body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n"
-    )
-
-
 def _cell(value: Any) -> str:
     if value is None:
         return "<td class='n'>&ndash;</td>"
@@ -114,11 +105,6 @@ def html_table(
         for number, row in enumerate(totals)
     ]
     return f"<table><tr>{head}</tr>\n" + "\n".join(body) + "\n</table>"
-
-
-def failure_reason(failure: str) -> str:
-    """``generation_error: CUDA out of memory`` -> ``generation_error``."""
-    return failure.split(":", 1)[0].strip() or "unknown"
 
 
 def read_columns(path: str | Path, columns: Sequence[str], what: str) -> list[dict[str, Any]]:
@@ -348,7 +334,7 @@ def write_funnel_page(funnels: Sequence[Funnel], dataset: str, out_html: str | P
         f"{failure_table}"
     )
     with atomic_open(out_html) as handle:
-        handle.write(html_page(f"{dataset}: funnel and failures", body))
+        handle.write(html_page(f"{dataset}: funnel and failures", body, STYLE))
 
 
 # --- captions and attributes -------------------------------------------------------------
@@ -493,7 +479,7 @@ def write_parse_failures_page(
         f"attributes.</p>\n{table}"
     )
     with atomic_open(out_html) as handle:
-        handle.write(html_page(f"{dataset}: attribute parse failures", body))
+        handle.write(html_page(f"{dataset}: attribute parse failures", body, STYLE))
 
 
 def _shorten(text: str, limit: int = 400, lines: int = 12) -> str:
@@ -559,7 +545,7 @@ def write_metrics_page(metrics_tsv: str | Path, out_html: str | Path) -> None:
         f"singularising), averaged over <code>n_images</code> images.</p>\n{table}"
     )
     with atomic_open(out_html) as handle:
-        handle.write(html_page("Eval: R/P/F1@k per dataset and k", body))
+        handle.write(html_page("Eval: R/P/F1@k per dataset and k", body, STYLE))
 
 
 # --- the report items, as the rules write them --------------------------------------------

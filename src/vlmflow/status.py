@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlmflow.io import failure_reason
+
 # Per-shard stages in pipeline order: (rule, label).
 SHARD_STAGES = [
     ("ingest", "ingest"),
@@ -267,11 +269,11 @@ def count_samples(rule: str, outputs: list[Path]) -> ShardSamples:
             if path.suffix == ".parquet":
                 table = pq.read_table(path)
                 failures = table.column("failure").to_pylist()
-                reasons = Counter(_reason(f) for f in failures if f is not None)
+                reasons = Counter(failure_reason(f) for f in failures if f is not None)
                 phase1_only: Counter[str] = Counter()
                 if "phase2_failure" in table.column_names:
                     kept = zip(failures, table.column("phase2_failure").to_pylist(), strict=True)
-                    phase1_only.update(_reason(p2) for f, p2 in kept if f is None and p2)
+                    phase1_only.update(failure_reason(p2) for f, p2 in kept if f is None and p2)
                 failed = sum(reasons.values())
                 return ShardSamples(
                     len(failures) - failed, failed, dict(reasons), dict(phase1_only)
@@ -288,11 +290,6 @@ def count_samples(rule: str, outputs: list[Path]) -> ShardSamples:
                     int(params["phase1"]["n_examples"]), sum(reasons.values()), dict(reasons)
                 )
     return ShardSamples()
-
-
-def _reason(failure: str) -> str:
-    """A failure's reason without its detail ("generation_error: CUDA out of memory")."""
-    return failure.split(":", 1)[0].strip()
 
 
 # ---------------------------------------------------------------------------
