@@ -7,6 +7,7 @@ import json
 import math
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -719,10 +720,17 @@ def _metrics(folder: Path) -> list[tuple[int, float, float]]:
     return [(e["step"], e["loss"], e["lr"]) for e in map(json.loads, lines)]
 
 
-def _stop_by_sigterm_and_relaunch(tmp_path: Path, job: Any) -> tuple[Path, list[str]]:
-    """Launch ``job`` on 2 processes, SIGTERM the whole launch (as Slurm signals a job)
-    once its first checkpoint is complete, check it stopped with a checkpoint, then
-    relaunch it to the end; returns the output folder and the checkpoint's files."""
+def _stop_by_sigterm_and_relaunch(
+    tmp_path: Path, make_job: Callable[[str], train.TrainJob]
+) -> tuple[Path, list[str]]:
+    """Run ``make_job("reference")`` on 2 processes undisturbed; launch
+    ``make_job("stopped")`` the same way, SIGTERM the whole launch (as Slurm signals a
+    job) once its first checkpoint is complete, check it stopped with a checkpoint, then
+    relaunch it to the end; returns the stopped job's output folder and the checkpoint's
+    files."""
+    with open(tmp_path / "reference.log", "w", encoding="utf-8") as handle:
+        train.launch(make_job("reference"), TWO_PROCESSES, handle)
+    job = make_job("stopped")
     import subprocess
     import time
 
@@ -776,9 +784,7 @@ def test_two_processes_stopped_by_sigterm_resume_with_the_same_losses(
             checkpoint_every=3,
         )
 
-    with open(tmp_path / "reference.log", "w", encoding="utf-8") as handle:
-        train.launch(job("reference"), TWO_PROCESSES, handle)
-    stopped, files = _stop_by_sigterm_and_relaunch(tmp_path, job("stopped"))
+    stopped, files = _stop_by_sigterm_and_relaunch(tmp_path, job)
     assert files == ["complete.json", "rank-0.pt", "rank-1.pt", "trainable.safetensors"]
     assert _metrics(stopped) == _metrics(tmp_path / "reference")
     assert len(_metrics(stopped)) == 36
@@ -803,9 +809,7 @@ def test_fsdp_stopped_by_sigterm_resumes_from_sharded_checkpoints(
             fsdp=True,
         )
 
-    with open(tmp_path / "reference.log", "w", encoding="utf-8") as handle:
-        train.launch(job("reference"), TWO_PROCESSES, handle)
-    stopped, files = _stop_by_sigterm_and_relaunch(tmp_path, job("stopped"))
+    stopped, files = _stop_by_sigterm_and_relaunch(tmp_path, job)
     # No rank holds whole weights: no trainable.safetensors, the shards instead.
     assert files == ["complete.json", "rank-0.pt", "rank-1.pt", "sharded"]
     assert _metrics(stopped) == _metrics(tmp_path / "reference")
