@@ -9,7 +9,10 @@ h5), so 10,000 shards is a DAG of about 50,000 jobs.
 The baseline, measured in the same run: a bare Snakefile with the same DAG shape (five
 chained rules per shard, one file in and one out, no params, logs, benchmarks, conda
 envs or scripts), dry-run the same way: what Snakemake itself costs for that many jobs
-on this machine. The last line is ``dry-run 10000 shards: X s``.
+on this machine. Also measured: Snakemake's start-up alone (``snakemake --version``, which
+loads the same executor plugins; the Slurm plugin asks ``scontrol`` for the cluster's
+settings when it loads, which takes about 9 s on a machine whose Slurm controller is
+down). The last line is ``dry-run 10000 shards: X s``.
 
     .venv/bin/python benchmarks/dag.py [--shards 1000 10000]
 """
@@ -114,10 +117,20 @@ def dry_run(root: Path, *options: str) -> tuple[float, float, int]:
     return seconds, max(peak, before) / 1024, jobs
 
 
+def start_up_seconds() -> float:
+    """Wall time of a Snakemake that only starts: imports and executor plugins."""
+    snakemake = str(Path(sys.executable).parent / "snakemake")
+    started = time.perf_counter()
+    subprocess.run([snakemake, "--version"], capture_output=True, check=True)
+    return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, nargs="+", default=[1000, 10000])
     args = parser.parse_args()
+    start_up = start_up_seconds()
+    print(f"snakemake start-up (snakemake --version): {start_up:.1f} s", flush=True)
     rows = []
     for shards in sorted(args.shards):
         with tempfile.TemporaryDirectory() as tmp:
