@@ -340,7 +340,12 @@ REPORT_FILES = [
 
 
 def get_final_outputs():
-    """Every file of the data contract, so that a deleted one is made again."""
+    """Every file of the data contract, so that a deleted one is made again.
+
+    Per-shard files are listed although per-dataset steps read them all: Snakemake
+    remakes a missing file only for a job that has to run or for a target, so a deleted
+    shard file whose readers are up to date would otherwise stay missing.
+    """
     outputs = [
         "results/eval/metrics.tsv",
         "results/eval/metrics.html",
@@ -378,6 +383,14 @@ def get_final_outputs():
             "results/{dataset}/h5/{phase}/{shard}.h5",
             dataset=dataset,
             phase=["phase1", "phase2"],
+            shard=get_shard_ids(dataset),
+        )
+        outputs += expand(
+            [
+                "results/{dataset}/h5/images/{shard}",
+                "results/{dataset}/h5/shards/{shard}.json",
+            ],
+            dataset=dataset,
             shard=get_shard_ids(dataset),
         )
     return outputs

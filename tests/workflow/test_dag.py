@@ -137,6 +137,36 @@ def test_second_run_has_nothing_to_do(workdir: Path) -> None:
     assert job_counts(dry.stdout + dry.stderr) == {}
 
 
+def test_any_missing_per_shard_file_is_made_again(workdir: Path) -> None:
+    # Snakemake remakes a missing file only for a target or a job that has to run:
+    # per-dataset steps reading every shard's files do not bring a deleted one back
+    # while their own outputs are up to date. `all` has to list each kind.
+    producers = {
+        f"results/{TRAIN}/shards/000000.tar": "ingest",
+        f"results/{EVAL}/shards/000000.stats.json": "ingest",
+        f"results/{EVAL}/captions/000000.parquet": "caption",
+        f"results/{TRAIN}/attributes/phase1/000001.parquet": "attributes_phase1",
+        f"results/{EVAL}/attributes/phase2/000000.parquet": "attributes_phase2",
+        f"results/{TRAIN}/h5/phase1/000001.h5": "h5",
+        f"results/{TRAIN}/h5/phase2/000000.h5": "h5",
+        f"results/{TRAIN}/h5/shards/000001.json": "h5",
+        f"results/{TRAIN}/h5/images/000000": "h5",
+    }
+    # One file at a time: with several gone, one shard's remade chain would hide a
+    # file nothing downstream asks for.
+    for relative, rule in producers.items():
+        path = workdir / relative
+        aside = path.with_name(path.name + ".aside")
+        path.rename(aside)  # rename keeps the mtime, so putting it back changes nothing
+        try:
+            dry = snakemake(workdir, "-n", "all")
+        finally:
+            aside.rename(path)
+        assert dry.returncode == 0, dry.stderr[-4000:]
+        outputs = job_outputs(dry.stdout + dry.stderr, rule)
+        assert any(relative in line for line in outputs), (relative, outputs)
+
+
 def test_deleting_one_caption_file_reruns_that_shard_chain_and_the_aggregates(
     workdir: Path,
 ) -> None:
