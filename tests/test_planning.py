@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 
 def run_python(code: str) -> str:
     done = subprocess.run(
@@ -17,30 +19,26 @@ def run_python(code: str) -> str:
     return done.stdout
 
 
-def test_only_the_old_generation_waits_longer() -> None:
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        # Only the old generation waits longer; the young ones keep their settings.
+        ("700, 10, 10", ["700", "10", "1000"]),
+        # A higher old-generation threshold set by the user is kept.
+        ("700, 10, 5000", ["700", "10", "5000"]),
+    ],
+)
+def test_the_old_generation_is_collected_rarely(before: str, after: list[str]) -> None:
     out = run_python(
-        """
+        f"""
         import gc
-        gc.set_threshold(700, 10, 10)
+        gc.set_threshold({before})
         from vlmflow.planning import relax_garbage_collector
         relax_garbage_collector()
         print(*gc.get_threshold())
         """
     )
-    assert out.split() == ["700", "10", "1000"]
-
-
-def test_a_higher_old_threshold_set_by_the_user_is_kept() -> None:
-    out = run_python(
-        """
-        import gc
-        gc.set_threshold(700, 10, 5000)
-        from vlmflow.planning import relax_garbage_collector
-        relax_garbage_collector()
-        print(*gc.get_threshold())
-        """
-    )
-    assert out.split() == ["700", "10", "5000"]
+    assert out.split() == after
 
 
 def test_what_is_alive_at_exit_is_frozen_before_the_final_collection() -> None:
