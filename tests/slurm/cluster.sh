@@ -78,11 +78,15 @@ CONF
 
 start() {
   install
+  # Daemons of an earlier start that failed or whose run was cut off.
+  stop
   configure
   : >"$PIDS"
   runuser -u munge -- munged --force
   pgrep -u munge -x munged >>"$PIDS"
-  slurmctld -i
+  # -c: begin with no jobs. Jobs saved by a run that was cut off would otherwise be
+  # recovered, hold the fake GPUs and keep the node from becoming idle.
+  slurmctld -c -i
   sleep 0.5
   cat "$STATE/slurmctld.pid" >>"$PIDS"
   slurmd -N localhost
@@ -106,6 +110,13 @@ stop() {
   scancel --user=root 2>/dev/null || true
   tac "$PIDS" | while read -r pid; do
     kill "$pid" 2>/dev/null || true
+  done
+  # Wait for them to exit, so that a start right after finds the ports free.
+  for pid in $(cat "$PIDS"); do
+    for _ in $(seq 1 50); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.2
+    done
   done
   rm -f "$PIDS"
 }

@@ -98,7 +98,12 @@ RUN_TIMEOUT = 900
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    subprocess.run([str(CLUSTER), "start"], check=True, timeout=300)
+    try:
+        subprocess.run([str(CLUSTER), "start"], check=True, timeout=300)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        # A failed start leaves whatever daemons it started: stop them before failing.
+        subprocess.run([str(CLUSTER), "stop"], check=False, timeout=60)
+        raise
     yield None
     subprocess.run([str(CLUSTER), "stop"], check=False, timeout=60)
     kill_leftovers(tmp_path_factory.getbasetemp())
