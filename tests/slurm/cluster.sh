@@ -3,15 +3,24 @@
 # scenarios can run side by side), a `cpu` and a `gpu` partition (the names profiles/slurm uses), no accounting daemon.
 #
 #   tests/slurm/cluster.sh start   install (apt) if needed, configure, start, wait for idle
-#   tests/slurm/cluster.sh stop    stop the daemons this script started, by PID
+#   tests/slurm/cluster.sh stop    stop the daemons this script started, by PID, and put
+#                                  back the machine's own Slurm config
 #
 # Needs root (it writes /etc/slurm, /etc/munge and /dev/fake-gpu*). The config must sit at
 # /etc/slurm/slurm.conf: the executor plugin strips SLURM_* variables inside jobs, so a
-# SLURM_CONF pointing elsewhere would break the inner srun.
+# SLURM_CONF pointing elsewhere would break the inner srun. So start keeps the machine's
+# own slurm.conf, gres.conf and cgroup.conf aside, and stop puts them back (or removes
+# the test's, if the machine had none). A test config left behind would point every later
+# scontrol at a controller that is gone: the Slurm executor plugin's scontrol call would
+# then add its 10 s timeout to the start-up of every Snakemake on the machine.
 set -euo pipefail
 
 STATE=${VLMFLOW_SLURM_STATE:-/tmp/vlmflow-slurm}
 PIDS="$STATE/pids"
+SAVED="$STATE/etc-slurm"
+CONFIG_FILES="slurm.conf gres.conf cgroup.conf"
+# The first line of the test's slurm.conf: how stop and start tell it from the machine's.
+TEST_CLUSTER="ClusterName=vlmflow-test"
 
 install() {
   if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
@@ -20,8 +29,37 @@ install() {
   fi
 }
 
+save_machine_config() {
+  mkdir -p /etc/slurm "$SAVED"
+  # A test config here was left by a run of this script from before it restored
+  # configs: there is nothing of the machine's to keep.
+  if grep -qx "$TEST_CLUSTER" /etc/slurm/slurm.conf 2>/dev/null; then
+    return 0
+  fi
+  for name in $CONFIG_FILES; do
+    if [ -e "/etc/slurm/$name" ]; then
+      cp -p "/etc/slurm/$name" "$SAVED/$name"
+    fi
+  done
+}
+
+restore_machine_config() {
+  if [ ! -d "$SAVED" ] && ! grep -qx "$TEST_CLUSTER" /etc/slurm/slurm.conf 2>/dev/null; then
+    return 0
+  fi
+  for name in $CONFIG_FILES; do
+    if [ -e "$SAVED/$name" ]; then
+      mv -f "$SAVED/$name" "/etc/slurm/$name"
+    else
+      rm -f "/etc/slurm/$name"
+    fi
+  done
+  rm -rf "$SAVED"
+}
+
 configure() {
   mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm "$STATE"
+  save_machine_config
   # Slurm only sets CUDA_VISIBLE_DEVICES for GPUs backed by character devices.
   for n in 0 1 2 3 4 5 6 7; do
     [ -c "/dev/fake-gpu$n" ] || { rm -f "/dev/fake-gpu$n"; mknod "/dev/fake-gpu$n" c 1 3; }
@@ -29,7 +67,7 @@ configure() {
   # The node advertises more CPUs and memory than this machine has (config_overrides),
   # so the repo's own profile (8 CPUs per GPU, 64 GB) schedules here unchanged.
   cat >/etc/slurm/slurm.conf <<CONF
-ClusterName=vlmflow-test
+$TEST_CLUSTER
 SlurmctldHost=localhost
 SlurmUser=root
 AuthType=auth/munge
@@ -106,6 +144,11 @@ start() {
 }
 
 stop() {
+  stop_daemons
+  restore_machine_config
+}
+
+stop_daemons() {
   [ -f "$PIDS" ] || return 0
   scancel --user=root 2>/dev/null || true
   tac "$PIDS" | while read -r pid; do
