@@ -29,26 +29,32 @@ install() {
   fi
 }
 
+test_config_in_place() {
+  grep -qx "$TEST_CLUSTER" /etc/slurm/slurm.conf 2>/dev/null
+}
+
 save_machine_config() {
-  mkdir -p /etc/slurm "$SAVED"
+  mkdir -p "$SAVED"
   # A test config here was left by a run of this script from before it restored
   # configs: there is nothing of the machine's to keep.
-  if grep -qx "$TEST_CLUSTER" /etc/slurm/slurm.conf 2>/dev/null; then
+  if test_config_in_place; then
     return 0
   fi
+  # mv, not cp: a config that is a symlink (to a shared file system, say) moves aside
+  # as the link, and the test's config is written as a new file, not through the link.
   for name in $CONFIG_FILES; do
-    if [ -e "/etc/slurm/$name" ]; then
-      cp -p "/etc/slurm/$name" "$SAVED/$name"
+    if [ -e "/etc/slurm/$name" ] || [ -L "/etc/slurm/$name" ]; then
+      mv "/etc/slurm/$name" "$SAVED/$name"
     fi
   done
 }
 
 restore_machine_config() {
-  if [ ! -d "$SAVED" ] && ! grep -qx "$TEST_CLUSTER" /etc/slurm/slurm.conf 2>/dev/null; then
+  if [ ! -d "$SAVED" ] && ! test_config_in_place; then
     return 0
   fi
   for name in $CONFIG_FILES; do
-    if [ -e "$SAVED/$name" ]; then
+    if [ -e "$SAVED/$name" ] || [ -L "$SAVED/$name" ]; then
       mv -f "$SAVED/$name" "/etc/slurm/$name"
     else
       rm -f "/etc/slurm/$name"
