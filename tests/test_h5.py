@@ -385,28 +385,71 @@ def test_run_shard_phase1_text_from_vlm_caption(
 
 
 def test_run_shard_counts_over_long_samples(
-    shard_tar: Path, tmp_path: Path, demo_models: dict[str, str]
+    shard_tar: Path, tmp_path: Path, demo_models: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from transformers import AutoTokenizer
+
+    # Room for the two shorter phase-2 answers but not for k004's three labels.
+    monkeypatch.setattr(h5, "ANSWER_ROOM", 0)
+    tokenizer = AutoTokenizer.from_pretrained(demo_models["lm"])
+    ids = h5.token_ids(tokenizer)
+    lengths = {
+        key: int(
+            (h5.phase2_example(tokenizer, INSTRUCTION, labels, P, ids, 512).rows[3] == 0).sum()
+        )
+        for key, labels in ATTRIBUTES.items()
+    }
+    assert lengths["k004"] > max(lengths["k000"], lengths["k003"])
     root = tmp_path / "h5"
-    # Room for phase 1 ([BOS] + 16 patches + a few words) but not for the long
-    # vicuna system prompt of phase 2.
-    params = _run_shard(shard_tar, root, demo_models, H5Settings(max_seq_len=40))
+    msl = lengths["k004"] - 1
+    params = _run_shard(shard_tar, root, demo_models, H5Settings(max_seq_len=msl))
     assert params["phase1"]["n_examples"] == 3
-    assert params["phase2"]["n_examples"] == 0
-    assert params["phase2"]["discarded_too_long"] == 3
+    assert params["phase2"]["n_examples"] == 2
+    assert params["phase2"]["discarded_too_long"] == 1
+    assert params["phase2"]["keys"] == ["k000", "k003"]
     assert params["phase2"]["processed"] == params["phase1"]["processed"] == 3
-    assert params["phase2"]["image_patch_start_idx"] is None
     with h5py.File(root / "phase2" / "000000.h5", "r") as f:
-        assert f["data"].shape == (0, 4, 40)
-        assert f.attrs["n_examples"] == 0
+        assert f["data"].shape == (2, 4, msl)
+        assert f.attrs["n_examples"] == 2
     h5.build_index(
         [root / "params" / "000000.json"], root / "metadata.json", root / "data_params.json"
     )
     metadata = read_json(root / "metadata.json")
-    assert all("phase2" not in entry for entry in metadata.values())
+    assert "phase2" not in metadata["k004"] and "phase2" in metadata["k000"]
     data_params = read_json(root / "data_params.json")
-    assert data_params["totals"]["phase2"]["discarded_too_long"] == 3
-    assert data_params["image_patch_start_idx"]["phase2"] is None
+    assert data_params["totals"]["phase2"]["discarded_too_long"] == 1
+
+
+def test_a_max_seq_len_without_room_for_an_answer_is_refused(
+    shard_tar: Path, tmp_path: Path, demo_models: dict[str, str]
+) -> None:
+    root = tmp_path / "h5"
+    # [BOS] + 16 patches + the vicuna system prompt + 16 answer tokens do not fit in 40.
+    with pytest.raises(h5.AllDiscardedError) as error:
+        _run_shard(shard_tar, root, demo_models, H5Settings(max_seq_len=40))
+    message = str(error.value)
+    assert message.startswith("config.h5.max_seq_len: 40 leaves no room for an answer")
+    assert "16 image patches" in message
+    minimum = int(message.split("The minimum is ")[1].split()[0])
+    assert minimum > 40
+    assert f"use at least {minimum}" in message
+    assert not root.exists()  # refused before any file is written
+
+
+def test_a_shard_whose_samples_are_all_too_long_fails_instead_of_writing_an_empty_file(
+    shard_tar: Path, tmp_path: Path, demo_models: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(h5, "ANSWER_ROOM", 0)
+    root = tmp_path / "h5"
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_models["lm"])
+    budget = h5.sequence_budget(tokenizer, P, H5Settings())
+    # Room for the template and the end of the answer, none for a label.
+    with pytest.raises(h5.AllDiscardedError, match=r"all 3 phase2 samples are longer than"):
+        _run_shard(shard_tar, root, demo_models, H5Settings(max_seq_len=budget.minimum))
+    assert not (root / "phase2" / "000000.h5").exists()
+    assert not (root / "params" / "000000.json").exists()
 
 
 def test_build_index_sums_shards(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from vlmflow.attribute_text import (
     phase2_prompt,
 )
 from vlmflow.io import read_json, read_parquet_rows, stable_seed, write_rows_parquet
-from vlmflow.models import GenerationSettings, device, torch_dtype
+from vlmflow.models import GenerationSettings, device, pretrained, torch_dtype
 from vlmflow.progress import (
     BATCH_ERRORS,
     ProgressFile,
@@ -82,13 +82,17 @@ class LLMSettings(GenerationSettings):
 
     stop_words: tuple[str, ...] = field(default_factory=tuple)
     max_words: int = 6
+    # Prompt + answer tokens at most (Meta's reference code: max_seq_len); None: the
+    # model's own context. A prompt that leaves no room for max_new_tokens fails as
+    # "prompt_too_long" without being generated.
+    max_seq_len: int | None = None
 
 
 def load_llm(settings: LLMSettings) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(
-        settings.model, trust_remote_code=settings.trust_remote_code
+        **pretrained(settings.model, trust_remote_code=settings.trust_remote_code)
     )
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
@@ -113,9 +117,17 @@ def chat_ids(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
     ]
 
 
-def order_by_length(lengths: list[int]) -> list[int]:
-    """Indices by length: batches of similar length waste less on padding."""
-    return sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+def template_tokens(tokenizer: Any, template: str, phase: str) -> int:
+    """Tokens of a phase's prompt template with empty data, in the model's chat format."""
+    empty = phase1_prompt(template, "", "") if phase == "phase1" else phase2_prompt(template, [])
+    return len(chat_ids(tokenizer, [empty])[0])
+
+
+def order_by_length(lengths: list[int], indices: list[int] | None = None) -> list[int]:
+    """Indices (``indices[j]`` for ``lengths[j]``, default ``j``) by length: batches of
+    similar length waste less on padding."""
+    named = list(range(len(lengths))) if indices is None else indices
+    return [named[j] for j in sorted(range(len(lengths)), key=lambda j: (lengths[j], named[j]))]
 
 
 def length_order(tokenizer: Any, prompts: list[str]) -> list[int]:
@@ -237,17 +249,28 @@ def load_meta_llm(settings: LLMSettings) -> meta_llama.MetaLlama:
             "consolidated.NN.pth files); remove them or convert the checkpoint"
         )
     return meta_llama.MetaLlama.load(
-        settings.model, torch_dtype(settings.dtype, device()), max_seq_len=META_MAX_SEQ_LEN
+        settings.model,
+        torch_dtype(settings.dtype, device()),
+        max_seq_len=settings.max_seq_len or META_MAX_SEQ_LEN,
     )
 
 
-def _generator(
-    settings: LLMSettings, prompts: list[str]
-) -> tuple[Callable[[list[str]], list[str]], list[int]]:
-    """The model's batch answer function and the order to batch ``prompts`` in."""
+@dataclass(frozen=True)
+class Generator:
+    """A loaded model's batch answer function, each prompt's token count, and its context."""
+
+    answer: Callable[[list[str]], list[str]]
+    lengths: list[int]
+    context: int
+
+    def too_long(self, index: int, max_new_tokens: int) -> bool:
+        return self.lengths[index] + max_new_tokens > self.context
+
+
+def _generator(settings: LLMSettings, prompts: list[str]) -> Generator:
+    """The model's batch answer function, the prompts' lengths and the context."""
     if meta_llama.is_meta_checkpoint(settings.model):
         llm = load_meta_llm(settings)
-        lengths = llm.prompt_lengths(prompts)
         options: dict[str, Any] = {
             "max_new_tokens": settings.max_new_tokens,
             "do_sample": settings.do_sample,
@@ -258,7 +281,8 @@ def _generator(
         def answer_meta(batch: list[str]) -> list[str]:
             return llm.chat(batch, **options)
 
-        return answer_meta, order_by_length(lengths)
+        context = settings.max_seq_len or META_MAX_SEQ_LEN
+        return Generator(answer_meta, llm.prompt_lengths(prompts), context)
     tokenizer, model = load_llm(settings)
     rows = chat_ids(tokenizer, prompts)  # once: for the shared prefix and the batch order
     prefix = shared_prefix(model, rows)
@@ -266,7 +290,9 @@ def _generator(
     def answer_hf(batch: list[str]) -> list[str]:
         return answer_batch(tokenizer, model, batch, settings, prefix=prefix)
 
-    return answer_hf, order_by_length([len(ids) for ids in rows])
+    own = int(getattr(getattr(model, "config", None), "max_position_embeddings", 0) or 1 << 30)
+    context = min(settings.max_seq_len or own, own)
+    return Generator(answer_hf, [len(ids) for ids in rows], context)
 
 
 def _answers(
@@ -291,10 +317,32 @@ def _answers(
     if all(key in progress.done for key in keys):
         return {key: progress.done[key] for key in keys}
     # Loaded only when there is work left: a finished or empty shard needs no model.
-    answer, order = _generator(settings, prompts)
+    generator = _generator(settings, prompts)
+    too_long = {
+        keys[i]: {"key": keys[i], "answer": None, "failure": "prompt_too_long"}
+        for i in range(len(keys))
+        if generator.too_long(i, settings.max_new_tokens)
+    }
+    if too_long and len(too_long) == len(keys):
+        raise ValueError(
+            f"{phase} {shard_id}: every prompt leaves no room for "
+            f"attributes.{phase}.max_new_tokens = {settings.max_new_tokens} in a context of "
+            f"{generator.context} tokens (attributes.max_seq_len or the model's own); raise "
+            "attributes.max_seq_len, or lower max_new_tokens or shorten the template"
+        )
+    if too_long:
+        log.warning(
+            "%s %s: %d prompts leave no room for %d new tokens in a context of %d",
+            phase,
+            shard_id,
+            len(too_long),
+            settings.max_new_tokens,
+            generator.context,
+        )
+    fits = [i for i in range(len(keys)) if keys[i] not in too_long]
 
     def run_batch(indices: list[int]) -> list[dict[str, Any]]:
-        texts = answer([prompts[i] for i in indices])
+        texts = generator.answer([prompts[i] for i in indices])
         return [
             {"key": keys[i], "answer": text, "failure": None}
             for i, text in zip(indices, texts, strict=True)
@@ -303,7 +351,7 @@ def _answers(
     def failed_row(index: int, error: BaseException) -> dict[str, Any]:
         return {"key": keys[index], "answer": None, "failure": f"generation_error: {error}"}
 
-    return run_batches(
+    done = run_batches(
         keys,
         settings.batch_size,
         run_batch,
@@ -311,8 +359,9 @@ def _answers(
         progress,
         seed=(settings.seed, phase, shard_id),
         desc=f"{phase} {shard_id}",
-        order=order,
+        order=order_by_length([generator.lengths[i] for i in fits], fits),
     )
+    return {**done, **too_long}
 
 
 def run_phase1(

@@ -1,20 +1,27 @@
-"""The ``vlmflow`` command: ``vlmflow status`` (more subcommands may join it)."""
+"""The ``vlmflow`` command: ``vlmflow status`` and ``vlmflow miniatures``."""
 
 from __future__ import annotations
 
 import os
 import sys
 
-COMMANDS = {"status": "where a run stands: shards, samples, stale outputs, failed jobs"}
+COMMANDS = {
+    "status": "where a run stands: shards, samples, stale outputs, failed jobs",
+    "miniatures": "tiny stand-ins of a config's hub models, in a hub cache of their own",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help") or args[0] not in COMMANDS:
         lines = ["usage: vlmflow COMMAND [options]", "", "commands:"]
-        lines += [f"  {name:<8} {text}" for name, text in COMMANDS.items()]
+        lines += [f"  {name:<10} {text}" for name, text in COMMANDS.items()]
         print("\n".join(lines), file=sys.stdout if args[:1] in (["-h"], ["--help"]) else sys.stderr)
         return 0 if args[:1] in (["-h"], ["--help"]) else 2
+    if args[0] == "miniatures":
+        from vlmflow import miniatures
+
+        return miniatures.main(args[1:])
     from vlmflow import status
 
     try:

@@ -30,7 +30,7 @@ from vlmflow.io import (
     write_json,
 )
 from vlmflow.logs import progress_bar
-from vlmflow.models import num_image_tokens, pad_token_id
+from vlmflow.models import num_image_tokens, pad_token_id, pretrained
 from vlmflow.prompts import phase2_layout
 from vlmflow.shards import iter_samples
 
@@ -171,7 +171,7 @@ def vision_features_writer(
         from vlmflow.train import _vision_model, black_image, load_image, processor_side
 
         tower = _vision_model(vision_tower).to(device()).eval()
-        processor = AutoImageProcessor.from_pretrained(vision_tower)
+        processor = AutoImageProcessor.from_pretrained(**pretrained(vision_tower))
         config = tower.config
         patches, hidden = num_image_tokens(config), int(config.hidden_size)
         out = f.create_dataset(
@@ -242,8 +242,62 @@ def num_patches_of(vision_tower: str) -> int:
     """(image size / patch size)^2, read from the vision tower's config."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(vision_tower)
+    config = AutoConfig.from_pretrained(**pretrained(vision_tower))
     return num_image_tokens(getattr(config, "vision_config", config))
+
+
+# The fewest answer tokens a sample must have room for: a handful of short attributes.
+ANSWER_ROOM = 16
+
+
+@dataclass(frozen=True)
+class SequenceBudget:
+    """What one sample of each phase needs besides its answer, and the minimum
+    ``h5.max_seq_len`` that leaves ``ANSWER_ROOM`` tokens for the answer in both."""
+
+    num_patches: int
+    phase1_overhead: int
+    phase2_overhead: int
+
+    @property
+    def minimum(self) -> int:
+        # input_ids are tokens[:-1]: a sample of n tokens takes n - 1 positions.
+        return self.num_patches + max(self.phase1_overhead, self.phase2_overhead) + ANSWER_ROOM - 1
+
+    def problem(self, max_seq_len: int, vision_tower: str, language_model: str) -> str | None:
+        """Why ``max_seq_len`` cannot hold a sample, or None."""
+        if max_seq_len >= self.minimum:
+            return None
+        return (
+            f"config.h5.max_seq_len: {max_seq_len} leaves no room for an answer: "
+            f"{vision_tower} gives {self.num_patches} image patches, and {language_model}'s "
+            f"template takes {self.phase2_overhead} more tokens in phase 2 "
+            f"({self.phase1_overhead} in phase 1), so every sample would be discarded as "
+            f"too long. The minimum is {self.minimum} ({ANSWER_ROOM} answer tokens); "
+            f"use at least {self.minimum}, e.g. {suggested_max_seq_len(self.minimum)}"
+        )
+
+
+def suggested_max_seq_len(minimum: int) -> int:
+    """The next power of two at or above ``minimum`` (LLaVA-1.5's files use 2048)."""
+    return 1 << max(minimum - 1, 1).bit_length()
+
+
+def sequence_budget(tokenizer: Any, num_patches: int, settings: H5Settings) -> SequenceBudget:
+    """The tokens each phase's layout adds around the image patches and the answer."""
+    ids = token_ids(tokenizer)
+    layout = phase2_layout(
+        tokenizer, settings.instruction, [], settings.phase2_style, ids.bos, ids.eos
+    )
+    return SequenceBudget(
+        num_patches=num_patches,
+        phase1_overhead=2,  # BOS + EOS
+        phase2_overhead=len(layout.prefix) + len(layout.prompt) + 1,
+    )
+
+
+class AllDiscardedError(ValueError):
+    """Every sample of a shard that reached packing was too long: a config mistake."""
 
 
 def token_ids(tokenizer: Any) -> TokenIds:
@@ -274,9 +328,15 @@ def run_shard(
     ``vision_features_writer``)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(language_model)
+    tokenizer = AutoTokenizer.from_pretrained(**pretrained(language_model))
     ids = token_ids(tokenizer)
     num_patches = num_patches_of(vision_tower)
+    # Where the DAG could not check it (a model built by an earlier job), here.
+    problem = sequence_budget(tokenizer, num_patches, settings).problem(
+        settings.max_seq_len, vision_tower, language_model
+    )
+    if problem is not None:
+        raise AllDiscardedError(problem)
     captions = {row["key"]: row for row in read_parquet_rows(phase1_parquet)}
     attributes = {row["key"]: row for row in read_parquet_rows(phase2_parquet)}
 
@@ -343,6 +403,14 @@ def run_shard(
         "vision_feature_layer": vision_feature_layer if settings.vision_features else None,
         "skipped": skipped,
     }
+    for name in PHASES:
+        phase = phases[name]
+        if phase["discarded_too_long"] and not phase["examples"]:
+            raise AllDiscardedError(
+                f"shard {shard_id}: all {phase['discarded_too_long']} {name} samples are "
+                f"longer than config.h5.max_seq_len {settings.max_seq_len} (with "
+                f"{num_patches} image patches); raise h5.max_seq_len or shorten the texts"
+            )
     for name, out in zip(PHASES, (out_phase1, out_phase2), strict=True):
         phase = phases[name]
         examples: list[Example] = phase["examples"]

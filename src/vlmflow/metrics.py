@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vlmflow.models import pretrained
+
 Embed = Callable[[list[str]], torch.Tensor]
 
 
@@ -68,8 +70,8 @@ def sentence_encoder(model_path: str, batch_size: int = 64) -> Embed:
     """all-MiniLM-L6-v2-style encoder: mean pooling over the attention mask, L2 norm."""
     from transformers import AutoModel, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModel.from_pretrained(model_path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(**pretrained(model_path))
+    model = AutoModel.from_pretrained(**pretrained(model_path)).eval()
 
     def embed(texts: list[str]) -> torch.Tensor:
         chunks = []

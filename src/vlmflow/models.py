@@ -456,18 +456,39 @@ class GenerationSettings:
             kwargs["attn_implementation"] = self.attn_implementation
         if self.device_map is not None:
             kwargs["device_map"] = self.device_map
-        model = auto_class.from_pretrained(self.model, **kwargs)
+        model = auto_class.from_pretrained(**pretrained(self.model, **kwargs))
         if self.device_map is None:
             model = model.to(on)
         return model.eval()
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# A pinned hub reference: org/name@<revision> (a commit hash, tag or branch).
+_REVISION = re.compile(r"^(?P<name>[^@]+)@(?P<revision>[\w.-]+)$")
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def split_revision(reference: str) -> tuple[str, str | None]:
+    """``org/name@rev`` as (``org/name``, ``rev``); anything else as (reference, None)."""
+    match = _REVISION.match(reference)
+    if match is None or Path(reference).exists():
+        return reference, None
+    return match["name"], match["revision"]
+
+
+def pretrained(reference: str, **kwargs: Any) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments for a model reference: the folder or hub id,
+    and the revision it is pinned to (``org/name@<commit>``)."""
+    name, revision = split_revision(reference)
+    if revision is not None:
+        kwargs["revision"] = revision
+    return {"pretrained_model_name_or_path": name, **kwargs}
 
 
 def is_hub_id(reference: str) -> bool:
-    """True for ``org/name`` references that are not an existing local folder."""
-    return bool(_HUB_ID.match(reference)) and not Path(reference).exists()
+    """True for ``org/name`` (or ``org/name@rev``) references that are not a local folder."""
+    name, _ = split_revision(reference)
+    return bool(_HUB_ID.match(name)) and not Path(reference).exists()
 
 
 def num_image_tokens(vision_config: Any) -> int:
@@ -491,7 +512,35 @@ def in_hub_cache(reference: str) -> bool:
     """True when a hub model's config is in the local Hugging Face cache."""
     from huggingface_hub import try_to_load_from_cache
 
-    return isinstance(try_to_load_from_cache(reference, "config.json"), str)
+    name, revision = split_revision(reference)
+    return isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str)
+
+
+def cached_file(reference: str, filename: str) -> Path | None:
+    """A file of a model folder, or of a hub model's cached snapshot (at its pinned
+    revision, else the cached ``main``); None where it is not on this machine."""
+    name, revision = split_revision(reference)
+    if Path(name).is_dir():
+        path = Path(name) / filename
+        return path if path.is_file() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(name, filename, revision=revision)
+    return Path(found) if isinstance(found, str) else None
+
+
+def resolved_revision(reference: str) -> str | None:
+    """The commit a hub reference stands for on this machine: its pin when it is a commit,
+    else the commit the cache's ref (``main`` or the pinned branch/tag) points at; None for
+    local folders and uncached models."""
+    revision = split_revision(reference)[1]
+    if not is_hub_id(reference):
+        return None
+    if revision is not None and COMMIT.match(revision):
+        return revision
+    config = cached_file(reference, "config.json")
+    # <cache>/models--org--name/snapshots/<commit>/config.json
+    return config.parent.name if config is not None else None
 
 
 def packaged_minilm_path() -> str:

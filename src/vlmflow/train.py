@@ -45,7 +45,7 @@ from vlmflow.io import (
     write_json,
 )
 from vlmflow.logs import progress_bar
-from vlmflow.models import IMAGE, num_image_tokens, pad_token_id
+from vlmflow.models import IMAGE, num_image_tokens, pad_token_id, pretrained
 from vlmflow.progress import Interrupted
 
 log = logging.getLogger(__name__)
@@ -231,10 +231,10 @@ def processor_side(image_processor: Any) -> int:
 def _vision_model(vision_tower: str) -> Any:
     from transformers import AutoConfig, AutoModel, CLIPVisionModel
 
-    config = AutoConfig.from_pretrained(vision_tower)
+    config = AutoConfig.from_pretrained(**pretrained(vision_tower))
     if hasattr(config, "vision_config"):  # a full CLIP checkpoint: keep its vision half
-        return CLIPVisionModel.from_pretrained(vision_tower)
-    return AutoModel.from_pretrained(vision_tower)
+        return CLIPVisionModel.from_pretrained(**pretrained(vision_tower))
+    return AutoModel.from_pretrained(**pretrained(vision_tower))
 
 
 def build_llava(vision_tower: str, language_model: str, settings: TrainSettings) -> tuple[Any, Any]:
@@ -249,11 +249,11 @@ def build_llava(vision_tower: str, language_model: str, settings: TrainSettings)
     )
 
     vision = _vision_model(vision_tower)
-    lm = AutoModelForCausalLM.from_pretrained(language_model, dtype=torch.float32)
+    lm = AutoModelForCausalLM.from_pretrained(**pretrained(language_model, dtype=torch.float32))
     if settings.language_model_layers is not None:
         truncate_layers(lm, settings.language_model_layers)
-    tokenizer = AutoTokenizer.from_pretrained(language_model)
-    image_processor = AutoImageProcessor.from_pretrained(vision_tower)
+    tokenizer = AutoTokenizer.from_pretrained(**pretrained(language_model))
+    image_processor = AutoImageProcessor.from_pretrained(**pretrained(vision_tower))
     if IMAGE not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE]})
         lm.resize_token_embeddings(len(tokenizer))

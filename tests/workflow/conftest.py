@@ -20,10 +20,15 @@ WORKFLOW_FILES = ["Snakefile", "rules", "workflow", "config", "profiles", "envs"
 
 
 def snakemake(
-    workdir: Path, *args: str, profile: str = "profiles/local", timeout: int = 1200
+    workdir: Path,
+    *args: str,
+    profile: str = "profiles/local",
+    timeout: int = 1200,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run Snakemake in ``workdir`` with a profile of the repo; output is captured."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    """Run Snakemake in ``workdir`` with a profile of the repo (and ``env`` added to the
+    environment); output is captured."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     return subprocess.run(
         [SNAKEMAKE, "--profile", profile, *args],
