@@ -378,13 +378,10 @@ def get_final_outputs():
 
 
 def model_param(key):
-    """A params entry for a model reference; a demo model's folder comes from the input."""
-
-    def reference(wildcards, input):
-        return (
-            input[key][0]
-            if DEMO_MODEL.match(config["models"][key])
-            else model_path(key)
-        )
-
-    return reference
+    """A params entry for a model reference: a demo model's folder comes from the input
+    (an input function; the folder's files are tracked as input), any other model is the
+    pinned reference itself. It must be a plain value: Snakemake records, and compares on
+    a rerun, only params that do not depend on the input."""
+    if DEMO_MODEL.match(config["models"][key]):
+        return lambda wildcards, input: input[key][0]
+    return model_path(key)

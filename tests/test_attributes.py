@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from vlmflow import attributes
-from vlmflow.attribute_text import phase1_prompt
+from vlmflow.attribute_text import clean_vlm_caption, phase1_prompt
 from vlmflow.attributes import PHASE1_SCHEMA, PHASE2_SCHEMA, LLMSettings
 from vlmflow.caption import CAPTION_SCHEMA
 from vlmflow.io import write_rows_parquet
@@ -477,3 +477,40 @@ def test_phase1_sigterm_then_restart_redoes_at_most_one_batch(
     assert resumed.batches == 2  # of 3: the interrupted batch and the one never started
     assert pq.read_table(out).to_pylist() == pq.read_table(tmp_path / "full.parquet").to_pylist()
     assert not progress_path(out).exists()
+
+
+def test_prompts_that_leave_no_room_for_the_answer_fail_as_prompt_too_long(
+    captions_parquet: Path, tmp_path: Path, demo_models: dict[str, str]
+) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_models["llm"])
+    rows = [r for r in _caption_rows() if r["failure"] is None]
+    prompts = [
+        phase1_prompt(PHASE1_TEMPLATE, r["web_caption"], clean_vlm_caption(r["vlm_caption"]))
+        for r in rows
+    ]
+    ids = attributes.chat_ids(tokenizer, prompts)
+    lengths = {r["key"]: len(row) for r, row in zip(rows, ids, strict=True)}
+    longest = max(lengths, key=lengths.__getitem__)
+    # A context that holds every prompt and 4 new tokens but the longest one.
+    context = lengths[longest] + 3
+    assert sorted(lengths.values())[-2] + 4 <= context
+    settings = LLMSettings(
+        model=demo_models["llm"], prompt=PHASE1_TEMPLATE, max_new_tokens=4, max_seq_len=context
+    )
+    out = tmp_path / "phase1.parquet"
+    counts = attributes.run_phase1(captions_parquet, out, settings, "000000")
+    by_key = {r["key"]: r for r in pq.read_table(out).to_pylist()}
+    assert by_key[longest]["failure"] == "prompt_too_long"
+    assert all(by_key[k]["failure"] != "prompt_too_long" for k in lengths if k != longest)
+    assert counts["in"] == len(_caption_rows())
+
+    # A context no prompt fits: the job fails, naming the setting, instead of counting
+    # every sample as a failure.
+    tight = LLMSettings(
+        model=demo_models["llm"], prompt=PHASE1_TEMPLATE, max_new_tokens=4, max_seq_len=16
+    )
+    with pytest.raises(ValueError, match=r"every prompt leaves no room .*attributes.max_seq_len"):
+        attributes.run_phase1(captions_parquet, tmp_path / "none.parquet", tight, "000000")
+    assert not (tmp_path / "none.parquet").exists()

@@ -1,7 +1,14 @@
 """Caption stage: a vision-language model describes every image of a shard.
 
-Any transformers image-text-to-text model loads through ``AutoProcessor`` and
-``AutoModelForImageTextToText``; the prompt goes through the processor's chat template.
+Two routes, picked from the model's config.json (``vlm_route``):
+
+- ``image_text_to_text``: any transformers image-text-to-text model loads through
+  ``AutoProcessor`` and ``AutoModelForImageTextToText``; the prompt goes through the
+  processor's chat template.
+- ``internvl_chat``: the InternVL chat-model family (InternVL-Chat-V1.5, InternVL2,
+  InternVL2.5; ``InternVLChatModel``) loads its own remote code through ``AutoModel``
+  and ``AutoTokenizer`` (only with ``trust_remote_code``) and captions through the
+  model's ``batch_chat`` (see vlmflow.internvl_chat).
 """
 
 from __future__ import annotations
@@ -16,8 +23,9 @@ from typing import Any
 import pyarrow as pa
 import torch
 
+from vlmflow import internvl_chat
 from vlmflow.io import write_rows_parquet
-from vlmflow.models import GenerationSettings
+from vlmflow.models import GenerationSettings, is_hub_id, pretrained, split_revision
 from vlmflow.progress import ProgressFile, fingerprint, input_state, progress_path, run_batches
 from vlmflow.prompts import prompt_id
 from vlmflow.shards import Sample, iter_samples
@@ -45,15 +53,95 @@ class CaptionSettings(GenerationSettings):
     max_new_tokens: int = 168
     batch_size: int = 6
     # Tile budget for processors that cut images into tiles (InternVL's dynamic
-    # resolution: up to max_tiles tiles plus a thumbnail); None keeps the model's own.
+    # resolution: up to max_tiles tiles plus a thumbnail); None keeps the model's own
+    # (the InternVL chat route: the model cards' 12).
     max_tiles: int | None = None
+    # Pixel budget per image for processors that read images at their own size
+    # (Qwen2-VL: one token per 28x28 pixels); None keeps the model's own.
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+
+IMAGE_TEXT_TO_TEXT = "image_text_to_text"
+INTERNVL_CHAT = "internvl_chat"
+
+
+def vlm_route(reference: str, trust_remote_code: bool) -> str | None:
+    """How ``reference`` (a folder, ``org/name`` or ``org/name@rev``) captions:
+    ``"internvl_chat"`` or ``"image_text_to_text"``, read from its config.json without
+    loading weights.
+
+    None when config.json is not on this machine (a hub model not downloaded yet): the
+    route is then decided when the caption job loads the model. Raises ValueError for a
+    model neither route can load, or an InternVL chat model without trust_remote_code.
+    """
+    config = internvl_chat.read_config(reference)
+    if config is None:
+        return None
+    return route_of_config(config, reference, trust_remote_code)
+
+
+def route_of_config(config: dict[str, Any], reference: str, trust_remote_code: bool) -> str:
+    """The route of a config.json dict (see ``vlm_route``)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    if internvl_chat.is_internvl_chat(config):
+        if not trust_remote_code:
+            raise ValueError(internvl_chat.remote_code_refusal(reference))
+        blocker = internvl_chat.remote_code_blocker(reference, config)
+        if blocker is not None:
+            raise ValueError(blocker)
+        return INTERNVL_CHAT
+    architectures = list(config.get("architectures") or [])
+    model_type = config.get("model_type")
+    known = set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values())
+    if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES or known & set(architectures):
+        return IMAGE_TEXT_TO_TEXT
+    if "AutoModelForImageTextToText" in (config.get("auto_map") or {}):
+        # An image-text-to-text model with its own code: loads on the same route.
+        if not trust_remote_code:
+            raise ValueError(
+                f"models.vlm {reference!r} ({', '.join(architectures) or model_type}) runs its "
+                "own Python code from the model repository; set models.trust_remote_code: "
+                "true to allow that"
+            )
+        return IMAGE_TEXT_TO_TEXT
+    found = ", ".join(architectures) or f"model_type {model_type!r}"
+    raise ValueError(
+        f"models.vlm {reference!r} is a {found}, which the caption stage cannot load: "
+        "it takes transformers image-text-to-text models (AutoModelForImageTextToText: "
+        "LLaVA, InternVL -hf conversions, Qwen2-VL, ...) and the InternVL chat family "
+        f"({internvl_chat.ARCHITECTURE}: InternVL-Chat-V1.5, InternVL2, InternVL2.5, with "
+        "models.trust_remote_code: true); point models.vlm at one of those"
+    )
+
+
+def resolve_route(settings: CaptionSettings) -> str:
+    """``vlm_route`` for a caption job: a hub model's config.json is downloaded (into the
+    hub cache) when it is not on this machine yet."""
+    route = vlm_route(settings.model, settings.trust_remote_code)
+    if route is not None:
+        return route
+    if not is_hub_id(settings.model):
+        raise ValueError(f"models.vlm {settings.model!r}: no config.json there")
+    from huggingface_hub import hf_hub_download
+
+    name, revision = split_revision(settings.model)
+    path = hf_hub_download(name, "config.json", revision=revision)
+    return route_of_config(
+        json.loads(Path(path).read_text()), settings.model, settings.trust_remote_code
+    )
 
 
 def load_vlm(settings: CaptionSettings) -> tuple[Any, Any]:
+    """(processor, model) on the image-text-to-text route, (tokenizer, model) on the
+    InternVL chat route."""
+    if resolve_route(settings) == INTERNVL_CHAT:
+        return internvl_chat.load(settings)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(
-        settings.model, trust_remote_code=settings.trust_remote_code
+        **pretrained(settings.model, trust_remote_code=settings.trust_remote_code)
     )
     model = settings.load_pretrained(AutoModelForImageTextToText)
     # Batched generation with a decoder-only LM needs the padding on the left.
@@ -64,6 +152,8 @@ def load_vlm(settings: CaptionSettings) -> tuple[Any, Any]:
 def caption_batch(
     processor: Any, model: Any, samples: list[Sample], settings: CaptionSettings
 ) -> list[str]:
+    if internvl_chat.is_chat_model(model):
+        return internvl_chat.caption_batch(processor, model, samples, settings)
     conversation = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": settings.prompt}]}
     ]
@@ -73,7 +163,7 @@ def caption_batch(
         text=[text] * len(samples),
         padding=True,
         return_tensors="pt",
-        **tile_kwargs(processor, settings),
+        **processor_kwargs(processor, settings),
     ).to(model.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
@@ -83,16 +173,31 @@ def caption_batch(
     return [t.strip() for t in processor.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def tile_kwargs(processor: Any, settings: CaptionSettings) -> dict[str, Any]:
-    """The processor call's tile budget, for image processors that tile (InternVL)."""
-    if settings.max_tiles is None:
-        return {}
-    if not getattr(processor.image_processor, "crop_to_patches", False):
-        raise ValueError(
-            f"caption.max_tiles is set but {type(processor.image_processor).__name__} does "
-            "not cut images into tiles; unset it for this model"
-        )
-    return {"max_patches": settings.max_tiles}
+def processor_kwargs(processor: Any, settings: CaptionSettings) -> dict[str, Any]:
+    """The processor call's image budget: tiles for processors that tile (InternVL),
+    pixels for those that read images at their own size (Qwen2-VL's ``size``, in pixels)."""
+    kwargs: dict[str, Any] = {}
+    image_processor = processor.image_processor
+    name = type(image_processor).__name__
+    if settings.max_tiles is not None:
+        if not getattr(image_processor, "crop_to_patches", False):
+            raise ValueError(
+                f"caption.max_tiles is set but {name} does not cut images into tiles; unset "
+                "it for this model"
+            )
+        kwargs["max_patches"] = settings.max_tiles
+    if settings.min_pixels is not None or settings.max_pixels is not None:
+        if not hasattr(image_processor, "merge_size"):
+            raise ValueError(
+                f"caption.min_pixels / max_pixels are set but {name} does not scale images "
+                "to a pixel budget (Qwen2-VL's processors do); unset them for this model"
+            )
+        own = image_processor.size
+        kwargs["size"] = {
+            "shortest_edge": settings.min_pixels or own["shortest_edge"],
+            "longest_edge": settings.max_pixels or own["longest_edge"],
+        }
+    return kwargs
 
 
 def batch_order(samples: list[Sample]) -> list[int]:
@@ -135,7 +240,8 @@ def run(
         # Loaded here, not inside a batch: a model that cannot load (or a setting it does
         # not take) is an error of the job, never a failure of the samples.
         processor, model = load_vlm(settings)
-        tile_kwargs(processor, settings)
+        if not internvl_chat.is_chat_model(model):
+            processor_kwargs(processor, settings)
 
     def run_batch(indices: list[int]) -> list[dict[str, Any]]:
         batch = [samples[i] for i in indices]

@@ -28,7 +28,9 @@ from vlmflow.models import COMMIT, demo_corpus_lines, is_hub_id, split_revision
 
 log = logging.getLogger(__name__)
 
-# CLIP's published image normalisation (OpenAI CLIP, also Qwen2-VL's).
+# The published image normalisations: OpenAI CLIP's (also Qwen2-VL's), ImageNet's (InternVL).
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -282,11 +284,83 @@ def build_qwen2vl_instruct(out_dir: str | Path, seed: int) -> None:
         processor.save_pretrained(tmp)
 
 
-def build_internvl_chat(out_dir: str | Path, seed: int) -> None:
-    """InternVL-Chat-V1.5 / InternVL2 / 2.5 in miniature (see vlmflow.internvl_chat)."""
-    from vlmflow.internvl_chat import build_mini_internvl_chat
+def build_internvl3_hf(out_dir: str | Path, seed: int) -> None:
+    """InternVL3-8B-hf in miniature (``InternVLForConditionalGeneration``, the
+    transformers-native conversion): 448-px tiles of 14-px patches, up to 12 tiles chosen by
+    aspect ratio plus a thumbnail, ImageNet mean/std, pixel shuffle 0.5 (256 tokens per
+    tile between ``<img>`` and ``</img>``), a Qwen2 language model with ChatML turns closed
+    by ``<|im_end|>``."""
+    import torch
+    from transformers import (
+        GotOcr2ImageProcessor,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+        InternVLVisionConfig,
+    )
 
-    build_mini_internvl_chat(out_dir, seed)
+    torch.manual_seed(seed)
+    markers: dict[str, Any] = {"start_image_token": "<img>", "end_image_token": "</img>"}
+    markers |= {"context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
+    template = QWEN2VL_TEMPLATE.replace(
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n", ""
+    ).replace("<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>\n")
+    tokenizer = bpe_tokenizer(
+        [*QWEN_SPECIALS[:3], *markers.values()],
+        template,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        **markers,
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    config = InternVLConfig(
+        vision_config=InternVLVisionConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=[448, 448],
+            patch_size=[14, 14],
+        ),
+        text_config={
+            "model_type": "qwen2",
+            "vocab_size": len(tokenizer),
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 32768,
+            "rope_theta": 1000000.0,
+            "bos_token_id": ids("<|endoftext|>"),
+            "eos_token_id": ids("<|im_end|>"),
+            "pad_token_id": ids("<|endoftext|>"),
+            "tie_word_embeddings": False,
+        },
+        image_token_id=ids("<IMG_CONTEXT>"),
+        downsample_ratio=0.5,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    model = InternVLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = [ids("<|im_end|>"), ids("<|endoftext|>")]
+    model.generation_config.pad_token_id = ids("<|endoftext|>")
+    size = {"height": 448, "width": 448}
+    imagenet: dict[str, Any] = {"image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD}
+    processor = InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(
+            size=size, crop_to_patches=True, min_patches=1, max_patches=12, **imagenet
+        ),
+        tokenizer=tokenizer,
+        video_processor=InternVLVideoProcessor(size=size, **imagenet),
+        image_seq_length=256,
+        chat_template=template,
+    )
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
 
 
 def _save(out_dir: str | Path, model: Any, tokenizer: Any) -> None:
@@ -303,8 +377,7 @@ MINIATURES: dict[str, Callable[[Path, int], None]] = {
     "meta-llama/Llama-2-7b-hf": lambda out, seed: build_llama2(out, seed, layers=8),
     "meta-llama/Meta-Llama-3-8B-Instruct": build_llama3_instruct,
     "Qwen/Qwen2-VL-7B-Instruct": build_qwen2vl_instruct,
-    "OpenGVLab/InternVL-Chat-V1-5": build_internvl_chat,
-    "OpenGVLab/InternVL2_5-8B": build_internvl_chat,
+    "OpenGVLab/InternVL3-8B-hf": build_internvl3_hf,
 }
 
 
@@ -318,9 +391,7 @@ def install(reference: str, cache: str | Path, seed: int = 0) -> Path:
     cache ``cache`` at that commit, with ``refs/main`` pointing at it."""
     repo_id, revision = split_revision(reference)
     if repo_id not in MINIATURES:
-        raise ValueError(
-            f"no miniature of {repo_id!r}; known: {', '.join(sorted(MINIATURES))}"
-        )
+        raise ValueError(f"no miniature of {repo_id!r}; known: {', '.join(sorted(MINIATURES))}")
     if revision is None or not COMMIT.match(revision):
         raise ValueError(f"{reference!r}: a miniature needs a revision pinned to a commit")
     folder = snapshot_dir(cache, repo_id, revision)

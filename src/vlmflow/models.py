@@ -523,6 +523,8 @@ def cached_file(reference: str, filename: str) -> Path | None:
     if Path(name).is_dir():
         path = Path(name) / filename
         return path if path.is_file() else None
+    if not is_hub_id(reference):
+        return None
     from huggingface_hub import try_to_load_from_cache
 
     found = try_to_load_from_cache(name, filename, revision=revision)

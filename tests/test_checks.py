@@ -1,0 +1,227 @@
+"""Config checks that look at the models (vlmflow.checks), pinned revisions and the
+miniatures' hub-cache layout (vlmflow.miniatures)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from vlmflow import checks, miniatures
+from vlmflow.checks import ConfigError
+from vlmflow.internvl_chat import INTERNLM2_ERROR
+from vlmflow.models import (
+    cached_file,
+    in_hub_cache,
+    is_hub_id,
+    pretrained,
+    resolved_revision,
+    split_revision,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+PIN = "ab" * 20
+LLAMA3 = f"meta-llama/Meta-Llama-3-8B-Instruct@{PIN}"
+CLIP336 = f"openai/clip-vit-large-patch14-336@{PIN}"
+VICUNA = f"lmsys/vicuna-7b-v1.5@{PIN}"
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A hub cache holding three miniatures at PIN; HF_HUB_CACHE points at it."""
+    cache = tmp_path_factory.mktemp("hub")
+    for reference in (LLAMA3, CLIP336, VICUNA):
+        miniatures.install(reference, cache)
+    return cache
+
+
+@pytest.fixture
+def offline_hub(hub: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    return hub
+
+
+def base_config() -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["attributes"]["max_seq_len"] = None
+    config["h5"].setdefault("phase2_style", "vicuna_v1")
+    config["h5"].setdefault("vision_features", False)
+    for key in ("caption", "attributes"):
+        section = config[key]
+        for sub in (section, *(section.get(p, {}) for p in ("phase1", "phase2"))):
+            if "prompt" in sub:
+                sub["prompt"] = str(REPO / sub["prompt"])
+    return config
+
+
+def test_a_pinned_reference_splits_into_name_and_revision(tmp_path: Path) -> None:
+    assert split_revision(f"org/name@{PIN}") == ("org/name", PIN)
+    assert split_revision("org/name") == ("org/name", None)
+    assert pretrained(f"org/name@{PIN}", dtype="x") == {
+        "pretrained_model_name_or_path": "org/name",
+        "revision": PIN,
+        "dtype": "x",
+    }
+    assert pretrained("org/name") == {"pretrained_model_name_or_path": "org/name"}
+    assert is_hub_id(f"org/name@{PIN}")
+    folder = tmp_path / "model@v2"  # a folder whose name holds an @ stays a folder
+    folder.mkdir()
+    assert split_revision(str(folder)) == (str(folder), None)
+    assert not is_hub_id(str(folder))
+
+
+def test_miniatures_sit_in_the_hub_cache_at_the_pinned_commit(offline_hub: Path) -> None:
+    folder = miniatures.snapshot_dir(offline_hub, "lmsys/vicuna-7b-v1.5", PIN)
+    assert (folder / "config.json").is_file()
+    refs = folder.parent.parent / "refs" / "main"
+    assert refs.read_text() == PIN
+    assert in_hub_cache(VICUNA)
+    assert not in_hub_cache(f"lmsys/vicuna-7b-v1.5@{'cd' * 20}")
+    assert cached_file(VICUNA, "config.json") == folder / "config.json"
+    # An unpinned reference resolves to the commit main points at here.
+    assert resolved_revision("lmsys/vicuna-7b-v1.5") == PIN
+    assert resolved_revision(VICUNA) == PIN
+    assert resolved_revision("nobody/nothing") is None
+
+
+def test_miniatures_keep_the_real_checkpoints_conventions(offline_hub: Path) -> None:
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
+    llama3 = AutoTokenizer.from_pretrained(**pretrained(LLAMA3))
+    assert llama3.pad_token is None  # Llama 3 ships without one
+    text = llama3.apply_chat_template(
+        [{"role": "user", "content": " hi "}], add_generation_prompt=True, tokenize=False
+    )
+    assert text == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    generation = json.loads(cached_file(LLAMA3, "generation_config.json").read_text())  # type: ignore[union-attr]
+    eot, end = llama3.convert_tokens_to_ids(["<|eot_id|>", "<|end_of_text|>"])
+    assert set(generation["eos_token_id"]) == {eot, end}
+    assert AutoConfig.from_pretrained(**pretrained(LLAMA3)).max_position_embeddings == 8192
+    vicuna = AutoTokenizer.from_pretrained(**pretrained(VICUNA))
+    assert (vicuna.bos_token, vicuna.eos_token, vicuna.pad_token) == ("<s>", "</s>", None)
+    assert not vicuna.chat_template
+    clip = AutoConfig.from_pretrained(**pretrained(CLIP336)).vision_config
+    assert (clip.image_size, clip.patch_size) == (336, 14)
+    processor = AutoImageProcessor.from_pretrained(**pretrained(CLIP336))
+    assert processor.crop_size["height"] == 336
+
+
+def test_a_miniature_needs_a_known_model_pinned_to_a_commit(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no miniature of 'someone/else'"):
+        miniatures.install(f"someone/else@{PIN}", tmp_path)
+    with pytest.raises(ValueError, match="pinned to a commit"):
+        miniatures.install("lmsys/vicuna-7b-v1.5", tmp_path)
+
+
+def test_every_preset_names_pinned_models_that_have_miniatures() -> None:
+    for path in sorted((REPO / "config" / "presets").glob("*.yaml")):
+        models = yaml.safe_load(path.read_text())["models"]
+        for reference in miniatures.hub_references(models):
+            name, revision = split_revision(reference)
+            assert revision is not None and len(revision) == 40, (path.name, reference)
+            assert name in miniatures.MINIATURES, (path.name, reference)
+
+
+def test_an_uncached_pinned_model_is_refused_with_the_download_command(
+    offline_hub: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    missing = f"lmsys/vicuna-7b-v1.5@{'cd' * 20}"
+    with pytest.raises(ConfigError) as error:
+        checks.check_model_reference("language_model", missing, ("vlm",))
+    assert str(error.value).startswith(f"config.models.language_model: {missing!r}")
+    assert f"huggingface-cli download lmsys/vicuna-7b-v1.5 --revision {'cd' * 20}" in str(
+        error.value
+    )
+    checks.check_model_reference("language_model", VICUNA, ("vlm",))
+
+
+def test_max_seq_len_without_room_for_patches_template_and_answer_is_refused(
+    offline_hub: Path,
+) -> None:
+    config = base_config()
+    config["h5"]["max_seq_len"] = 128
+    vision, lm = checks.model_files(CLIP336), checks.model_files(VICUNA)
+    assert vision is not None and lm is not None
+    config["models"] |= {"vision_tower": CLIP336, "language_model": VICUNA}
+    with pytest.raises(ConfigError) as error:
+        checks.check_h5_budget(config, vision, lm)
+    message = str(error.value)
+    assert message.startswith("config.h5.max_seq_len: 128 leaves no room for an answer")
+    assert "576 image patches" in message
+    minimum = int(message.split("The minimum is ")[1].split()[0])
+    config["h5"]["max_seq_len"] = minimum
+    checks.check_h5_budget(config, vision, lm)
+    config["h5"]["max_seq_len"] = minimum - 1
+    with pytest.raises(ConfigError):
+        checks.check_h5_budget(config, vision, lm)
+    # Vicuna's context is 4,096 tokens: a longer max_seq_len overflows it.
+    config["h5"]["max_seq_len"] = 8192
+    with pytest.raises(ConfigError, match=r"longer than the context .* \(4096 tokens"):
+        checks.check_h5_budget(config, vision, lm)
+
+
+def test_an_llm_context_shorter_than_a_prompt_template_is_refused(offline_hub: Path) -> None:
+    config = base_config()
+    config["models"]["llm"] = LLAMA3
+    folder = checks.model_files(LLAMA3)
+    assert folder is not None
+    checks.check_llm_context(config, folder)  # 8,192 tokens hold both phases
+    config["attributes"]["max_seq_len"] = 256
+    with pytest.raises(ConfigError) as error:
+        checks.check_llm_context(config, folder)
+    message = str(error.value)
+    assert message.startswith("config.attributes.max_seq_len: 256 tokens cannot hold")
+    need = int(message.split(" in all")[0].split()[-1])
+    assert need > 256 and f"at least {need}" in message
+    config["attributes"]["max_seq_len"] = 100_000
+    with pytest.raises(ConfigError, match=r"longer than the context .* \(8192 tokens\)"):
+        checks.check_llm_context(config, folder)
+
+
+def test_models_an_earlier_job_builds_are_left_to_the_jobs(offline_hub: Path) -> None:
+    config = copy.deepcopy(base_config())
+    config["h5"]["max_seq_len"] = 8
+    config["models"] |= {"vision_tower": CLIP336, "language_model": VICUNA, "llm": LLAMA3}
+    with pytest.raises(ConfigError):
+        checks.check_models(config, checked_by_jobs=lambda reference: False)
+    checks.check_models(config, checked_by_jobs=lambda reference: True)
+
+
+def write_config(folder: Path, config: dict[str, Any]) -> str:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def test_a_captioner_no_route_can_run_is_refused_with_the_alternatives(tmp_path: Path) -> None:
+    chat = {
+        "architectures": ["InternVLChatModel"],
+        "model_type": "internvl_chat",
+        "llm_config": {"architectures": ["InternLM2ForCausalLM"]},
+    }
+    v15 = write_config(tmp_path / "v15", chat)
+    with pytest.raises(ConfigError) as error:
+        checks.check_vlm("OpenGVLab/InternVL-Chat-V1-5", v15, trust_remote_code=True)
+    message = str(error.value)
+    assert message.startswith("config.models.vlm: 'OpenGVLab/InternVL-Chat-V1-5'")
+    assert INTERNLM2_ERROR in message and "InternVL3-8B-hf" in message
+    with pytest.raises(ConfigError, match="trust_remote_code: true"):
+        checks.check_vlm("chat", v15, trust_remote_code=False)
+    bert = write_config(tmp_path / "bert", {"architectures": ["BertModel"], "model_type": "bert"})
+    with pytest.raises(ConfigError, match=r"BertModel, which the caption stage cannot load"):
+        checks.check_vlm("bert", bert, trust_remote_code=False)
+    llava = write_config(
+        tmp_path / "llava",
+        {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava"},
+    )
+    checks.check_vlm("llava", llava, trust_remote_code=False)
+    checks.check_vlm("not here", None, trust_remote_code=False)
