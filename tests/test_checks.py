@@ -138,9 +138,7 @@ def test_an_uncached_pinned_model_is_refused_with_the_download_command(
     with pytest.raises(ConfigError) as error:
         checks.check_model_reference("language_model", missing, ("vlm",))
     assert str(error.value).startswith(f"config.models.language_model: {missing!r}")
-    assert f"huggingface-cli download lmsys/vicuna-7b-v1.5 --revision {'cd' * 20}" in str(
-        error.value
-    )
+    assert f"hf download lmsys/vicuna-7b-v1.5 --revision {'cd' * 20}" in str(error.value)
     checks.check_model_reference("language_model", VICUNA, ("vlm",))
 
 
@@ -225,3 +223,24 @@ def test_a_captioner_no_route_can_run_is_refused_with_the_alternatives(tmp_path:
     )
     checks.check_vlm("llava", llava, trust_remote_code=False)
     checks.check_vlm("not here", None, trust_remote_code=False)
+
+
+def test_vlmflow_miniatures_writes_a_presets_models_into_a_cache_of_their_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vlmflow import cli
+
+    preset = str(REPO / "config" / "presets" / "llava15.yaml")
+    assert cli.main(["miniatures", "--configfile", preset, "--cache", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out.split()
+    models = yaml.safe_load(Path(preset).read_text())["models"]
+    expected = [
+        str(miniatures.snapshot_dir(tmp_path, *split_revision(models[key])))  # type: ignore[arg-type]
+        for key in ("vision_tower", "language_model")
+    ]
+    assert printed == expected
+    # Stand-ins at the real commits must never land in the real hub cache.
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(SystemExit):
+        cli.main(["miniatures", "--configfile", preset, "--cache", str(tmp_path)])
+    assert "is the real hub cache" in capsys.readouterr().err

@@ -56,7 +56,7 @@ def _revision_hint(reference: str) -> str:
         return ""
     return (
         f" at revision {revision} (download it on a login node: "
-        f"huggingface-cli download {name} --revision {revision})"
+        f"hf download {name} --revision {revision})"
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,24 @@ def test_offline_hub_id_without_a_cached_copy_names_the_key(workdir: Path) -> No
 def test_undefined_train_dataset_names_the_key(workdir: Path) -> None:
     output = dry_run_with(workdir, {"train_datasets": ["nope"]})
     assert "config.train_datasets: dataset 'nope' is not defined" in output
+
+
+def test_a_captioner_transformers_5_cannot_run_is_refused_with_its_error(workdir: Path) -> None:
+    # InternVL-Chat-V1.5's config: an InternVL chat model whose language model is InternLM2.
+    folder = workdir / "models" / "internvl-chat-v1-5"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["InternVLChatModel"],
+                "model_type": "internvl_chat",
+                "llm_config": {"architectures": ["InternLM2ForCausalLM"]},
+            }
+        )
+    )
+    output = dry_run_with(
+        workdir, {"models.vlm": "models/internvl-chat-v1-5", "models.trust_remote_code": True}
+    )
+    assert "config.models.vlm: 'models/internvl-chat-v1-5'" in output
+    assert "'InternLM2ForCausalLM' object has no attribute 'generate'" in output
+    assert "InternVL3-8B-hf" in output
