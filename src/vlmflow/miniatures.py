@@ -170,6 +170,112 @@ def build_llama2(out_dir: str | Path, seed: int, layers: int = 2, chat: bool = F
     _save(out_dir, model, tokenizer)
 
 
+# LLaVA-1.5 (llava-hf): one user turn "USER: <image>\n{text} ASSISTANT:", answers closed by </s>.
+LLAVA15_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% endif %}{% endfor %}{% for part in message['content'] %}{% if part['type'] == 'text' %}"
+    "{{ part['text'] + ' ' }}{% endif %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def build_llava15_hf(out_dir: str | Path, seed: int) -> None:
+    """llava-hf/llava-1.5-7b-hf in miniature (``LlavaForConditionalGeneration``): CLIP
+    ViT-L/14-336 (576 image tokens, penultimate layer, CLS dropped), the mlp2x_gelu
+    projector, a Vicuna-style LM (``<s>``/``</s>``, 4,096 context) with ``<image>`` added,
+    and the "USER: <image>\n... ASSISTANT:" chat template. Weights are saved under the hub
+    checkpoint's names (``vision_tower.vision_model.*``, ``language_model.model.*``), as
+    vLLM and older loaders read them."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    torch.manual_seed(seed)
+    tokenizer = bpe_tokenizer(
+        [*SENTENCEPIECE_SPECIALS, "<image>"],
+        LLAVA15_TEMPLATE,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<unk>",
+        image_token="<image>",
+    )
+    text = _llama_config(
+        tokenizer,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=336,
+        patch_size=14,
+        projection_dim=64,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": 336},
+            crop_size={"height": 336, "width": 336},
+            image_mean=CLIP_MEAN,
+            image_std=CLIP_STD,
+        ),
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA15_TEMPLATE,
+        image_token="<image>",
+    )
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        weights = {
+            hub_name(name): tensor.contiguous() for name, tensor in model.state_dict().items()
+        }
+        for old in tmp.glob("model*.safetensors*"):
+            old.unlink()
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+
+
+def hub_name(name: str) -> str:
+    """A LLaVA weight's name in the hub checkpoints (transformers 5 saves another layout)."""
+    for new, old in (
+        ("model.vision_tower.", "vision_tower.vision_model."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+        ("model.language_model.", "language_model.model."),
+        ("lm_head.", "language_model.lm_head."),
+    ):
+        if name.startswith(new):
+            return old + name[len(new) :]
+    return name
+
+
 def build_clip(out_dir: str | Path, seed: int, image_size: int = 336, layers: int = 8) -> None:
     """OpenAI CLIP ViT-L/14 (224 or 336 px) in miniature: a full ``CLIPModel`` (text and
     vision halves, as the hub repos hold) with 14-px patches, and the published image
@@ -372,6 +478,7 @@ def _save(out_dir: str | Path, model: Any, tokenizer: Any) -> None:
 # The real checkpoints the presets name, and the builder of each one's miniature.
 MINIATURES: dict[str, Callable[[Path, int], None]] = {
     "openai/clip-vit-large-patch14-336": lambda out, seed: build_clip(out, seed, 336),
+    "llava-hf/llava-1.5-7b-hf": build_llava15_hf,
     "openai/clip-vit-large-patch14": lambda out, seed: build_clip(out, seed, 224),
     "lmsys/vicuna-7b-v1.5": lambda out, seed: build_llama2(out, seed),
     "meta-llama/Llama-2-7b-hf": lambda out, seed: build_llama2(out, seed, layers=8),

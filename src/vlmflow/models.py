@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -434,6 +434,22 @@ class GenerationSettings:
     # "auto" spreads a model too big for one GPU over all visible ones (accelerate);
     # None puts it whole on the one device.
     device_map: str | None = None
+    # "hf" (transformers' generate in the job) or "vllm" (a vLLM server in the job, see
+    # vlmflow.engine) with its ``engine`` settings (vlmflow.engine.EngineSettings).
+    backend: str = "hf"
+    engine: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("hf", "vllm"):
+            raise ValueError(f"backend {self.backend!r}: expected hf or vllm")
+        transformers_only = [
+            name for name in ("attn_implementation", "device_map") if getattr(self, name)
+        ]
+        if self.backend == "vllm" and transformers_only:
+            raise ValueError(
+                f"backend vllm: {' and '.join(transformers_only)} are transformers settings; "
+                "vLLM picks its kernels and spreads a model with engine.tensor_parallel_size"
+            )
 
     def generation_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {

@@ -8,6 +8,7 @@ resource.
 import sys
 
 from vlmflow import attributes
+from vlmflow.engine import deployment_of
 from vlmflow.logs import log_to
 from vlmflow.prompts import read_prompt
 
@@ -25,6 +26,7 @@ with log_to(snakemake.log[0]):
         out_path=snakemake.output[0],
         settings=settings,
         shard_id=snakemake.wildcards.shard,
+        deployment=deployment_of(snakemake.config, snakemake.log[0]),
     )
     # log_to points stderr at the rule's log file; launched processes write there too.
     attributes.launch(job, snakemake.resources.get("mpi"), sys.stderr)

@@ -1,6 +1,7 @@
 """Caption one shard with a VLM (see vlmflow.caption)."""
 
 from vlmflow import caption
+from vlmflow.engine import deployment_of
 from vlmflow.logs import log_to
 from vlmflow.prompts import read_prompt
 
@@ -8,4 +9,10 @@ with log_to(snakemake.log[0]):
     settings = caption.CaptionSettings(
         prompt=read_prompt(snakemake.input.prompt), **snakemake.params.settings
     )
-    caption.run(snakemake.input.shard, snakemake.output[0], settings, snakemake.wildcards.shard)
+    caption.run(
+        snakemake.input.shard,
+        snakemake.output[0],
+        settings,
+        snakemake.wildcards.shard,
+        deployment_of(snakemake.config, snakemake.log[0]),
+    )

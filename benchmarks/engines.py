@@ -1,0 +1,225 @@
+"""HF backend vs vLLM backend on the caption and attribute stages' own code.
+
+Runs vlmflow.caption.run and vlmflow.attributes.run_phase1 as the workflow's jobs run
+them, once per backend, on the same inputs: a shard of drawn images and the phase-1
+prompts of its captions, greedy, the same maximum of new tokens. The models are the
+miniatures of LLaVA-1.5 (llava-hf) and Llama-3-8B-Instruct (vlmflow.miniatures: real
+shapes and conventions, widths and depths shrunk; vLLM's CPU attention needs their head
+dimension of 32). Each stage runs once on one item (start-up: loading the model, or
+starting the server) and once on all of them; steady state is the difference. Prints
+items/s, output tokens/s and start-up seconds per stage and backend, how many outputs
+are equal, and last ``ratio vllm/hf: X.XX`` (output tokens/s in steady state, both stages
+together).
+
+    .venv/bin/python benchmarks/engines.py [--items 64] [--new-tokens 32]
+    .venv/bin/python benchmarks/engines.py --gpu   # an 8B-shaped random Llama, bf16
+
+``--gpu`` (a machine with an NVIDIA GPU) measures the attribute stage on a random Llama
+with Llama-3-8B's configuration in bf16 instead of the miniatures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from vlmflow import attributes, caption, engine, miniatures
+from vlmflow.caption import CAPTION_SCHEMA, CaptionSettings
+from vlmflow.io import write_rows_parquet
+from vlmflow.prompts import read_prompt
+from vlmflow.shapes import samples, write_shard
+
+REPO = Path(__file__).resolve().parent.parent
+PIN = "be" * 20
+VLM = f"llava-hf/llava-1.5-7b-hf@{PIN}"
+LLM = f"meta-llama/Meta-Llama-3-8B-Instruct@{PIN}"
+PHASE1 = read_prompt(REPO / "config" / "prompts" / "attributes_phase1.txt")
+
+
+@dataclass
+class Measure:
+    stage: str
+    backend: str
+    items: int
+    startup_s: float
+    steady_s: float
+    tokens: int
+    outputs: list[str]
+
+    @property
+    def items_per_s(self) -> float:
+        return (self.items - 1) / self.steady_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.steady_s
+
+
+def make_shard(path: Path, count: int) -> None:
+    """``count`` drawn shapes of 256 px (vlmflow.shapes), as an ingest shard."""
+    write_shard(path, samples(count, seed=0, size=256))
+
+
+def token_count(model: str, texts: list[str]) -> int:
+    from transformers import AutoTokenizer
+
+    from vlmflow.models import pretrained
+
+    tokenizer = AutoTokenizer.from_pretrained(**pretrained(model))
+    return sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts)
+
+
+def timed(run: Any) -> float:
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
+
+
+def caption_stage(
+    settings: CaptionSettings, work: Path, items: int, deployment: engine.Deployment
+) -> Measure:
+    one, many = work / "one.tar", work / "many.tar"
+    make_shard(one, 1)
+    make_shard(many, items)
+    name = settings.backend
+    first = timed(lambda: caption.run(one, work / f"{name}-1.parquet", settings, "0", deployment))
+    out = work / f"{name}.parquet"
+    total = timed(lambda: caption.run(many, out, settings, "0", deployment))
+    texts = [row["vlm_caption"] for row in pq.read_table(out).to_pylist()]
+    return Measure(
+        "caption", name, items, first, total - first, token_count(settings.model, texts), texts
+    )
+
+
+def attribute_stage(
+    settings: attributes.LLMSettings, work: Path, items: int, deployment: engine.Deployment
+) -> Measure:
+    words = ["red", "car", "tree", "dog", "cat", "sofa", "field", "river", "bench", "sky"]
+    rows = [
+        {
+            "key": f"k{n:05d}",
+            "web_caption": " ".join(words[(n + i) % len(words)] for i in range(4)),
+            "vlm_caption": " ".join(words[(3 * n + i) % len(words)] for i in range(12)),
+            "failure": None,
+            "model": "vlm",
+            "engine": None,
+            "prompt_id": "p",
+            "settings": "{}",
+        }
+        for n in range(items)
+    ]
+    one, many = work / "captions-1.parquet", work / "captions.parquet"
+    write_rows_parquet(one, rows[:1], CAPTION_SCHEMA)
+    write_rows_parquet(many, rows, CAPTION_SCHEMA)
+    name = settings.backend
+    first = timed(
+        lambda: attributes.run_phase1(one, work / f"a-{name}-1.parquet", settings, "0", deployment)
+    )
+    out = work / f"a-{name}.parquet"
+    total = timed(lambda: attributes.run_phase1(many, out, settings, "0", deployment))
+    texts = [row["raw_answer"] or "" for row in pq.read_table(out).to_pylist()]
+    return Measure(
+        "attributes", name, items, first, total - first, token_count(settings.model, texts), texts
+    )
+
+
+def build_8b(folder: Path) -> str:
+    """A random Llama with Llama-3-8B's configuration, bf16, and the Llama-3 miniature's
+    tokenizer padded to Llama 3's vocabulary size (--gpu)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    small = miniatures.snapshot_dir(os.environ["HF_HUB_CACHE"], *LLM.split("@"))
+    tokenizer = AutoTokenizer.from_pretrained(small)
+    config = LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+    )
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id]
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def table(measures: list[Measure]) -> list[str]:
+    lines = [f"{'stage':<11}{'backend':<8}{'items':>6}{'start s':>9}{'items/s':>9}{'tokens/s':>10}"]
+    for m in measures:
+        lines.append(
+            f"{m.stage:<11}{m.backend:<8}{m.items:>6}{m.startup_s:>9.1f}"
+            f"{m.items_per_s:>9.1f}{m.tokens_per_s:>10.1f}"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--items", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--gpu", action="store_true", help="an 8B-shaped Llama in bf16")
+    parser.add_argument(
+        "--vllm-command",
+        default=f"{REPO / '.venv-vllm' / 'bin' / 'python'} -m vllm.entrypoints.openai.api_server",
+    )
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="engines-"))
+    os.environ.setdefault("HF_HUB_CACHE", str(work / "hub"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    import huggingface_hub.constants
+
+    huggingface_hub.constants.HF_HUB_CACHE = os.environ["HF_HUB_CACHE"]
+    for reference in (VLM, LLM):
+        miniatures.install(reference, os.environ["HF_HUB_CACHE"])
+    deployment = engine.Deployment(args.vllm_command, str(work / "vllm.log"))
+    dtype = "bfloat16" if args.gpu else "float32"
+    common = {"max_new_tokens": args.new_tokens, "do_sample": False, "batch_size": args.batch_size}
+    engine_settings = {"max_model_len": 4096}
+    measures: list[Measure] = []
+    if not args.gpu:
+        vlm = CaptionSettings(model=VLM, prompt="Describe the image.", dtype=dtype, **common)
+        for backend in ("hf", "vllm"):
+            options = replace(
+                vlm, backend=backend, engine=engine_settings if backend == "vllm" else {}
+            )
+            measures.append(caption_stage(options, work / f"c-{backend}", args.items, deployment))
+    llm = build_8b(work / "llama-8b") if args.gpu else LLM
+    phase1 = attributes.LLMSettings(model=llm, prompt=PHASE1, dtype=dtype, **common)
+    for backend in ("hf", "vllm"):
+        options = replace(
+            phase1, backend=backend, engine=engine_settings if backend == "vllm" else {}
+        )
+        measures.append(attribute_stage(options, work / f"a-{backend}", args.items, deployment))
+    print("\n".join(table(measures)))
+    for stage in dict.fromkeys(m.stage for m in measures):
+        hf, vllm = (m for m in measures if m.stage == stage)
+        same = sum(a == b for a, b in zip(hf.outputs, vllm.outputs, strict=True))
+        print(f"{stage}: {same} of {len(hf.outputs)} greedy outputs equal")
+    tokens = {b: sum(m.tokens for m in measures if m.backend == b) for b in ("hf", "vllm")}
+    seconds = {b: sum(m.steady_s for m in measures if m.backend == b) for b in ("hf", "vllm")}
+    print(
+        f"ratio vllm/hf: {(tokens['vllm'] / seconds['vllm']) / (tokens['hf'] / seconds['hf']):.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,399 @@
+"""The vLLM backend: an OpenAI-compatible vLLM server started inside the job.
+
+vLLM pins its own torch and transformers, so it lives in an environment of its own (a
+venv from ``make setup-vllm``, a conda env or a container image). The job runs in the
+project's environment, starts the server from ``vllm.command`` (a command line, e.g.
+``.venv-vllm/bin/python -m vllm.entrypoints.openai.api_server`` or ``apptainer exec --nv
+vllm.sif vllm serve``), waits for it, sends every request of a batch at once (the engine
+batches them continuously and caches shared prompt prefixes) and stops it at the end.
+
+What makes the rows those of the HF backend: prompts go as token ids made by the same
+tokenizer and chat template (images through the same chat template on the server), every
+request carries its own seed (from the config's seed, the stage, the shard and the key),
+the model's stop ids and single-token sequence biases (generation_config.json) are sent
+with each request, and the answer's token ids are decoded here as the HF path decodes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import requests
+
+from vlmflow.models import cached_file, split_revision
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+BACKENDS = ("hf", "vllm")
+# The engine in the environment `make setup-vllm` builds.
+DEFAULT_COMMAND = ".venv-vllm/bin/python -m vllm.entrypoints.openai.api_server"
+SERVED_NAME = "model"
+
+
+class EngineError(Exception):
+    """The engine could not start, or died: the job fails with its last log line (not a
+    RuntimeError, so no batch retry takes it for a failure of its samples)."""
+
+
+class RequestError(RuntimeError):
+    """One request failed (retried, then counted as a failure of its sample)."""
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """Where the engine comes from and where it logs: how a job runs it, not what it
+    computes (so not a param; the engine's version is recorded in every row)."""
+
+    command: str = DEFAULT_COMMAND
+    log_path: str = "vllm.log"
+
+
+def deployment_of(config: dict[str, Any], job_log: str | Path) -> Deployment:
+    """A rule's deployment: the config's ``vllm.command``, the server's log beside the
+    job's (``X.log`` -> ``X.vllm.log``)."""
+    command = config.get("vllm", {}).get("command", DEFAULT_COMMAND)
+    return Deployment(command=command, log_path=str(Path(job_log).with_suffix(".vllm.log")))
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the vLLM server is started (``caption.engine``, ``attributes.phaseN.engine``)."""
+
+    # None: as many GPUs as the job sees (1 without a GPU).
+    tensor_parallel_size: int | None = None
+    # None: the model's own context.
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
+    # Requests in flight at once (vLLM batches them); None: the stage's batch_size.
+    max_num_seqs: int | None = None
+    # How often a failed request is sent again before it counts as a failed sample.
+    retries: int = 2
+    startup_timeout_s: float = 1800.0
+    request_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """One request's sampling settings."""
+
+    max_tokens: int
+    do_sample: bool
+    temperature: float
+    top_p: float
+    stop_token_ids: tuple[int, ...] = ()
+    logit_bias: dict[str, float] = field(default_factory=dict)
+
+    def body(self, seed: int) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": SERVED_NAME,
+            "max_tokens": self.max_tokens,
+            "seed": seed,
+            "return_token_ids": True,
+            "skip_special_tokens": True,
+        }
+        if self.do_sample:
+            body |= {"temperature": self.temperature, "top_p": self.top_p}
+        else:
+            body |= {"temperature": 0.0}
+        if self.stop_token_ids:
+            body["stop_token_ids"] = list(self.stop_token_ids)
+        if self.logit_bias:
+            body["logit_bias"] = self.logit_bias
+        return body
+
+
+def generation_defaults(reference: str) -> tuple[tuple[int, ...], dict[str, float]]:
+    """The stop ids and single-token sequence biases of a model's generation_config.json,
+    which HF ``generate`` applies by itself and a request has to carry."""
+    path = cached_file(reference, "generation_config.json")
+    if path is None:
+        return (), {}
+    config = json.loads(path.read_text(encoding="utf-8"))
+    eos = config.get("eos_token_id")
+    stops = tuple(int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None)
+    bias: dict[str, float] = {}
+    for tokens, value in config.get("sequence_bias") or []:
+        if len(tokens) != 1:
+            raise EngineError(
+                f"{reference}: generation_config.json has a sequence_bias over "
+                f"{len(tokens)} tokens; vLLM takes biases of single tokens only"
+            )
+        bias[str(tokens[0])] = float(value)
+    return stops, bias
+
+
+def visible_gpus() -> int:
+    """GPUs this job may use (Slurm and CUDA set CUDA_VISIBLE_DEVICES)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        import torch
+
+        return int(torch.cuda.device_count())
+    except ImportError:
+        return 0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def server_command(
+    command: str,
+    model: str,
+    engine: EngineSettings,
+    dtype: str,
+    trust_remote_code: bool,
+    seed: int,
+    port: int,
+) -> list[str]:
+    """The server's command line: ``command`` (split as a shell would, never run by one)
+    and the model and engine settings."""
+    name, revision = split_revision(model)
+    args = [*shlex.split(command), "--model", name]
+    if revision is not None:
+        args += ["--revision", revision]
+    tensor_parallel = engine.tensor_parallel_size or max(visible_gpus(), 1)
+    args += [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--served-model-name",
+        SERVED_NAME,
+        "--seed",
+        str(seed),
+        "--dtype",
+        dtype,
+        "--tensor-parallel-size",
+        str(tensor_parallel),
+        "--gpu-memory-utilization",
+        str(engine.gpu_memory_utilization),
+    ]
+    if engine.max_model_len is not None:
+        args += ["--max-model-len", str(engine.max_model_len)]
+    if engine.max_num_seqs is not None:
+        args += ["--max-num-seqs", str(engine.max_num_seqs)]
+    if trust_remote_code:
+        args.append("--trust-remote-code")
+    return args
+
+
+def last_line(path: Path) -> str:
+    """The last line of a log that says something (an error, usually)."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    for line in reversed(lines):
+        if line.strip():
+            return line.strip()
+    return "(empty log)"
+
+
+class Server:
+    """A running vLLM server (see ``serve``)."""
+
+    def __init__(self, process: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
+        self.process = process
+        self.url = url
+        self.log_path = log_path
+        self.version = ""
+        self.http = requests.Session()
+
+    def check_alive(self) -> None:
+        code = self.process.poll()
+        if code is not None:
+            raise EngineError(
+                f"the vLLM server exited with code {code}: {last_line(self.log_path)} "
+                f"(log: {self.log_path})"
+            )
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                if self.http.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    self.version = self.http.get(f"{self.url}/version", timeout=5).json()["version"]
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1.0)
+        raise EngineError(
+            f"the vLLM server did not answer within {timeout_s:.0f} s: "
+            f"{last_line(self.log_path)} (log: {self.log_path})"
+        )
+
+    def post(self, path: str, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        """One request; an HTTP error or a dead server raises."""
+        try:
+            response = self.http.post(f"{self.url}{path}", json=body, timeout=timeout_s)
+        except requests.RequestException as error:
+            self.check_alive()
+            raise RequestError(f"request to the vLLM server failed: {error}") from None
+        if response.status_code != 200:
+            raise RequestError(f"vLLM answered {response.status_code}: {response.text[:500]}")
+        result: dict[str, Any] = response.json()
+        return result
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.http.close()
+
+
+@contextmanager
+def serve(
+    command: str,
+    model: str,
+    engine: EngineSettings,
+    *,
+    dtype: str,
+    trust_remote_code: bool,
+    seed: int,
+    log_path: str | Path,
+) -> Iterator[Server]:
+    """Start a vLLM server for ``model``, wait until it answers, stop it on exit (its
+    whole process group, also when the job is stopped by SIGTERM)."""
+    port = free_port()
+    args = server_command(command, model, engine, dtype, trust_remote_code, seed, port)
+    log_file = Path(log_path)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    log.info("starting the vLLM server: %s (log: %s)", shlex.join(args), log_file)
+    handle: IO[bytes] = open(log_file, "ab")  # noqa: SIM115 - closed below
+    try:
+        process = subprocess.Popen(
+            args,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+    except FileNotFoundError:
+        handle.close()
+        raise EngineError(
+            f"vllm.command {command!r}: {args[0]} not found; build the engine's environment "
+            "with `make setup-vllm`, or point vllm.command at your vLLM installation"
+        ) from None
+    server = Server(process, f"http://127.0.0.1:{port}", log_file)
+    try:
+        started = time.monotonic()
+        server.wait_ready(engine.startup_timeout_s)
+        log.info("vLLM %s ready after %.1f s", server.version, time.monotonic() - started)
+        yield server
+    finally:
+        server.stop()
+        handle.close()
+
+
+def _die_with_parent() -> None:
+    """In the server's process: be stopped when the job's process dies, even by SIGKILL
+    (Linux; elsewhere the job's own cleanup and Slurm's do it)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def with_retries(call: Callable[[], T], server: Server, retries: int) -> T:
+    """``call`` again after a failure (a dead server is never retried)."""
+    for attempt in range(retries + 1):
+        try:
+            return call()
+        except RequestError:
+            server.check_alive()
+            if attempt == retries:
+                raise
+            time.sleep(min(2.0**attempt, 10.0))
+    raise AssertionError("unreachable")
+
+
+def completions(
+    server: Server,
+    prompts: Sequence[list[int]],
+    seeds: Sequence[int],
+    sampling: Sampling,
+    engine: EngineSettings,
+) -> list[list[int]]:
+    """The answer token ids of every prompt (token ids), all requests in flight at once."""
+
+    def one(index: int) -> list[int]:
+        body = sampling.body(seeds[index]) | {"prompt": list(prompts[index])}
+        return with_retries(
+            lambda: _token_ids(server.post("/v1/completions", body, engine.request_timeout_s)),
+            server,
+            engine.retries,
+        )
+
+    return _all(one, len(prompts))
+
+
+def chat_with_images(
+    server: Server,
+    images: Sequence[tuple[bytes, str]],
+    prompt: str,
+    seeds: Sequence[int],
+    sampling: Sampling,
+    engine: EngineSettings,
+) -> list[list[int]]:
+    """The answer token ids for each image ((bytes, format)) under one user turn of the
+    image then ``prompt``, rendered by the model's chat template on the server."""
+
+    def one(index: int) -> list[int]:
+        data, image_format = images[index]
+        url = f"data:image/{image_format};base64,{base64.b64encode(data).decode('ascii')}"
+        content = [
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": prompt},
+        ]
+        body = sampling.body(seeds[index]) | {"messages": [{"role": "user", "content": content}]}
+        return with_retries(
+            lambda: _token_ids(server.post("/v1/chat/completions", body, engine.request_timeout_s)),
+            server,
+            engine.retries,
+        )
+
+    return _all(one, len(images))
+
+
+def _token_ids(answer: dict[str, Any]) -> list[int]:
+    choice = answer["choices"][0]
+    ids = choice.get("token_ids")
+    if ids is None:
+        raise RequestError("the vLLM server returned no token_ids (vLLM >= 0.10 is needed)")
+    return [int(i) for i in ids]
+
+
+def _all(one: Callable[[int], list[int]], count: int) -> list[list[int]]:
+    if count == 0:
+        return []
+    with ThreadPoolExecutor(max_workers=min(count, 64)) as pool:
+        return list(pool.map(one, range(count)))

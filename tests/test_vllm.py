@@ -1,0 +1,267 @@
+"""The vLLM backend (vlmflow.engine) against the HF backend, on tiny models vLLM can run.
+
+Needs the engine's environment (`make setup-vllm`, or VLMFLOW_VLLM_PYTHON pointing at a
+Python with vLLM); run with `make test-vllm` (`pytest -m vllm`). vLLM's CPU attention
+needs a head dimension of at least 32, which the miniatures have (vlmflow.miniatures).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from tests.conftest import make_image
+from vlmflow import attributes, caption, engine, miniatures
+from vlmflow.caption import CAPTION_SCHEMA, CaptionSettings
+from vlmflow.io import write_rows_parquet
+from vlmflow.progress import progress_path
+from vlmflow.prompts import read_prompt
+
+pytestmark = pytest.mark.vllm
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = os.environ.get("VLMFLOW_VLLM_PYTHON", str(REPO / ".venv-vllm" / "bin" / "python"))
+COMMAND = f"{PYTHON} -m vllm.entrypoints.openai.api_server"
+PIN = "5e" * 20
+LLAVA = f"llava-hf/llava-1.5-7b-hf@{PIN}"
+QWEN = f"Qwen/Qwen2-VL-7B-Instruct@{PIN}"
+PHASE1 = read_prompt(REPO / "config" / "prompts" / "attributes_phase1.txt")
+PHASE2 = read_prompt(REPO / "config" / "prompts" / "attributes_phase2.txt")
+ENGINE = {"max_model_len": 2048}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def engine_environment(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Any:
+    """A hub cache with the miniatures, and the CPU engine's settings, for every test."""
+    if not Path(PYTHON).exists():
+        pytest.fail(f"{PYTHON} is missing: build the engine's environment with make setup-vllm")
+    cache = tmp_path_factory.mktemp("hub")
+    for reference in (LLAVA, QWEN):
+        miniatures.install(reference, cache)
+    saved = {name: os.environ.get(name) for name in ("HF_HUB_CACHE", "VLLM_CPU_KVCACHE_SPACE")}
+    os.environ["HF_HUB_CACHE"] = str(cache)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: plenty for tiny models
+    import huggingface_hub.constants
+
+    original = huggingface_hub.constants.HF_HUB_CACHE
+    huggingface_hub.constants.HF_HUB_CACHE = str(cache)
+    yield cache
+    huggingface_hub.constants.HF_HUB_CACHE = original
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Llama-3-8B-Instruct in miniature without the list bias: its greedy answers are
+    varied text rather than runs of commas, which makes equal answers mean something."""
+    folder = tmp_path_factory.mktemp("llm") / "llama3"
+    miniatures.build_llama3_instruct(folder, seed=1, list_bias=0.0)
+    return str(folder)
+
+
+def deployment(tmp_path: Path) -> engine.Deployment:
+    return engine.Deployment(command=COMMAND, log_path=str(tmp_path / "vllm.log"))
+
+
+@pytest.fixture
+def shard(tmp_path: Path) -> Path:
+    """Six images of three shapes, so a batch mixes sizes."""
+    path = tmp_path / "000000.tar"
+    with wds.TarWriter(str(path)) as writer:
+        for n in range(6):
+            width, height = (64 + 24 * (n % 3), 48 + 16 * (n % 2))
+            writer.write(
+                {
+                    "__key__": f"k{n:03d}",
+                    "jpg": make_image(width, height, (40 * n, 200 - 30 * n, 90)),
+                    "txt": f"a coloured box number {n}",
+                    "json": json.dumps({"key": f"k{n:03d}", "width": width, "height": height}),
+                }
+            )
+    return path
+
+
+def captions(path: Path) -> list[dict[str, Any]]:
+    return pq.read_table(path).to_pylist()
+
+
+@pytest.mark.parametrize("model", [LLAVA, QWEN], ids=["llava", "qwen2vl"])
+def test_vllm_captions_equal_the_hf_backends_greedy_captions(
+    model: str, shard: Path, tmp_path: Path
+) -> None:
+    settings = CaptionSettings(
+        model=model,
+        prompt="Describe the image.",
+        max_new_tokens=12,
+        do_sample=False,
+        batch_size=4,
+        dtype="float32",
+    )
+    caption.run(shard, tmp_path / "hf.parquet", settings, "000000")
+    vllm = replace(settings, backend="vllm", engine=ENGINE)
+    caption.run(shard, tmp_path / "vllm.parquet", vllm, "000000", deployment(tmp_path))
+    hf_rows, vllm_rows = captions(tmp_path / "hf.parquet"), captions(tmp_path / "vllm.parquet")
+    assert [r["vlm_caption"] for r in vllm_rows] == [r["vlm_caption"] for r in hf_rows]
+    assert len({r["vlm_caption"] for r in hf_rows}) > 1  # not one trivial answer
+    assert {r["engine"].split()[0] for r in vllm_rows} == {"vllm"}
+    assert {r["engine"].split()[0] for r in hf_rows} == {"transformers"}
+    assert all(json.loads(r["settings"])["backend"] == "vllm" for r in vllm_rows)
+
+
+def write_captions(path: Path) -> Path:
+    texts = [
+        ("a red car", "A red car parked on a city street next to a tall building."),
+        ("dog", "A dog on the grass in a green field with trees."),
+        ("UNREADABLE", ""),
+        ("sea", "A boat on the sea and a beach with sand and shells."),
+        ("cat", "A cat sleeping on a sofa near a window."),
+    ]
+    rows = [
+        {
+            "key": f"k{i:03d}",
+            "web_caption": web,
+            "vlm_caption": vlm,
+            "failure": None if vlm else "caption_error: x",
+            "model": "vlm",
+            "engine": None,
+            "prompt_id": "p",
+            "settings": "{}",
+        }
+        for i, (web, vlm) in enumerate(texts)
+    ]
+    write_rows_parquet(path, rows, CAPTION_SCHEMA)
+    return path
+
+
+def test_both_attribute_phases_through_vllm_equal_the_hf_backend(llm: str, tmp_path: Path) -> None:
+    captions_path = write_captions(tmp_path / "captions.parquet")
+    results = {}
+    for backend in ("hf", "vllm"):
+        settings = attributes.LLMSettings(
+            model=llm,
+            prompt=PHASE1,
+            max_new_tokens=16,
+            do_sample=False,
+            batch_size=2,
+            dtype="float32",
+            backend=backend,
+            engine=ENGINE if backend == "vllm" else {},
+        )
+        phase1 = tmp_path / f"phase1-{backend}.parquet"
+        phase2 = tmp_path / f"phase2-{backend}.parquet"
+        place = deployment(tmp_path)
+        attributes.run_phase1(captions_path, phase1, settings, "000000", place)
+        # Phase 2 reads the same (HF) phase-1 rows with either backend.
+        source = tmp_path / "phase1-hf.parquet"
+        attributes.run_phase2(source, phase2, replace(settings, prompt=PHASE2), "000000", place)
+        results[backend] = (captions(phase1), captions(phase2))
+    for hf, vllm in zip(results["hf"], results["vllm"], strict=True):
+        assert [r["raw_answer"] for r in vllm] == [r["raw_answer"] for r in hf]
+        assert [r["failure"] for r in vllm] == [r["failure"] for r in hf]
+    answers = [r["raw_answer"] for r in results["hf"][0] if r["raw_answer"]]
+    assert len(set(answers)) > 1  # varied, non-empty greedy answers
+    assert results["vllm"][0][2]["failure"] == "caption_failed"  # counted, never sent
+    assert results["vllm"][0][0]["engine"].startswith("vllm ")
+
+
+def test_sampled_vllm_answers_depend_on_the_seed_and_key_only(llm: str, tmp_path: Path) -> None:
+    captions_path = write_captions(tmp_path / "captions.parquet")
+    settings = attributes.LLMSettings(
+        model=llm, prompt=PHASE1, max_new_tokens=12, batch_size=4, backend="vllm", engine=ENGINE
+    )
+    place = deployment(tmp_path)
+    runs = []
+    for name, options in (("a", settings), ("b", replace(settings, batch_size=1))):
+        out = tmp_path / f"{name}.parquet"
+        attributes.run_phase1(captions_path, out, options, "000000", place)
+        runs.append([r["raw_answer"] for r in captions(out)])
+    other = tmp_path / "c.parquet"
+    attributes.run_phase1(captions_path, other, replace(settings, seed=7), "000000", place)
+    assert runs[0] == runs[1]  # batching does not change a sampled answer
+    assert [r["raw_answer"] for r in captions(other)] != runs[0]
+
+
+def test_a_meta_checkpoint_with_the_vllm_backend_is_refused(
+    demo_models: dict[str, str], tmp_path: Path
+) -> None:
+    captions_path = write_captions(tmp_path / "captions.parquet")
+    settings = attributes.LLMSettings(model=demo_models["metallama"], prompt=PHASE1, backend="vllm")
+    with pytest.raises(ValueError, match=r"Meta-format checkpoint.*transformers folder"):
+        attributes.run_phase1(captions_path, tmp_path / "o.parquet", settings, "000000")
+
+
+def test_an_engine_that_cannot_start_fails_the_job_with_its_last_error_line(
+    shard: Path, tmp_path: Path
+) -> None:
+    settings = CaptionSettings(
+        model=LLAVA, prompt="Describe.", backend="vllm", engine={"max_model_len": 999999}
+    )
+    with pytest.raises(engine.EngineError, match=r"exited with code \d+: .*999999"):
+        caption.run(shard, tmp_path / "o.parquet", settings, "000000", deployment(tmp_path))
+    assert not (tmp_path / "o.parquet").exists()
+    missing = engine.Deployment(command="/nowhere/vllm serve", log_path=str(tmp_path / "x.log"))
+    with pytest.raises(engine.EngineError, match="make setup-vllm"):
+        caption.run(shard, tmp_path / "o.parquet", settings, "000000", missing)
+
+
+KILLED_RUN = """
+import sys
+from vlmflow import caption, engine
+settings = caption.CaptionSettings(**{settings!r})
+caption.run({shard!r}, {out!r}, settings, "000000", engine.Deployment({command!r}, {log!r}))
+"""
+
+
+def test_a_shard_stopped_mid_way_resumes_to_the_same_rows(shard: Path, tmp_path: Path) -> None:
+    options = {
+        "model": LLAVA,
+        "prompt": "Describe the image.",
+        "max_new_tokens": 8,
+        "batch_size": 2,
+        "backend": "vllm",
+        "engine": ENGINE,
+    }
+    whole = tmp_path / "whole.parquet"
+    caption.run(shard, whole, CaptionSettings(**options), "000000", deployment(tmp_path))
+    out = tmp_path / "resumed.parquet"
+    script = KILLED_RUN.format(
+        settings=options,
+        shard=str(shard),
+        out=str(out),
+        command=COMMAND,
+        log=str(tmp_path / "k.log"),
+    )
+    job = subprocess.Popen([sys.executable, "-c", script], env=os.environ.copy())
+    progress = progress_path(out)
+    deadline = time.monotonic() + 600
+    while not (progress.exists() and progress.read_text().count("\n") >= 2):
+        assert job.poll() is None, "the job ended before its first batches"
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    job.send_signal(signal.SIGTERM)  # as Slurm stops a job: progress kept, server stopped
+    assert job.wait(timeout=120) != 0
+    assert not out.exists()
+    done_before = progress.read_text().count("\n") - 1  # the header line
+    caption.run(shard, out, CaptionSettings(**options), "000000", deployment(tmp_path))
+    assert captions(out) == captions(whole)
+    assert 1 <= done_before < 6
+    # No server outlives its job.
+    left = subprocess.run(["pgrep", "-f", "vllm.entrypoints"], capture_output=True, text=True)
+    assert left.stdout.strip() == ""
