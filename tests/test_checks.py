@@ -269,3 +269,16 @@ def test_the_llava_miniature_keeps_the_hub_weight_names_and_loads_every_weight(
     ]
     prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
     assert prompt == "USER: <image>\nDescribe. ASSISTANT:"
+
+
+def test_the_vllm_backend_with_a_meta_checkpoint_is_refused(
+    demo_models: dict[str, str],
+) -> None:
+    config = base_config()
+    config["models"]["llm"] = demo_models["metallama"]
+    for phase in ("phase1", "phase2"):
+        config["attributes"][phase]["backend"] = "hf"
+    checks.check_llm_backend(config, demo_models["metallama"])
+    config["attributes"]["phase2"]["backend"] = "vllm"
+    with pytest.raises(ConfigError, match=r"attributes.phase2.backend: vllm cannot load"):
+        checks.check_llm_backend(config, demo_models["metallama"])

@@ -83,14 +83,17 @@ def deployment(tmp_path: Path) -> engine.Deployment:
 @pytest.fixture
 def shard(tmp_path: Path) -> Path:
     """Six images of three shapes, so a batch mixes sizes."""
-    path = tmp_path / "000000.tar"
+    return write_shard(tmp_path / "000000.tar", 6)
+
+
+def write_shard(path: Path, count: int) -> Path:
     with wds.TarWriter(str(path)) as writer:
-        for n in range(6):
+        for n in range(count):
             width, height = (64 + 24 * (n % 3), 48 + 16 * (n % 2))
             writer.write(
                 {
                     "__key__": f"k{n:03d}",
-                    "jpg": make_image(width, height, (40 * n, 200 - 30 * n, 90)),
+                    "jpg": make_image(width, height, (7 * n % 255, 200 - 5 * n % 200, 90)),
                     "txt": f"a coloured box number {n}",
                     "json": json.dumps({"key": f"k{n:03d}", "width": width, "height": height}),
                 }
@@ -175,8 +178,8 @@ def test_both_attribute_phases_through_vllm_equal_the_hf_backend(llm: str, tmp_p
     for hf, vllm in zip(results["hf"], results["vllm"], strict=True):
         assert [r["raw_answer"] for r in vllm] == [r["raw_answer"] for r in hf]
         assert [r["failure"] for r in vllm] == [r["failure"] for r in hf]
-    answers = [r["raw_answer"] for r in results["hf"][0] if r["raw_answer"]]
-    assert len(set(answers)) > 1  # varied, non-empty greedy answers
+    answers = [r["raw_answer"] for r in results["hf"][0] if r["failure"] != "caption_failed"]
+    assert len(answers) == 4 and all(len(a) > 5 for a in answers)  # text, not an early stop
     assert results["vllm"][0][2]["failure"] == "caption_failed"  # counted, never sent
     assert results["vllm"][0][0]["engine"].startswith("vllm ")
 
@@ -229,11 +232,12 @@ caption.run({shard!r}, {out!r}, settings, "000000", engine.Deployment({command!r
 """
 
 
-def test_a_shard_stopped_mid_way_resumes_to_the_same_rows(shard: Path, tmp_path: Path) -> None:
+def test_a_shard_stopped_mid_way_resumes_to_the_same_rows(tmp_path: Path) -> None:
+    shard = write_shard(tmp_path / "000000.tar", 40)
     options = {
         "model": LLAVA,
         "prompt": "Describe the image.",
-        "max_new_tokens": 8,
+        "max_new_tokens": 32,
         "batch_size": 2,
         "backend": "vllm",
         "engine": ENGINE,
@@ -261,7 +265,7 @@ def test_a_shard_stopped_mid_way_resumes_to_the_same_rows(shard: Path, tmp_path:
     done_before = progress.read_text().count("\n") - 1  # the header line
     caption.run(shard, out, CaptionSettings(**options), "000000", deployment(tmp_path))
     assert captions(out) == captions(whole)
-    assert 1 <= done_before < 6
+    assert 1 <= done_before < 40
     # No server outlives its job.
     left = subprocess.run(["pgrep", "-f", "vllm.entrypoints"], capture_output=True, text=True)
     assert left.stdout.strip() == ""

@@ -85,7 +85,25 @@ def check_models(config: dict[str, Any], checked_by_jobs: Callable[[str], bool])
         check_h5_budget(config, vision, lm)
     llm = here("llm")
     if llm is not None:
+        check_llm_backend(config, llm)
         check_llm_context(config, llm)
+
+
+def check_llm_backend(config: dict[str, Any], llm_folder: str) -> None:
+    """A Meta-format checkpoint runs on its fairscale path only: not on vLLM."""
+    from vlmflow.meta_llama import is_meta_checkpoint
+
+    if not is_meta_checkpoint(llm_folder):
+        return
+    for phase in ("phase1", "phase2"):
+        if config["attributes"][phase].get("backend") == "vllm":
+            raise ConfigError(
+                f"config.attributes.{phase}.backend: vllm cannot load "
+                f"{config['models']['llm']!r}, a Meta-format checkpoint (consolidated.NN.pth); "
+                "point models.llm at the model's transformers folder (e.g. "
+                "meta-llama/Meta-Llama-3-8B-Instruct rather than its original/ folder), or "
+                "use backend: hf"
+            )
 
 
 def check_vlm(reference: str, folder: str | None, trust_remote_code: bool) -> None:

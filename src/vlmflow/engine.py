@@ -20,6 +20,7 @@ import base64
 import json
 import logging
 import os
+import re
 import shlex
 import signal
 import socket
@@ -197,16 +198,21 @@ def server_command(
     return args
 
 
+# "ValueError: ...", "Value error, ...", "RuntimeError", "error: ..." (not "value_error" in a URL)
+ERROR_LINE = re.compile(r"\b(?:[Ee]rror|[Ee]xception)\b|[a-z](?:Error|Exception)\b")
+
+
 def last_line(path: Path) -> str:
-    """The last line of a log that says something (an error, usually)."""
+    """The last line of a log that names an error (else its last line)."""
     try:
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return "(no log)"
-    for line in reversed(lines):
-        if line.strip():
-            return line.strip()
-    return "(empty log)"
+    lines = [line.strip() for line in lines if line.strip()]
+    errors = [line for line in lines if ERROR_LINE.search(line)]
+    if errors:
+        return errors[-1]
+    return lines[-1] if lines else "(empty log)"
 
 
 class Server:
