@@ -191,6 +191,11 @@ def server_command(
     ]
     if engine.max_model_len is not None:
         args += ["--max-model-len", str(engine.max_model_len)]
+    if visible_gpus() == 0:
+        # vLLM rewinds a seeded request's random generator when a chunked prefill discards
+        # its sampled token; CPU generators cannot rewind ("CPU Generator does not use
+        # offset"), so on a CPU every prompt is prefilled whole.
+        args.append("--no-enable-chunked-prefill")
     if engine.max_num_seqs is not None:
         args += ["--max-num-seqs", str(engine.max_num_seqs)]
     if trust_remote_code:
@@ -198,21 +203,38 @@ def server_command(
     return args
 
 
-# "ValueError: ...", "Value error, ...", "RuntimeError", "error: ..." (not "value_error" in a URL)
+# A Python exception's line ("RuntimeError: ...", "pydantic ... ValidationError: ..."),
+# then other error lines ("Value error, ...", "error: ..."; not "value_error" in a URL).
+EXCEPTION_LINE = re.compile(r"[A-Za-z](?:Error|Exception): ")
 ERROR_LINE = re.compile(r"\b(?:[Ee]rror|[Ee]xception)\b|[a-z](?:Error|Exception)\b")
+# Lines that name an error without being one (HTTP access logs, warnings about limits).
+NOT_ERRORS = re.compile(r'"(?:GET|POST) /| WARNING ')
 
 
 def last_line(path: Path) -> str:
-    """The last line of a log that names an error (else its last line)."""
+    """The error a dead engine's log names: its first exception (the root cause; later
+    ones say the engine died of it), with pydantic's detail line; else the last error
+    line, else the last line."""
     try:
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return "(no log)"
-    lines = [line.strip() for line in lines if line.strip()]
+    lines = [
+        _after_prefix(line.strip())
+        for line in lines
+        if line.strip() and not NOT_ERRORS.search(line)
+    ]
+    for number, line in enumerate(lines):
+        if EXCEPTION_LINE.search(line):
+            detail = lines[number + 1] if number + 1 < len(lines) else ""
+            return f"{line} {detail}" if "validation error" in line else line
     errors = [line for line in lines if ERROR_LINE.search(line)]
-    if errors:
-        return errors[-1]
-    return lines[-1] if lines else "(empty log)"
+    return errors[-1] if errors else (lines[-1] if lines else "(empty log)")
+
+
+def _after_prefix(line: str) -> str:
+    """A log line without vLLM's "(Worker pid=N) ERROR date [file:line]" prefix."""
+    return re.sub(r"^\(\w+ pid=\d+\)\s+\w+\s+[\d-]+ [\d:]+ \[[^\]]+\]\s*", "", line)
 
 
 class Server:
