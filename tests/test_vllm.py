@@ -36,9 +36,11 @@ COMMAND = f"{PYTHON} -m vllm.entrypoints.openai.api_server"
 PIN = "5e" * 20
 LLAVA = f"llava-hf/llava-1.5-7b-hf@{PIN}"
 QWEN = f"Qwen/Qwen2-VL-7B-Instruct@{PIN}"
+INTERNVL = f"OpenGVLab/InternVL3-8B-hf@{PIN}"
 PHASE1 = read_prompt(REPO / "config" / "prompts" / "attributes_phase1.txt")
 PHASE2 = read_prompt(REPO / "config" / "prompts" / "attributes_phase2.txt")
-ENGINE = {"max_model_len": 2048}
+# InternVL's 12 tiles + thumbnail are 3,328 image tokens.
+ENGINE = {"max_model_len": 4096}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,7 +51,7 @@ def engine_environment(
     if not Path(PYTHON).exists():
         pytest.fail(f"{PYTHON} is missing: build the engine's environment with make setup-vllm")
     cache = tmp_path_factory.mktemp("hub")
-    for reference in (LLAVA, QWEN):
+    for reference in (LLAVA, QWEN, INTERNVL):
         miniatures.install(reference, cache)
     saved = {name: os.environ.get(name) for name in ("HF_HUB_CACHE", "VLLM_CPU_KVCACHE_SPACE")}
     os.environ["HF_HUB_CACHE"] = str(cache)
@@ -105,7 +107,7 @@ def captions(path: Path) -> list[dict[str, Any]]:
     return pq.read_table(path).to_pylist()
 
 
-@pytest.mark.parametrize("model", [LLAVA, QWEN], ids=["llava", "qwen2vl"])
+@pytest.mark.parametrize("model", [LLAVA, QWEN, INTERNVL], ids=["llava", "qwen2vl", "internvl"])
 def test_vllm_captions_equal_the_hf_backends_greedy_captions(
     model: str, shard: Path, tmp_path: Path
 ) -> None:
