@@ -351,31 +351,13 @@ def _vllm_generator(
 
     tokenizer = load_tokenizer(settings)
     rows = chat_ids(tokenizer, prompts)
-    options = engine.EngineSettings(**settings.engine)
-    server = stack.enter_context(
-        engine.serve(
-            (deployment or engine.Deployment()).command,
-            settings.model,
-            options,
-            dtype=settings.dtype,
-            trust_remote_code=settings.trust_remote_code,
-            seed=settings.seed,
-            log_path=(deployment or engine.Deployment()).log_path,
-        )
-    )
-    stops, bias = engine.generation_defaults(settings.model)
-    sampling = engine.Sampling(
-        settings.max_new_tokens,
-        settings.do_sample,
-        settings.temperature,
-        settings.top_p,
-        stops,
-        bias,
-    )
+    session = engine.open_session(settings, deployment, stack)
+    options = session.options
 
     def answer_vllm(indices: list[int]) -> list[str]:
         seeds = [stable_seed(*seed, keys[i]) for i in indices]
-        ids = engine.completions(server, [rows[i] for i in indices], seeds, sampling, options)
+        batch = [rows[i] for i in indices]
+        ids = engine.completions(session.server, batch, seeds, session.sampling, options)
         return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     config = AutoConfig.from_pretrained(
@@ -383,7 +365,8 @@ def _vllm_generator(
     )
     own = int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
     context = min(options.max_model_len or own, settings.max_seq_len or own, own)
-    return Generator(answer_vllm, [len(r) for r in rows], context, f"vllm {server.version}")
+    engine_name = f"vllm {session.server.version}"
+    return Generator(answer_vllm, [len(r) for r in rows], context, engine_name)
 
 
 def _answers(

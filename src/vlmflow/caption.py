@@ -343,36 +343,17 @@ def _vllm_captioner(
     tokenizer = AutoTokenizer.from_pretrained(
         **pretrained(settings.model, trust_remote_code=settings.trust_remote_code)
     )
-    options = engine.EngineSettings(**settings.engine)
-    place = deployment or engine.Deployment()
-    server = stack.enter_context(
-        engine.serve(
-            place.command,
-            settings.model,
-            options,
-            dtype=settings.dtype,
-            trust_remote_code=settings.trust_remote_code,
-            seed=settings.seed,
-            log_path=place.log_path,
-        )
-    )
-    stops, bias = engine.generation_defaults(settings.model)
-    sampling = engine.Sampling(
-        settings.max_new_tokens,
-        settings.do_sample,
-        settings.temperature,
-        settings.top_p,
-        stops,
-        bias,
-    )
+    session = engine.open_session(settings, deployment, stack)
 
     def caption(indices: list[int]) -> list[str]:
         images = [(samples[i].image_data, IMAGE_FORMATS[samples[i].image_ext]) for i in indices]
         seeds = [stable_seed(settings.seed, "caption", shard_id, samples[i].key) for i in indices]
-        ids = engine.chat_with_images(server, images, settings.prompt, seeds, sampling, options)
+        ids = engine.chat_with_images(
+            session.server, images, settings.prompt, seeds, session.sampling, session.options
+        )
         return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
-    return Captioner(caption, f"vllm {server.version}")
+    return Captioner(caption, f"vllm {session.server.version}")
 
 
 # Data-URL media types of the shard members' image formats.

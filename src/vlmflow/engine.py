@@ -28,14 +28,14 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import requests
 
-from vlmflow.models import cached_file, split_revision
+from vlmflow.models import GenerationSettings, cached_file, split_revision
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -336,6 +336,44 @@ def serve(
     finally:
         server.stop()
         handle.close()
+
+
+@dataclass(frozen=True)
+class Session:
+    """A stage's running server, its engine settings and its requests' sampling."""
+
+    server: Server
+    options: EngineSettings
+    sampling: Sampling
+
+
+def open_session(
+    settings: GenerationSettings, deployment: Deployment | None, stack: ExitStack
+) -> Session:
+    """Start the server for a stage's ``settings`` on ``stack`` (stopped when it closes)."""
+    options = EngineSettings(**settings.engine)
+    place = deployment or Deployment()
+    server = stack.enter_context(
+        serve(
+            place.command,
+            settings.model,
+            options,
+            dtype=settings.dtype,
+            trust_remote_code=settings.trust_remote_code,
+            seed=settings.seed,
+            log_path=place.log_path,
+        )
+    )
+    stops, bias = generation_defaults(settings.model)
+    sampling = Sampling(
+        settings.max_new_tokens,
+        settings.do_sample,
+        settings.temperature,
+        settings.top_p,
+        stops,
+        bias,
+    )
+    return Session(server, options, sampling)
 
 
 def _die_with_parent() -> None:
