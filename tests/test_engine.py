@@ -1,0 +1,101 @@
+"""The vLLM backend's pieces that need no engine (vlmflow.engine): the server's command
+line, the requests' sampling, the model's generation defaults, a dead engine's reason."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vlmflow import engine
+
+PIN = "ab" * 20
+
+
+def test_the_server_command_carries_the_pinned_revision_and_the_engine_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    options = engine.EngineSettings(max_model_len=4096, gpu_memory_utilization=0.8)
+    args = engine.server_command(
+        "apptainer exec --nv 'my image.sif' vllm serve",
+        f"org/model@{PIN}",
+        options,
+        "bfloat16",
+        True,
+        7,
+        8123,
+    )
+    assert args[:5] == ["apptainer", "exec", "--nv", "my image.sif", "vllm"]
+    assert args[args.index("--model") + 1] == "org/model"
+    assert args[args.index("--revision") + 1] == PIN
+    assert args[args.index("--tensor-parallel-size") + 1] == "2"  # the job's GPUs
+    assert args[args.index("--max-model-len") + 1] == "4096"
+    assert args[args.index("--gpu-memory-utilization") + 1] == "0.8"
+    assert args[args.index("--seed") + 1] == "7"
+    assert args[args.index("--dtype") + 1] == "bfloat16"
+    assert "--trust-remote-code" in args
+    assert "--no-enable-chunked-prefill" not in args  # GPUs rewind seeded generators
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    cpu = engine.server_command(
+        "vllm serve", "/models/x", engine.EngineSettings(), "auto", False, 0, 1
+    )
+    assert "--revision" not in cpu and "--trust-remote-code" not in cpu
+    assert cpu[cpu.index("--tensor-parallel-size") + 1] == "1"
+    assert "--no-enable-chunked-prefill" in cpu
+
+
+def test_greedy_requests_drop_the_sampling_parameters() -> None:
+    sampled = engine.Sampling(16, True, 0.6, 0.7, (1, 2), {"5": 2.5}).body(seed=3)
+    assert sampled["temperature"] == 0.6 and sampled["top_p"] == 0.7
+    assert sampled["seed"] == 3 and sampled["stop_token_ids"] == [1, 2]
+    assert sampled["logit_bias"] == {"5": 2.5} and sampled["return_token_ids"] is True
+    greedy = engine.Sampling(16, False, 0.6, 0.7).body(seed=3)
+    assert greedy["temperature"] == 0.0 and "top_p" not in greedy
+    assert "stop_token_ids" not in greedy and "logit_bias" not in greedy
+
+
+def test_the_models_stop_ids_and_single_token_biases_go_with_every_request(
+    tmp_path: Path,
+) -> None:
+    config = {"eos_token_id": [3, 9], "sequence_bias": [[[11], 2.5], [[12], -1.0]]}
+    (tmp_path / "generation_config.json").write_text(json.dumps(config))
+    assert engine.generation_defaults(str(tmp_path)) == ((3, 9), {"11": 2.5, "12": -1.0})
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 4}))
+    assert engine.generation_defaults(str(tmp_path)) == ((4,), {})
+    config = {"eos_token_id": 4, "sequence_bias": [[[11, 12], 1.0]]}
+    (tmp_path / "generation_config.json").write_text(json.dumps(config))
+    with pytest.raises(engine.EngineError, match="single tokens only"):
+        engine.generation_defaults(str(tmp_path))
+    assert engine.generation_defaults(str(tmp_path / "none")) == ((), {})
+
+
+def test_a_dead_engines_reason_is_the_first_exception_in_its_log(tmp_path: Path) -> None:
+    log = tmp_path / "vllm.log"
+    log.write_text(
+        "(APIServer pid=1) WARNING 11-29 21:18:22 [system_utils.py:255] failed with error X\n"
+        "(Worker pid=2) ERROR 11-29 21:18:52 [executor.py:1] Traceback (most recent call last):\n"
+        "(Worker pid=2) ERROR 11-29 21:18:52 [executor.py:1] RuntimeError: CPU Generator does "
+        "not use offset\n"
+        "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue.\n"
+        'INFO:     127.0.0.1:5 - "POST /v1/chat/completions HTTP/1.1" 500 Internal Server Error\n'
+    )
+    assert engine.last_line(log) == "RuntimeError: CPU Generator does not use offset"
+    log.write_text(
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig\n"
+        "  Value error, max_model_len (999999) is too long\n"
+        "    For further information visit https://errors.pydantic.dev/2.14/v/value_error\n"
+    )
+    assert engine.last_line(log).endswith("Value error, max_model_len (999999) is too long")
+    log.write_text("starting\nKilled\n")
+    assert engine.last_line(log) == "Killed"
+    assert engine.last_line(tmp_path / "missing.log") == "(no log)"
+
+
+def test_a_deployment_logs_beside_the_job_and_defaults_to_the_engine_env() -> None:
+    place = engine.deployment_of({}, "logs/caption/d/000001.log")
+    assert place.command == engine.DEFAULT_COMMAND
+    assert place.log_path == "logs/caption/d/000001.vllm.log"
+    place = engine.deployment_of({"vllm": {"command": "vllm serve"}}, "x.log")
+    assert place.command == "vllm serve"
