@@ -32,7 +32,7 @@ from vlmflow.attribute_text import (
     phase2_prompt,
 )
 from vlmflow.io import read_json, read_parquet_rows, stable_seed, write_rows_parquet
-from vlmflow.models import GenerationSettings, device, pretrained, torch_dtype
+from vlmflow.models import GenerationSettings, device, hf_engine, pretrained, torch_dtype
 from vlmflow.progress import (
     BATCH_ERRORS,
     ProgressFile,
@@ -323,12 +323,6 @@ def _generator(
     own = int(getattr(getattr(model, "config", None), "max_position_embeddings", 0) or 1 << 30)
     context = min(settings.max_seq_len or own, own)
     return Generator(answer_hf, [len(ids) for ids in rows], context, hf_engine())
-
-
-def hf_engine() -> str:
-    import transformers
-
-    return f"transformers {transformers.__version__}"
 
 
 def _vllm_generator(

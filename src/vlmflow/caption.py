@@ -27,7 +27,7 @@ import torch
 
 from vlmflow import engine, internvl_chat
 from vlmflow.io import stable_seed, write_rows_parquet
-from vlmflow.models import GenerationSettings, is_hub_id, pretrained, split_revision
+from vlmflow.models import GenerationSettings, hf_engine, is_hub_id, pretrained, split_revision
 from vlmflow.progress import ProgressFile, fingerprint, input_state, progress_path, run_batches
 from vlmflow.prompts import prompt_id
 from vlmflow.shards import Sample, iter_samples
@@ -319,9 +319,7 @@ def _captioner(
     def caption(indices: list[int]) -> list[str]:
         return caption_batch(processor, model, [samples[i] for i in indices], settings)
 
-    import transformers
-
-    return Captioner(caption, f"transformers {transformers.__version__}")
+    return Captioner(caption, hf_engine())
 
 
 def _vllm_captioner(

@@ -172,7 +172,8 @@ def server_command(
     args = [*shlex.split(command), "--model", name]
     if revision is not None:
         args += ["--revision", revision]
-    tensor_parallel = engine.tensor_parallel_size or max(visible_gpus(), 1)
+    gpus = visible_gpus()
+    tensor_parallel = engine.tensor_parallel_size or max(gpus, 1)
     args += [
         "--host",
         "127.0.0.1",
@@ -191,7 +192,7 @@ def server_command(
     ]
     if engine.max_model_len is not None:
         args += ["--max-model-len", str(engine.max_model_len)]
-    if visible_gpus() == 0:
+    if gpus == 0:
         # vLLM rewinds a seeded request's random generator when a chunked prefill discards
         # its sampled token; CPU generators cannot rewind ("CPU Generator does not use
         # offset"), so on a CPU every prompt is prefilled whole.

@@ -393,6 +393,13 @@ DEMO_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+def hf_engine() -> str:
+    """The HF backend's name and version, as generated rows record their engine."""
+    import transformers
+
+    return f"transformers {transformers.__version__}"
+
+
 def device() -> torch.device:
     import torch
 
