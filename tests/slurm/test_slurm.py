@@ -406,8 +406,9 @@ def scenario_rows_appended(workdir: Path) -> None:
     with open(workdir / "data/train.tsv", "a", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
         for row in read_rows(REPO / "data/sample/train.tsv")[16:24]:
-            image = REPO / "data/sample/images" / Path(row["url"]).name
-            writer.writerow([row["key"], image.as_uri(), row["caption"]])
+            name = Path(row["url"]).name
+            shutil.copy(REPO / "data/sample/images" / name, workdir / "data/images" / name)
+            writer.writerow([row["key"], f"file:images/{name}", row["caption"]])
     counts = dry_run_counts(workdir)
     for rule in ["ingest", *SHARD_CHAIN, *AGGREGATES]:
         assert counts.pop(rule) == 1, (rule, counts)

@@ -66,14 +66,16 @@ def job_outputs(output: str, rule: str) -> list[str]:
 
 
 def write_url_list(rows: list[dict[str, str]], images: Path, path: Path) -> None:
-    """A URL list of absolute file:// URLs pointing at copies of the sample images."""
+    """A URL list of ``file:`` URLs relative to the list's folder (local files a list may
+    name by default), pointing at copies of the sample images."""
     with open(path, "w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
         writer.writerow(["key", "url", "caption"])
         for row in rows:
             name = Path(row["url"].removeprefix("file:")).name
             shutil.copy(REPO / "data" / "sample" / "images" / name, images / name)
-            writer.writerow([row["key"], (images / name).as_uri(), row["caption"]])
+            relative = (images / name).relative_to(path.parent).as_posix()
+            writer.writerow([row["key"], f"file:{relative}", row["caption"]])
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
