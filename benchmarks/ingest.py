@@ -2,12 +2,13 @@
 
 Generates JPEG and PNG images of mixed sizes, serves them from an HTTP server on
 127.0.0.1 with some 404s, slow responses and HTML pages mixed in, and runs both tools on
-the same URL list with the same resize settings (longer side <= --max-side, never
-enlarged, JPEG quality 90), the same number of processes and threads per process, and
-the same shard size. vlmflow runs one shard per process as Snakemake runs one ingest job
-per shard (``--cores`` processes at once); img2dataset runs with its multiprocessing
-distributor. Each runs as its own command, timed from start to exit (start-up included);
-the CPU column is the user + system time of it and its children.
+the same URL list with the same resize settings, passed to both in img2dataset's words
+(``--resize-mode``, ``--image-size``, ``--resize-only-if-bigger``; by default the longer
+side <= 256, never enlarged), JPEG quality 90, the same number of processes and threads
+per process, and the same shard size. vlmflow runs one shard per process as Snakemake
+runs one ingest job per shard (``--cores`` processes at once); img2dataset runs with its
+multiprocessing distributor. Each runs as its own command, timed from start to exit
+(start-up included); the CPU column is the user + system time of it and its children.
 
 img2dataset pins webdataset<0.3 and pandas<3, so it is installed into its own throw-away
 venv (``--img2dataset-venv DIR`` reuses one). Prints a table; the last line is
@@ -163,8 +164,9 @@ def vlmflow_main(
 
 def run_vlmflow(url_list: Path, out: Path, args: argparse.Namespace) -> tuple[float, float, int]:
     settings = {
-        "max_side": args.max_side,
-        "resize_mode": "keep_ratio",
+        "resize_mode": args.resize_mode,
+        "image_size": args.image_size,
+        "resize_only_if_bigger": args.resize_only_if_bigger,
         "jpeg_quality": 90,
         "threads": args.threads,
         "retries": 0,
@@ -226,9 +228,9 @@ def run_img2dataset(
         f"--processes_count={args.processes}",
         f"--thread_count={args.threads}",
         f"--number_sample_per_shard={args.shard_size}",
-        f"--image_size={args.max_side}",
-        "--resize_mode=keep_ratio_largest",
-        "--resize_only_if_bigger=True",
+        f"--image_size={args.image_size}",
+        f"--resize_mode={args.resize_mode}",
+        f"--resize_only_if_bigger={args.resize_only_if_bigger}",
         "--encode_quality=90",
         "--retries=0",
         "--timeout=10",
@@ -259,7 +261,15 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=16, help="downloads in flight per process")
     parser.add_argument("--shard-size", type=int, default=250)
-    parser.add_argument("--max-side", type=int, default=256)
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument(
+        "--resize-mode",
+        default="keep_ratio_largest",
+        choices=["keep_ratio", "keep_ratio_largest", "center_crop", "border", "no"],
+    )
+    parser.add_argument(
+        "--resize-only-if-bigger", default=True, action=argparse.BooleanOptionalAction
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--img2dataset-venv", type=Path, help="reuse (or create) this venv")
     parser.add_argument("--work", type=Path, help="keep images and outputs here")
@@ -284,7 +294,9 @@ def main() -> None:
     print(
         f"\n{args.images} URLs ({kinds['ok']} images, {kinds['404']} 404s, {kinds['html']} HTML"
         f" pages, ~2% slowed by {SLOW_S} s); {args.processes} processes x {args.threads}"
-        f" threads, shards of {args.shard_size}, longer side <= {args.max_side}\n"
+        f" threads, shards of {args.shard_size}, --resize_mode {args.resize_mode}"
+        f" --image_size {args.image_size} --resize_only_if_bigger"
+        f" {args.resize_only_if_bigger} for both\n"
     )
     print(f"{'tool':<12} {'seconds':>8} {'CPU s':>6} {'ok':>6} {'images/s':>9}")
     for tool, (seconds, cpu, ok) in runs.items():

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from vlmflow import checks, miniatures
-from vlmflow.checks import ConfigError
+from vlmflow.checks import ConfigError, check_ingest
 from vlmflow.internvl_chat import INTERNLM2_ERROR
 from vlmflow.models import (
     cached_file,
@@ -282,3 +282,12 @@ def test_the_vllm_backend_with_a_meta_checkpoint_is_refused(
     config["attributes"]["phase2"]["backend"] = "vllm"
     with pytest.raises(ConfigError, match=r"attributes.phase2.backend: vllm cannot load"):
         checks.check_llm_backend(config, demo_models["metallama"])
+
+
+def test_the_ingest_section_is_checked_at_dag_build_and_earlier_names_warn() -> None:
+    assert check_ingest({"resize_mode": "keep_ratio", "image_size": 512}) == []
+    [note] = check_ingest({"resize_mode": "keep_ratio", "max_side": 256})
+    assert "resize_mode: keep_ratio_largest, image_size: 256, resize_only_if_bigger: true" in note
+    assert check_ingest({"resize_mode": False}) == []  # YAML's reading of a bare `no`
+    with pytest.raises(ConfigError, match=r"config\.ingest\.resize_mode: 'stretch'"):
+        check_ingest({"resize_mode": "stretch"})

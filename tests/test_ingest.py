@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -37,6 +38,7 @@ from vlmflow.ingest import (
     summarize_stats,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 RED = (255, 0, 0)
 BLUE = (0, 0, 255)
 
@@ -102,9 +104,17 @@ def reasons_by_row(stats: dict[str, Any]) -> dict[int, str]:
 
 
 def run_shard(
-    url_list: Path, settings: IngestSettings, out: Path, start: int = 0, end: int | None = None
+    url_list: Path,
+    settings: IngestSettings,
+    out: Path,
+    start: int = 0,
+    end: int | None = None,
+    own_list: bool = True,
 ) -> dict[str, Any]:
+    """Ingest a list; ``own_list``: it is the user's own (its absolute file URLs are read)."""
     end = count_rows(url_list) if end is None else end
+    if own_list:
+        settings = dataclasses.replace(settings, allow_local_files=True)
     stats = ingest_shard(
         url_list, start, end, settings, out / "shard.tar", out / "shard.json", "shard-000"
     )
@@ -402,7 +412,7 @@ def test_ingest_shard_file_urls_accounts_for_every_row(
         meta = json.loads(sample["json"])
         image = Image.open(io.BytesIO(sample["jpg"]))
         assert image.format == "JPEG" and image.mode == "RGB"
-        assert max(image.size) <= settings.max_side
+        assert max(image.size) <= settings.resize.size
         assert (meta["width"], meta["height"]) == image.size
         assert meta["key"] == key and meta["row"] == row_index
         assert meta["url"] == rows[row_index]["url"]
@@ -458,7 +468,7 @@ def test_gray_alpha_and_large_rotated_jpeg(tmp_path: Path) -> None:
         {"url": save(stored, tmp_path / "r.jpg", exif=exif).as_uri(), "caption": "", "id": "r"},
     ]
     url_list = write_list(tmp_path / "list.tsv", rows)
-    run_shard(url_list, IngestSettings(key_column="id", max_side=256), tmp_path)
+    run_shard(url_list, IngestSettings(key_column="id", image_size=256), tmp_path)
     samples = read_tar(tmp_path / "shard.tar")
     la = Image.open(io.BytesIO(samples["la"]["jpg"]))
     assert la.mode == "RGB" and close_to(la.getpixel((5, 20)), (255, 255, 255))
@@ -599,6 +609,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, b"<!doctype html><html><body>Moved</body></html>", "text/html")
         elif path == "/bomb.png":
             self._send(200, self.bomb, "image/png")
+        elif path in ("/drip", "/drip-headers"):
+            self._drip(path == "/drip-headers")
         elif path == "/huge":
             self._send(200, b"\xff" * 500_000)
         elif path == "/huge-no-length":
@@ -607,6 +619,20 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"\xff" * 500_000)
         else:
             self._send(404, b"?")
+
+    def _drip(self, in_headers: bool) -> None:
+        """One byte every 50 ms: never idle long enough for a per-read timeout."""
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n"
+        if in_headers:
+            self.wfile.write(head)
+            body = b"X-Slow: " + b"a" * 2000
+        else:
+            self.wfile.write(head + f"Content-Length: {len(self.image)}\r\n\r\n".encode())
+            body = self.image
+        for index in range(len(body)):
+            self.wfile.write(body[index : index + 1])
+            self.wfile.flush()
+            time.sleep(0.05)
 
     def _send(self, code: int, body: bytes, content_type: str = "image/jpeg") -> None:
         self.send_response(code)
@@ -682,6 +708,91 @@ def test_http_outcomes(tmp_path: Path, server: str) -> None:
     assert tar_member_order(tmp_path / "shard.tar") == keys
     assert _Handler.hits["/img.jpg"] == 3  # the duplicate was not downloaded
     assert _Handler.hits["/bomb.png"] == 1
+
+
+def test_a_server_that_drips_bytes_times_out_within_timeout_times_attempts(
+    tmp_path: Path, server: str
+) -> None:
+    """timeout_s bounds each attempt from the request to the last byte, not each read."""
+    rows = [
+        {"url": f"{server}/drip", "caption": "a body at one byte per 50 ms"},
+        {"url": f"{server}/drip-headers", "caption": "headers at one byte per 50 ms"},
+        {"url": f"{server}/img.jpg", "caption": "ok"},
+    ]
+    url_list = write_list(tmp_path / "list.tsv", rows)
+    settings = IngestSettings(timeout_s=1, retries=1, threads=3, allowed_networks=LOCAL)
+    started = time.monotonic()
+    stats = run_shard(url_list, settings, tmp_path)
+    elapsed = time.monotonic() - started
+    # Two attempts of 1 s and one backoff of 0.5 s, plus a margin for a loaded machine.
+    assert elapsed < 2 * 1 + ingest.BACKOFF_BASE_S + 1.5, elapsed
+    assert reasons_by_row(stats) == {0: "timeout", 1: "timeout"}
+    assert all("within 1 s" in failure["detail"] for failure in stats["failures"])
+    assert _Handler.hits["/drip"] == _Handler.hits["/drip-headers"] == 2
+    assert stats["ok"] == 1
+
+
+def test_a_spent_shard_budget_fails_the_rows_not_yet_downloaded(
+    tmp_path: Path, server: str
+) -> None:
+    rows = [{"url": f"{server}/drip?n={index}", "caption": ""} for index in range(4)]
+    url_list = write_list(tmp_path / "list.tsv", rows)
+    settings = IngestSettings(
+        timeout_s=1, retries=0, threads=1, shard_budget_s=1.5, allowed_networks=LOCAL
+    )
+    started = time.monotonic()
+    stats = run_shard(url_list, settings, tmp_path)
+    assert time.monotonic() - started < 1.5 + 1.5
+    assert stats["failed"] == {"timeout": 4}
+    details = [failure["detail"] for failure in stats["failures"]]
+    assert "within 1 s" in details[0] and "within 0.5 s" in details[1]
+    assert all("ingest.shard_budget_s: 1.5" in detail for detail in details[2:])
+    assert _Handler.hits["/drip"] == 2  # the last two were never requested
+
+
+def test_local_files_in_a_downloaded_list_are_blocked(tmp_path: Path, server: str) -> None:
+    sample = REPO / "data" / "sample" / "images" / "0001.jpg"
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "own.jpg").write_bytes(sample.read_bytes())
+    rows = [
+        {"url": "file:///etc/passwd", "caption": "the machine's own file"},
+        {"url": sample.as_uri(), "caption": "an image of this repository"},
+        {"url": "file://localhost/etc/os-release", "caption": "file://localhost"},
+        {"url": "file:../../etc/passwd", "caption": "relative, out of the folder"},
+        {"url": "file:pics/own.jpg", "caption": "relative, in the list's folder"},
+        {"url": f"{server}/img.jpg", "caption": "a download"},
+    ]
+    url_list = write_list(tmp_path / "list.tsv", rows)
+    settings = IngestSettings(retries=0, allowed_networks=LOCAL)
+    stats = run_shard(url_list, settings, tmp_path / "default", own_list=False)
+    assert reasons_by_row(stats) == dict.fromkeys(range(4), "blocked")
+    assert "ingest.allow_local_files" in stats["failures"][0]["detail"]
+    assert stats["ok"] == 2
+    own = run_shard(url_list, settings, tmp_path / "own", own_list=True)
+    assert reasons_by_row(own) == {0: "not_image", 2: "not_image", 3: "missing_file"}
+
+
+def test_plain_paths_are_read_only_under_image_root(tmp_path: Path) -> None:
+    from vlmflow.sources import UrlListSource
+
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    save(Image.new("RGB", (40, 30), RED), root / "sub" / "a.png")
+    for name in ("secret.png", "other.png"):
+        (tmp_path / name).write_bytes((root / "sub" / "a.png").read_bytes())
+    rows = [
+        {"url": "sub/a.png", "caption": "inside"},
+        {"url": "../secret.png", "caption": "outside"},
+        {"url": str(tmp_path / "other.png"), "caption": "absolute"},
+    ]
+    url_list = write_list(tmp_path / "captions.tsv", rows)
+    source = UrlListSource(url_list, image_root=root)
+    jobs = source.jobs(0, 3, IngestSettings())
+    assert [job.failure.reason if job.failure else None for job in jobs] == [
+        None,
+        "blocked",
+        "blocked",
+    ]
 
 
 def test_http_5xx_is_retried_4xx_is_not(tmp_path: Path, server: str) -> None:
@@ -814,38 +925,122 @@ def test_summarize_stats_bad_file_names_it(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- resize, format
 
 
+def resized(tmp_path: Path, image: Image.Image, **settings: Any) -> tuple[Image.Image, dict]:
+    """The image and metadata ingest writes for ``image`` under these settings."""
+    folder = tmp_path / "-".join([*(f"{k}={v}" for k, v in settings.items()), str(image.size)])
+    folder.mkdir()
+    path = save(image, folder / "in.png")
+    url_list = write_list(folder / "list.tsv", [{"url": path.as_uri(), "caption": ""}])
+    run_shard(url_list, IngestSettings(**settings), folder)
+    [sample] = read_tar(folder / "shard.tar").values()
+    return Image.open(io.BytesIO(sample["jpg"])).convert("RGB"), json.loads(sample["json"])
+
+
+def red_blue(width: int, height: int) -> Image.Image:
+    """Left half red, right half blue."""
+    image = Image.new("RGB", (width, height), BLUE)
+    image.paste(RED, (0, 0, width // 2, height))
+    return image
+
+
 @pytest.mark.parametrize(
     ("mode", "size"),
-    [("keep_ratio", (32, 16)), ("center_crop", (32, 32)), ("pad", (32, 32)), ("none", (100, 50))],
+    [
+        ("keep_ratio", (64, 32)),  # img2dataset's: the shorter side is image_size
+        ("keep_ratio_largest", (32, 16)),
+        ("center_crop", (32, 32)),
+        ("border", (32, 32)),
+        ("no", (100, 50)),
+    ],
 )
-def test_resize_modes(tmp_path: Path, mode: str, size: tuple[int, int]) -> None:
-    # Left half red, right half blue, 100 x 50.
-    image = Image.new("RGB", (100, 50), BLUE)
-    image.paste(RED, (0, 0, 50, 50))
-    path = save(image, tmp_path / "wide.png")
-    url_list = write_list(tmp_path / "list.tsv", [{"url": path.as_uri(), "caption": mode}])
-    settings = IngestSettings(resize_mode=mode, max_side=32)
-    run_shard(url_list, settings, tmp_path)
-    [sample] = read_tar(tmp_path / "shard.tar").values()
-    out = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
-    assert out.size == size
-    meta = json.loads(sample["json"])
-    assert (meta["width"], meta["height"]) == size
+def test_resize_modes_mean_what_they_mean_in_img2dataset(
+    tmp_path: Path, mode: str, size: tuple[int, int]
+) -> None:
+    out, meta = resized(tmp_path, red_blue(100, 50), resize_mode=mode, image_size=32)
+    assert out.size == (meta["width"], meta["height"]) == size
     assert (meta["original_width"], meta["original_height"]) == (100, 50)
-    if mode == "pad":  # scaled to 32 x 16, black bars above and below
-        assert close_to(out.getpixel((16, 1)), (0, 0, 0))
+    if mode == "border":  # scaled to 32 x 16, white bars above and below
+        assert close_to(out.getpixel((16, 1)), (255, 255, 255))
         assert close_to(out.getpixel((2, 16)), RED) and close_to(out.getpixel((29, 16)), BLUE)
     if mode == "center_crop":  # the middle square: both colours, no bars
         assert close_to(out.getpixel((2, 1)), RED) and close_to(out.getpixel((29, 30)), BLUE)
 
 
-def test_center_crop_enlarges_small_images_keep_ratio_does_not(tmp_path: Path) -> None:
-    path = save(Image.new("RGB", (20, 10), RED), tmp_path / "small.png")
-    url_list = write_list(tmp_path / "list.tsv", [{"url": path.as_uri(), "caption": ""}])
-    for mode, size in (("keep_ratio", (20, 10)), ("center_crop", (32, 32))):
-        run_shard(url_list, IngestSettings(resize_mode=mode, max_side=32), tmp_path / mode)
-        [sample] = read_tar(tmp_path / mode / "shard.tar").values()
-        assert Image.open(io.BytesIO(sample["jpg"])).size == size
+@pytest.mark.parametrize(
+    ("mode", "only_if_bigger", "size"),
+    [
+        ("keep_ratio", True, (20, 10)),
+        ("keep_ratio", False, (64, 32)),
+        ("keep_ratio_largest", True, (20, 10)),
+        ("keep_ratio_largest", False, (32, 16)),
+        ("center_crop", True, (20, 10)),  # as img2dataset: not cropped either
+        ("center_crop", False, (32, 32)),
+        ("border", True, (20, 10)),
+        ("border", False, (32, 32)),
+    ],
+)
+def test_resize_only_if_bigger_leaves_small_images_alone(
+    tmp_path: Path, mode: str, only_if_bigger: bool, size: tuple[int, int]
+) -> None:
+    out, _ = resized(
+        tmp_path,
+        red_blue(20, 10),
+        resize_mode=mode,
+        image_size=32,
+        resize_only_if_bigger=only_if_bigger,
+    )
+    assert out.size == size
+
+
+def test_the_nxtp_seed_command_keeps_the_shorter_side_at_most_image_size(tmp_path: Path) -> None:
+    """img2dataset --resize_mode keep_ratio --image_size 512 --resize_only_if_bigger."""
+    out, _ = resized(
+        tmp_path,
+        red_blue(1200, 800),
+        resize_mode="keep_ratio",
+        image_size=512,
+        resize_only_if_bigger=True,
+    )
+    assert out.size == (768, 512)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "named"),
+    [
+        (
+            {"resize_mode": "keep_ratio", "max_side": 32},
+            {"resize_mode": "keep_ratio_largest"},
+            "keep_ratio_largest",
+        ),
+        ({"resize_mode": "pad", "max_side": 32}, {"resize_mode": "border"}, "border"),
+        ({"resize_mode": "none", "max_side": 32}, {"resize_mode": "no"}, "resize_mode: no"),
+        (
+            {"resize_mode": "center_crop", "max_side": 32},
+            {"resize_mode": "center_crop"},
+            "image_size",
+        ),
+    ],
+)
+def test_the_earlier_names_keep_their_meaning_for_a_release_with_a_warning(
+    tmp_path: Path, old: dict[str, Any], new: dict[str, Any], named: str
+) -> None:
+    with pytest.warns(FutureWarning, match=named):
+        before, _ = resized(tmp_path, red_blue(100, 50), **old)
+    after, _ = resized(tmp_path, red_blue(100, 50), image_size=32, **new)
+    assert before.size == after.size
+    if old["resize_mode"] == "pad":  # the earlier pad: black bars (border's are white)
+        assert close_to(before.getpixel((16, 1)), (0, 0, 0))
+    else:
+        assert before.tobytes() == after.tobytes()
+
+
+def test_keep_ratio_with_max_side_still_caps_the_longer_side_and_never_enlarges(
+    tmp_path: Path,
+) -> None:
+    with pytest.warns(FutureWarning, match="keep_ratio now sets the shorter side"):
+        wide, _ = resized(tmp_path, red_blue(100, 50), resize_mode="keep_ratio", max_side=32)
+        small, _ = resized(tmp_path, red_blue(20, 10), resize_mode="keep_ratio", max_side=32)
+    assert wide.size == (32, 16) and small.size == (20, 10)
 
 
 def test_webp_shards_are_read_by_every_stage(tmp_path: Path, images: dict[str, Path]) -> None:
@@ -865,12 +1060,13 @@ def test_webp_shards_are_read_by_every_stage(tmp_path: Path, images: dict[str, P
     ("field", "value", "message"),
     [
         ("resize_mode", "stretch", "ingest.resize_mode: 'stretch' is not one of"),
+        ("max_side", 64, "ingest.max_side and ingest.image_size are the same setting"),
         ("encode_format", "png", "ingest.encode_format: 'png' is not one of"),
     ],
 )
-def test_bad_resize_mode_or_format_is_named(field: str, value: str, message: str) -> None:
+def test_bad_resize_mode_or_format_is_named(field: str, value: Any, message: str) -> None:
     with pytest.raises(IngestError, match=message):
-        IngestSettings(**{field: value})  # type: ignore[arg-type]
+        IngestSettings(**{field: value, "image_size": 64})
 
 
 @pytest.mark.parametrize("suffix", [".tsv", ".csv", ".jsonl", ".parquet"])

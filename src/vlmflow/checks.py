@@ -10,10 +10,12 @@ it, with the same message (vlmflow.h5 and vlmflow.attributes call the same funct
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from vlmflow.ingest import IngestError, IngestSettings
 from vlmflow.models import cached_file, hub_offline, in_hub_cache, is_hub_id, split_revision
 
 # Models the workflow builds itself (rule demo_model): results/models/demo-KIND.
@@ -179,3 +181,15 @@ def check_llm_context(config: dict[str, Any], llm_folder: str) -> None:
                 f"{section['max_new_tokens']}, {need} in all; raise it to at least {need} "
                 "or shorten the template or the answer"
             )
+
+
+def check_ingest(settings: dict[str, Any]) -> list[str]:
+    """The config's ``ingest`` section as ingest jobs will take it: a bad value raises
+    ConfigError at DAG build; the warnings (earlier names still in use) are returned."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FutureWarning)
+        try:
+            IngestSettings(**settings)
+        except IngestError as exc:
+            raise ConfigError(f"config.{exc}") from None
+    return [str(warning.message) for warning in caught]

@@ -23,19 +23,20 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import functools
 import hashlib
 import io
 import ipaddress
 import itertools
 import json
-import math
 import os
 import re
 import socket
 import tarfile
 import time
 import urllib.request
+import warnings
 from collections import deque
 from collections.abc import Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -50,8 +51,10 @@ import requests
 import urllib3
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from vlmflow import deadlines
 from vlmflow.io import atomic_open, jpeg_bytes, write_json
 from vlmflow.logs import progress_bar
+from vlmflow.resize import Resize, resize_from_settings
 
 SUPPORTED_SUFFIXES = (".tsv", ".csv", ".parquet", ".jsonl")
 
@@ -81,10 +84,8 @@ RESERVED_FIELDS = frozenset(
     {"key", "url", "caption", "row", "width", "height", "original_width", "original_height"}
 )
 
-RESIZE_MODES = ("keep_ratio", "center_crop", "pad", "none")
 # Tar member extension -> Pillow format name.
 ENCODE_FORMATS = {"jpg": "JPEG", "webp": "WEBP"}
-PAD_COLOR = (0, 0, 0)
 
 MAX_KEY_LEN = 128
 MAX_REDIRECTS = 5
@@ -98,18 +99,22 @@ class IngestSettings:
     url_column: str = "url"
     caption_column: str = "caption"
     key_column: str | None = None  # None: key = sha1(url) hex [:16]
-    # keep_ratio: shrink so the longer side <= max_side (never enlarges); center_crop:
-    # scale the shorter side to max_side, crop the middle square; pad: scale the longer
-    # side to max_side, pad to a square; none: keep the size.
-    resize_mode: str = "keep_ratio"
-    max_side: int = 512
+    # img2dataset's resize vocabulary (vlmflow.resize says what each mode does):
+    # keep_ratio (shorter side = image_size), keep_ratio_largest, center_crop, border, no.
+    resize_mode: str = "keep_ratio_largest"
+    image_size: int | None = None  # None: vlmflow.resize.DEFAULT_IMAGE_SIZE
+    resize_only_if_bigger: bool = True  # never enlarge (img2dataset's default is false)
+    max_side: int | None = None  # image_size's earlier name: one more release, with a warning
     min_side: int = 8  # shorter side (before resize) below this -> failure "too_small"
     encode_format: str = "jpg"  # jpg or webp: the image member's extension in the tar
     jpeg_quality: int = 90
     webp_quality: int = 90
     max_bytes: int = 20_000_000  # response/file larger -> "too_large"
     max_pixels: int = 50_000_000  # decompression-bomb guard -> "too_large"
-    timeout_s: float = 10.0
+    timeout_s: float = 10.0  # each attempt, from the request to the last byte of the body
+    # A shard's downloads stop after this long: rows not yet downloaded fail as "timeout"
+    # (keep it below the profile's runtime for ingest). None: no budget.
+    shard_budget_s: float | None = 1500.0
     retries: int = 2  # retries with exponential backoff on timeouts/connection errors/5xx
     threads: int = 8  # downloads in flight
     user_agent: str = "vlmflow/0.1 (image ingest)"
@@ -117,12 +122,24 @@ class IngestSettings:
     # (cloud metadata endpoints) or otherwise not public, as CIDRs. Default: none.
     allowed_networks: tuple[str, ...] = ()
     respect_robots_header: bool = True  # X-Robots-Tag noai / noimageai -> "robots"
+    # file: URLs and plain paths in a URL list are read only from the list's own folder
+    # (relative file: URLs) or under the dataset's image_root; anything else counts as
+    # "blocked" unless this says the list is the user's own.
+    allow_local_files: bool = False
+    resize: Resize = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.resize_mode not in RESIZE_MODES:
-            raise IngestError(
-                f"ingest.resize_mode: {self.resize_mode!r} is not one of {', '.join(RESIZE_MODES)}"
+        if self.resize_mode is False:
+            object.__setattr__(self, "resize_mode", "no")  # YAML reads a bare `no` as false
+        try:
+            resize, notes = resize_from_settings(
+                self.resize_mode, self.image_size, self.max_side, self.resize_only_if_bigger
             )
+        except ValueError as exc:
+            raise IngestError(str(exc)) from None
+        for note in notes:
+            warnings.warn(note, FutureWarning, stacklevel=3)
+        object.__setattr__(self, "resize", resize)
         if self.encode_format not in ENCODE_FORMATS:
             raise IngestError(
                 f"ingest.encode_format: {self.encode_format!r} is not one of "
@@ -461,7 +478,7 @@ def _make_session(settings: IngestSettings) -> requests.Session:
     session.headers["User-Agent"] = settings.user_agent
     # Retries are done by _fetch_http (with backoff and our own failure reasons), and
     # redirects by _http_once (each hop's address is checked).
-    adapter = requests.adapters.HTTPAdapter(
+    adapter = deadlines.DeadlineAdapter(
         pool_connections=settings.threads, pool_maxsize=settings.threads, max_retries=0
     )
     session.mount("http://", adapter)
@@ -610,42 +627,75 @@ def _robots_forbid(header: str, user_agent: str) -> str | None:
     return None
 
 
-def _http_once(url: str, settings: IngestSettings, session: requests.Session) -> bytes:
-    timeout = (settings.timeout_s, settings.timeout_s)
-    try:
-        # Redirects are followed here, not by requests, so each hop's address is checked.
-        for _hop in range(MAX_REDIRECTS + 1):
-            _check_address(url, settings)
-            proxies = _proxies(url)
-            with session.get(
-                url, stream=True, timeout=timeout, allow_redirects=False, proxies=proxies
-            ) as response:
-                if not proxies:  # through a proxy, the peer is the proxy
-                    _check_peer(response, settings)
-                status = response.status_code
-                location = response.headers.get("Location")
-                if status in REDIRECT_STATUSES and location:
-                    url = urljoin(url, location)
-                    continue
-                return _read_body(response, settings)
-        raise _Failure("http_status", f"{status} (more than {MAX_REDIRECTS} redirects)")
-    except requests.Timeout as exc:
-        raise _Failure("timeout", str(exc), retryable=True) from None
-    except (
+def _http_once(
+    url: str, settings: IngestSettings, session: requests.Session, seconds: float
+) -> bytes:
+    """One attempt, from the request to the body's last byte within ``seconds``."""
+    with deadlines.attempt(seconds) as attempt:
+        try:
+            return _http_hops(url, settings, session, attempt)
+        except _Failure as failure:
+            raise _expired(attempt) if attempt.expired else failure from None
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            if attempt.expired:
+                raise _expired(attempt) from None
+            raise _request_failure(exc) from None
+
+
+def _expired(attempt: deadlines.Attempt) -> _Failure:
+    return _Failure(
+        "timeout", f"no whole response within {round(attempt.seconds, 1):g} s", retryable=True
+    )
+
+
+def _http_hops(
+    url: str, settings: IngestSettings, session: requests.Session, attempt: deadlines.Attempt
+) -> bytes:
+    timeout = (settings.timeout_s, settings.timeout_s)  # each connect and each read
+    # Redirects are followed here, not by requests, so each hop's address is checked.
+    for _hop in range(MAX_REDIRECTS + 1):
+        _check_address(url, settings)
+        proxies = _proxies(url)
+        with session.get(
+            url, stream=True, timeout=timeout, allow_redirects=False, proxies=proxies
+        ) as response:
+            if not proxies:  # through a proxy, the peer is the proxy
+                _check_peer(response, settings)
+            status = response.status_code
+            location = response.headers.get("Location")
+            if status in REDIRECT_STATUSES and location:
+                url = urljoin(url, location)
+                continue
+            body = _read_body(response, settings)
+            # Before the connection goes back to the pool; a body cut short by the
+            # deadline (a server that ends it by closing) is not a whole image.
+            attempt.stop()
+            if attempt.expired:
+                raise _expired(attempt)
+            return body
+    raise _Failure("http_status", f"{status} (more than {MAX_REDIRECTS} redirects)")
+
+
+def _request_failure(exc: BaseException) -> _Failure:
+    """The failure reason of an exception from requests (or the socket under it)."""
+    if isinstance(exc, requests.Timeout):
+        return _Failure("timeout", str(exc), retryable=True)
+    invalid = (
         requests.exceptions.InvalidURL,
         requests.exceptions.InvalidSchema,
         requests.exceptions.MissingSchema,
         urllib3.exceptions.LocationParseError,
         UnicodeError,  # IDNA encoding of the host name failed
-    ) as exc:
-        raise _Failure("invalid_url", str(exc)) from None
-    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+    )
+    if isinstance(exc, invalid):
+        return _Failure("invalid_url", str(exc))
+    if isinstance(exc, requests.ConnectionError | requests.exceptions.ChunkedEncodingError):
         # requests reports a read timeout *while streaming the body* as a ConnectionError.
         cause = exc.args[0] if exc.args else None
         reason = "timeout" if isinstance(cause, urllib3.exceptions.ReadTimeoutError) else None
-        raise _Failure(reason or "connection_error", str(exc), retryable=True) from None
-    except requests.RequestException as exc:  # e.g. a broken gzip body or invalid headers
-        raise _Failure("connection_error", f"{type(exc).__name__}: {exc}") from None
+        return _Failure(reason or "connection_error", str(exc), retryable=True)
+    # e.g. a broken gzip body or invalid headers
+    return _Failure("connection_error", f"{type(exc).__name__}: {exc}")
 
 
 def _read_body(response: requests.Response, settings: IngestSettings) -> bytes:
@@ -668,10 +718,23 @@ def _read_body(response: requests.Response, settings: IngestSettings) -> bytes:
     return bytes(body)
 
 
-def _fetch_http(url: str, settings: IngestSettings, session: requests.Session) -> bytes:
+def _fetch_http(
+    url: str, settings: IngestSettings, session: requests.Session, shard_deadline: float | None
+) -> bytes:
     for attempt in range(settings.retries + 1):
+        seconds = settings.timeout_s
+        if shard_deadline is not None:
+            left = shard_deadline - time.monotonic()
+            if left <= 0:
+                raise _Failure(
+                    "timeout",
+                    f"the shard's budget (ingest.shard_budget_s: {settings.shard_budget_s:g}) "
+                    "was spent before this download's attempt "
+                    f"{attempt + 1} of {settings.retries + 1}",
+                )
+            seconds = min(seconds, left)
         try:
-            return _http_once(url, settings, session)
+            return _http_once(url, settings, session, seconds)
         except _Failure as failure:
             if not failure.retryable or attempt == settings.retries:
                 raise
@@ -679,7 +742,9 @@ def _fetch_http(url: str, settings: IngestSettings, session: requests.Session) -
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
-def _fetch(url: str, settings: IngestSettings, session: requests.Session) -> bytes:
+def _fetch(
+    url: str, settings: IngestSettings, session: requests.Session, shard_deadline: float | None
+) -> bytes:
     try:
         parts = urlsplit(url)
     except ValueError as exc:  # e.g. "http://[::1" (unbalanced IPv6 bracket)
@@ -688,7 +753,7 @@ def _fetch(url: str, settings: IngestSettings, session: requests.Session) -> byt
     if scheme == "file":
         return _fetch_file(url, settings)
     if scheme in ("http", "https") and parts.netloc:
-        return _fetch_http(url, settings, session)
+        return _fetch_http(url, settings, session, shard_deadline)
     if not scheme:
         raise _Failure("invalid_url", "no URL scheme (use file:relative/path for local files)")
     raise _Failure("invalid_url", f"unsupported URL scheme {scheme!r} or no host")
@@ -723,11 +788,10 @@ def _process_image(data: bytes, settings: IngestSettings) -> _Image:
         if min(width, height) < settings.min_side:
             raise _Failure("too_small", f"{width}x{height}, min_side {settings.min_side}")
         try:
-            if settings.resize_mode != "none":
-                # JPEG only: decode at the smallest DCT scale (1/2 .. 1/8) that still
-                # leaves at least the pixels of the resized image: far less work for
-                # large photos. (EXIF rotation swaps the axes; the bound is symmetric.)
-                image.draft("RGB", _draft_size(width, height, settings))
+            # JPEG only: decode at the smallest DCT scale (1/2 .. 1/8) that still leaves
+            # at least the pixels of the resized image: far less work for large photos.
+            # (EXIF rotation swaps the axes; the bound is symmetric.)
+            image.draft("RGB", settings.resize.decode_size(width, height))
             image.load()
             upright = ImageOps.exif_transpose(image)
             # Orientations 5-8 swap the axes; report the original size as displayed so
@@ -739,7 +803,7 @@ def _process_image(data: bytes, settings: IngestSettings) -> _Image:
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise _Failure("decode_error", str(exc)) from None
     original_width, original_height = (height, width) if swapped else (width, height)
-    rgb = resize(rgb, settings.resize_mode, settings.max_side)
+    rgb = settings.resize(rgb)
     return _Image(
         data=_encode(rgb, settings),
         ext=settings.encode_format,
@@ -750,41 +814,12 @@ def _process_image(data: bytes, settings: IngestSettings) -> _Image:
     )
 
 
-def _draft_size(width: int, height: int, settings: IngestSettings) -> tuple[int, int]:
-    """The smallest decode size each side must keep for the resize to come."""
-    size = settings.max_side
-    # keep_ratio and pad scale the longer side to max_side; center_crop the shorter one.
-    side = max(width, height) if settings.resize_mode != "center_crop" else min(width, height)
-    scale = min(1.0, size / side)
-    return max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
-
-
 def _encode(image: Image.Image, settings: IngestSettings) -> bytes:
     if settings.encode_format == "jpg":
         return jpeg_bytes(image, quality=settings.jpeg_quality)
     buffer = io.BytesIO()
     image.save(buffer, format=ENCODE_FORMATS[settings.encode_format], quality=settings.webp_quality)
     return buffer.getvalue()
-
-
-def resize(image: Image.Image, mode: str, size: int) -> Image.Image:
-    """Resize an RGB image as ``IngestSettings.resize_mode`` says (see there)."""
-    if mode == "none":
-        return image
-    if mode == "keep_ratio":
-        longer = max(image.size)
-        if longer <= size:
-            return image
-        scale = size / longer
-        new_size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        # reducing_gap: shrink by an integer factor first (cheap box filter) while the
-        # image is still >= 2x the target, then Lanczos; indistinguishable in practice.
-        return image.resize(new_size, Image.Resampling.LANCZOS, reducing_gap=2.0)
-    if mode == "center_crop":
-        return ImageOps.fit(image, (size, size), Image.Resampling.LANCZOS)
-    if mode == "pad":
-        return ImageOps.pad(image, (size, size), Image.Resampling.LANCZOS, color=PAD_COLOR)
-    raise IngestError(f"unknown resize mode {mode!r}; use one of {', '.join(RESIZE_MODES)}")
 
 
 # --------------------------------------------------------------------------- shards
@@ -845,17 +880,55 @@ def plan_jobs(
         if not cell:
             # A key column still gives the failure a key; a URL hash would be meaningless.
             key = _row_key(row, cell, path, index, settings) if settings.key_column else None
-            failure = _Failure("missing_url", f"column {settings.url_column!r} is empty")
-            jobs.append(_Job(index, key, "", caption, extra, failure))
+            missing = _Failure("missing_url", f"column {settings.url_column!r} is empty")
+            jobs.append(_Job(index, key, "", caption, extra, missing))
             continue
         # Keys hash the URL as written, so moving the list folder keeps keys stable.
         key = _row_key(row, cell, path, index, settings)
         url = resolve_url(cell, path, image_root)
-        duplicate = _duplicate_of(key, url, seen_keys, seen_urls)
-        if duplicate is None:
+        failure = _duplicate_of(key, url, seen_keys, seen_urls)
+        if failure is None:
             seen_keys[key] = seen_urls[url] = index
-        jobs.append(_Job(index, key, url, caption, extra, duplicate))
+            failure = _local_file_refused(cell, url, path, image_root, settings)
+        jobs.append(_Job(index, key, url, caption, extra, failure))
     return jobs
+
+
+def _local_file_refused(
+    cell: str, url: str, path: Path, image_root: str | Path | None, settings: IngestSettings
+) -> _Failure | None:
+    """``blocked`` for a local file the list may not name, else None.
+
+    A URL list from the web must not pull the machine's own files into a dataset: a
+    ``file:`` URL or plain path is read only when it stays inside the list's folder (a
+    relative ``file:`` URL) or the dataset's ``image_root`` (a plain path), or when the
+    config says the list is the user's own (``ingest.allow_local_files``). "Inside" is
+    decided on the path as written, so symlinks in the user's own folders still work.
+    """
+    try:
+        parts = urlsplit(cell)
+    except ValueError:
+        return None  # malformed: "invalid_url" at download time
+    scheme = parts.scheme.lower()
+    if scheme not in ("file", "") or settings.allow_local_files:
+        return None
+    if not scheme:  # a plain path: under image_root; without one, "invalid_url" later
+        if image_root is None or _stays_inside(cell):
+            return None
+    elif not cell.lower().startswith("file:/") and _stays_inside(unquote(parts.path)):
+        return None
+    return _Failure(
+        "blocked",
+        f"local file {url} named by {path}: only file:relative/paths under the list's "
+        "folder (or paths under image_root) are read; set ingest.allow_local_files: true "
+        "for a list you wrote yourself",
+    )
+
+
+def _stays_inside(relative: str) -> bool:
+    """Whether a relative path as written stays inside its base folder (no ``..`` out)."""
+    normal = os.path.normpath(relative)
+    return not os.path.isabs(normal) and normal != ".." and not normal.startswith("../")
 
 
 def _duplicate_of(
@@ -868,14 +941,16 @@ def _duplicate_of(
     return None
 
 
-def _run_job(job: _Job, settings: IngestSettings, session: requests.Session) -> _Image | _Failure:
+def _run_job(
+    job: _Job, settings: IngestSettings, session: requests.Session, shard_deadline: float | None
+) -> _Image | _Failure:
     """Download and re-encode one image; expected per-row problems come back as _Failure."""
     if job.failure is not None:
         return job.failure
     try:
         data = job.data
         if data is None:
-            data = _fetch(job.url, settings, session)
+            data = _fetch(job.url, settings, session, shard_deadline)
         elif len(data) > settings.max_bytes:
             raise _Failure("too_large", f"{len(data)} bytes > max_bytes {settings.max_bytes}")
         return _process_image(data, settings)
@@ -892,6 +967,8 @@ def _results_in_order(
     and the output order independent of which download finishes first.
     """
     window = max(1, settings.threads) * 4
+    budget = settings.shard_budget_s
+    shard_deadline = None if budget is None else time.monotonic() + budget
     session = _make_session(settings)
     pool = ThreadPoolExecutor(max_workers=max(1, settings.threads), thread_name_prefix="ingest")
     pending: deque[tuple[_Job, Future[_Image | _Failure]]] = deque()
@@ -899,7 +976,7 @@ def _results_in_order(
     try:
         while True:
             for job in itertools.islice(todo, window - len(pending)):
-                pending.append((job, pool.submit(_run_job, job, settings, session)))
+                pending.append((job, pool.submit(_run_job, job, settings, session, shard_deadline)))
             if not pending:
                 return
             job, future = pending.popleft()
