@@ -12,6 +12,7 @@ import pytest
 
 from vlmflow.attributes import PHASE1_SCHEMA, PHASE2_SCHEMA
 from vlmflow.caption import CAPTION_SCHEMA
+from vlmflow.duplicates import write_duplicates
 from vlmflow.io import write_json, write_rows_parquet
 from vlmflow.plots import plot_training
 from vlmflow.report import (
@@ -161,6 +162,7 @@ def test_funnel_counts_each_sample_once_at_the_stage_that_dropped_it(tmp_path: P
         "phase2": 3,
         "h5_phase1": 3,
         "h5_phase2": 2,
+        "distinct": None,  # duplicates not looked for
     }
     assert funnel.failures == Counter(
         {
@@ -197,6 +199,31 @@ def test_total_sums_the_shards_and_failure_rows_give_the_share_of_each_stage_inp
     ]
 
 
+def test_duplicates_and_leaks_are_counted_after_phase_2_where_they_leave(tmp_path: Path) -> None:
+    first = shard_files(tmp_path, "000000", FATES, {})
+    second = shard_files(tmp_path, "000001", {"x": "ok", "y": "ok", "z": "caption_error"}, {})
+    repeated = tmp_path / "duplicates.tsv"
+    # a: kept by phase 2, a leak; x: a duplicate; z: failed at caption, so not counted again.
+    write_duplicates(
+        [
+            {"key": "a", "shard": "000000", "reason": "leak", "detail": "same URL of train t"},
+            {"key": "x", "shard": "000001", "reason": "duplicate", "detail": "same image as d"},
+            {"key": "z", "shard": "000001", "reason": "duplicate", "detail": "same URL as a"},
+        ],
+        repeated,
+    )
+    funnels = dataset_funnel(
+        *([s[name] for s in (first, second)] for name in ("stats", "captions", "phase1", "phase2")),
+        [first["h5"], second["h5"]],
+        repeated,
+    )
+    assert [f.counts["phase2"] for f in funnels] == [3, 2]
+    assert [f.counts["distinct"] for f in funnels] == [2, 1]
+    total = total_funnel(funnels)
+    assert ("duplicates and leaks", "leak", 1, 20.0) in failure_rows(total)
+    assert ("duplicates and leaks", "duplicate", 1, 20.0) in failure_rows(total)
+
+
 def test_funnel_page_and_figure_are_self_contained(tmp_path: Path) -> None:
     train = shard_files(tmp_path / "train", "000000", FATES, {"http_status": 3})
     held_out = shard_files(tmp_path / "eval", "000000", {"z": "ok"}, {}, h5=False)
@@ -215,7 +242,8 @@ def test_funnel_page_and_figure_are_self_contained(tmp_path: Path) -> None:
     assert funnel.counts["h5_phase1"] is None and funnel.counts["phase2"] == 1
     write_funnel_report([funnel], "held_out", page, figure)
     text = page.read_text(encoding="utf-8")
-    assert text.count("<td class='n'>&ndash;</td>") == 3 * 2  # shard, total and % rows
+    # Two H5 stages and "distinct" (not looked for here) in the shard, total and % rows.
+    assert text.count("<td class='n'>&ndash;</td>") == 3 * 3
     assert "No failures" in text
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,16 +205,26 @@ def run(
     dataset: str,
     out_predictions: str | Path,
     out_metrics: str | Path,
+    left_out: Mapping[tuple[str, str], str] | None = None,
 ) -> list[dict[str, Any]]:
+    """``left_out``: (shard, key) -> reason of images not to score (vlmflow.duplicates: a
+    leak from a train dataset, or a repeat of an earlier image); a shard is its tar's stem."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+    left_out = left_out or {}
     references: dict[str, list[str]] = {}
     for path in phase2_parquets:
         for row in read_parquet_rows(path):
             if row["failure"] is None and row["attributes"]:
                 references[row["key"]] = list(row["attributes"])
+    log.info("%s: left out %s", dataset, dict(Counter(left_out.values())) or "nothing")
     # Only images with reference labels can be scored; the rest are counted in the log.
-    samples = [s for tar in shard_tars for s in iter_samples(tar) if s.key in references]
+    samples = [
+        s
+        for tar in shard_tars
+        for s in iter_samples(tar)
+        if s.key in references and (Path(tar).stem, s.key) not in left_out
+    ]
     log.info("%s: %d images with references", dataset, len(samples))
     if not samples:
         raise ValueError(f"eval dataset {dataset!r} has no image with reference attributes")

@@ -987,6 +987,11 @@ def _results_in_order(
         session.close()
 
 
+def image_digest(data: bytes) -> str:
+    """What makes two stored images the same: their bytes after decode and re-encode."""
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
 def write_tar_sample(tar: tarfile.TarFile, sample: dict[str, Any]) -> None:
     """Add one sample as WebDataset lays it out: ``{key}.{ext}`` members, in ext order.
 
@@ -1060,6 +1065,7 @@ def write_shard(
     ok = 0
     failed: dict[str, int] = {}
     failures: list[dict[str, Any]] = []
+    images: list[list[str]] = []  # [key, url, digest of the stored image] per sample
     with atomic_open(out_tar, "wb") as handle:
         with (
             tarfile.open(fileobj=handle, mode="w|") as sink,
@@ -1082,6 +1088,7 @@ def write_shard(
                     )
                 else:
                     write_tar_sample(sink, _sample(job, result))
+                    images.append([str(job.key), job.url, image_digest(result.data)])
                     ok += 1
         # Every input row must end as a sample or a counted failure, never silently lost.
         rows_in = end - start
@@ -1099,6 +1106,7 @@ def write_shard(
         "ok": ok,
         "failed": dict(sorted(failed.items())),
         "failures": failures,
+        "images": images,
     }
     write_json(out_stats, stats)
     return stats

@@ -29,6 +29,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vlmflow.duplicates import DuplicatesError, read_duplicates
 from vlmflow.ingest import IngestError, summarize_stats
 from vlmflow.io import atomic_open, failure_reason, html_page, read_json
 from vlmflow.plots import (
@@ -47,6 +48,7 @@ FUNNEL_STAGES = {
     "phase2": "phase 2 attributes",
     "h5_phase1": "in H5 (phase 1)",
     "h5_phase2": "in H5 (phase 2)",
+    "distinct": "distinct (exported, evaluated)",
 }
 # Funnel stage -> (the stage that drops samples on the way into it, the funnel stage whose
 # samples it receives): both h5 phases receive what attributes phase 2 kept.
@@ -57,6 +59,7 @@ DROPS = {
     "phase2": ("attributes phase 2", "phase1"),
     "h5_phase1": ("h5 phase 1", "phase2"),
     "h5_phase2": ("h5 phase 2", "phase2"),
+    "distinct": ("duplicates and leaks", "phase2"),
 }
 # Not a drop: a phase-2 answer that failed leaves the sample with its phase-1 attributes.
 PHASE2_ANSWER = "phase 2 answer (sample kept)"
@@ -134,6 +137,9 @@ class ShardOutputs:
     phase1: Path
     phase2: Path
     h5: Path | None = None
+    # (shard, key) -> "duplicate" / "leak" for the dataset's images (vlmflow.duplicates);
+    # None: not looked for.
+    repeated: dict[tuple[str, str], str] | None = None
 
 
 @dataclass
@@ -210,6 +216,12 @@ def shard_funnel(
         if row["key"] in phase2 and row["phase2_failure"] is not None:
             funnel.failures[(PHASE2_ANSWER, failure_reason(row["phase2_failure"]))] += 1
     funnel.counts.update(captioned=len(captioned), phase1=len(phase1), phase2=len(phase2))
+    if files.repeated is not None:
+        reasons = (files.repeated.get((shard, key)) for key in phase2)
+        dropped = Counter(reason for reason in reasons if reason is not None)
+        for reason, count in dropped.items():
+            funnel.failures[(DROPS["distinct"][0], reason)] += count
+        funnel.counts["distinct"] = len(phase2) - sum(dropped.values())
 
     if files.h5 is not None:
         params = read_json(files.h5)
@@ -239,8 +251,12 @@ def dataset_funnel(
     phase1: Sequence[str | Path],
     phase2: Sequence[str | Path],
     h5: Sequence[str | Path] = (),
+    duplicates: str | Path | None = None,
 ) -> list[Funnel]:
-    """One funnel per shard; the lists are per shard, in the same order (h5 may be empty)."""
+    """One funnel per shard; the lists are per shard, in the same order (h5 may be empty).
+
+    ``duplicates``: the dataset's duplicates.tsv (vlmflow.duplicates), if looked for.
+    """
     lengths = {len(stats), len(captions), len(phase1), len(phase2)}
     if len(lengths) != 1 or (h5 and len(h5) != len(stats)):
         raise ReportError(
@@ -250,7 +266,8 @@ def dataset_funnel(
         )
     try:
         table = summarize_stats(list(stats))[:-1]  # without its "total" row
-    except IngestError as exc:
+        repeated = read_duplicates(duplicates) if duplicates is not None else None
+    except (IngestError, DuplicatesError) as exc:
         raise ReportError(str(exc)) from None
     funnels = []
     for number, row in enumerate(table):
@@ -265,6 +282,7 @@ def dataset_funnel(
             phase1=Path(phase1[number]),
             phase2=Path(phase2[number]),
             h5=Path(h5[number]) if h5 else None,
+            repeated=repeated,
         )
         funnels.append(shard_funnel(str(row["shard"]), int(row["rows_in"]), reasons, files))
     return funnels
@@ -326,7 +344,9 @@ def write_funnel_page(funnels: Sequence[Funnel], dataset: str, out_html: str | P
         "<h2>Samples left after each stage</h2>\n"
         f"{funnel_table}\n"
         "<p>&ndash; : the stage does not run for this dataset (only train datasets are packed "
-        "into HDF5 files).</p>\n"
+        "into HDF5 files). <em>distinct</em>: phase 2's samples that repeat no earlier image "
+        "of the dataset and, for an eval dataset, no train image (duplicates.tsv lists the "
+        "others); the exports and eval take these, the H5 files keep every shard's own.</p>\n"
         "<h2>Failures by stage and reason</h2>\n"
         f"<p>Each sample is counted once, at the stage that dropped it. The "
         f"<span class='kept'>{html.escape(PHASE2_ANSWER)}</span> rows are phase-2 answers "
