@@ -40,7 +40,13 @@ from typing import Any, ClassVar
 
 from PIL import Image
 
-from vlmflow.ingest import IngestSettings, count_rows, ingest_shard, shard_ranges
+from vlmflow.ingest import (
+    IngestSettings,
+    count_rows,
+    ingest_source_shard,
+    shard_ranges,
+    source_from_config,
+)
 
 IMG2DATASET = "img2dataset==1.47.0"
 SLOW_S = 0.5
@@ -136,8 +142,10 @@ def serve(folder: Path) -> Iterator[str]:
 
 def vlmflow_shard(args: tuple[str, int, int, dict[str, Any], str, str]) -> int:
     url_list, start, end, settings, out, shard = args
-    stats = ingest_shard(
-        url_list,
+    # What the workflow's ingest job runs (workflow/scripts/ingest.py).
+    source = source_from_config({"url_list": url_list}, "bench")
+    stats = ingest_source_shard(
+        source,
         start,
         end,
         IngestSettings(**settings),

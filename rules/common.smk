@@ -2,8 +2,7 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from vlmflow.ingest import IngestError
-from vlmflow.sources import source_from_config
+from vlmflow.ingest import IngestError, source_from_config
 from vlmflow.checks import (
     DEMO_MODEL,
     PACKAGED_ENCODER,

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.test_ingest import save, write_list
+from tests.test_ingest import ingest_list, save, write_list
 from vlmflow.duplicates import (
     DuplicatesError,
     find_duplicates,
     read_duplicates,
     write_duplicates,
 )
-from vlmflow.ingest import IngestSettings, ingest_shard
+from vlmflow.ingest import IngestSettings
 
 SETTINGS = IngestSettings(image_size=64, allow_local_files=True)
 
@@ -27,7 +27,7 @@ def ingest(folder: Path, name: str, rows: list[dict[str, str]]) -> Path:
     out.mkdir(parents=True)
     url_list = write_list(out / "list.tsv", rows)
     stats = out / f"{name}.stats.json"
-    ingest_shard(url_list, 0, len(rows), SETTINGS, out / f"{name}.tar", stats, name)
+    ingest_list(url_list, 0, len(rows), SETTINGS, out / f"{name}.tar", stats, name)
     return stats
 
 

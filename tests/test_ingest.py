@@ -28,8 +28,10 @@ from vlmflow import ingest
 from vlmflow.ingest import (
     IngestError,
     IngestSettings,
+    UrlListSource,
     count_rows,
-    ingest_shard,
+    fetch,
+    ingest_source_shard,
     read_rows,
     resolve_url,
     rows_digest,
@@ -37,6 +39,7 @@ from vlmflow.ingest import (
     shard_ranges,
     summarize_stats,
 )
+from vlmflow.ingest import images as image_step
 
 REPO = Path(__file__).resolve().parents[1]
 RED = (255, 0, 0)
@@ -99,6 +102,21 @@ def tar_member_order(path: Path) -> list[str]:
         return [name.split(".", 1)[0] for name in tar.getnames()][::3]
 
 
+def ingest_list(
+    url_list: str | Path,
+    start: int,
+    end: int,
+    settings: IngestSettings,
+    out_tar: str | Path,
+    out_stats: str | Path,
+    shard_id: str,
+    image_root: Path | None = None,
+) -> dict[str, Any]:
+    """Rows [start, end) of a URL list into a shard, as the workflow's ingest job does."""
+    source = UrlListSource(Path(url_list), image_root)
+    return ingest_source_shard(source, start, end, settings, out_tar, out_stats, shard_id)
+
+
 def reasons_by_row(stats: dict[str, Any]) -> dict[int, str]:
     return {f["row"]: f["reason"] for f in stats["failures"]}
 
@@ -115,7 +133,7 @@ def run_shard(
     end = count_rows(url_list) if end is None else end
     if own_list:
         settings = dataclasses.replace(settings, allow_local_files=True)
-    stats = ingest_shard(
+    stats = ingest_list(
         url_list, start, end, settings, out / "shard.tar", out / "shard.json", "shard-000"
     )
     # Nothing lost: every row is a sample in the tar or a counted failure with a reason.
@@ -529,7 +547,7 @@ def test_failed_write_leaves_no_tar(
     def broken_encoder(image: Image.Image, quality: int = 90) -> bytes:
         raise RuntimeError("encoder exploded")
 
-    monkeypatch.setattr(ingest, "jpeg_bytes", broken_encoder)
+    monkeypatch.setattr(image_step, "jpeg_bytes", broken_encoder)
     with pytest.raises(RuntimeError, match="encoder exploded"):
         run_shard(url_list, IngestSettings(threads=2), out)
     assert not (out / "shard.tar").exists()
@@ -725,7 +743,7 @@ def test_a_server_that_drips_bytes_times_out_within_timeout_times_attempts(
     stats = run_shard(url_list, settings, tmp_path)
     elapsed = time.monotonic() - started
     # Two attempts of 1 s and one backoff of 0.5 s, plus a margin for a loaded machine.
-    assert elapsed < 2 * 1 + ingest.BACKOFF_BASE_S + 1.5, elapsed
+    assert elapsed < 2 * 1 + fetch.BACKOFF_BASE_S + 1.5, elapsed
     assert reasons_by_row(stats) == {0: "timeout", 1: "timeout"}
     assert all("within 1 s" in failure["detail"] for failure in stats["failures"])
     assert _Handler.hits["/drip"] == _Handler.hits["/drip-headers"] == 2
@@ -773,8 +791,6 @@ def test_local_files_in_a_downloaded_list_are_blocked(tmp_path: Path, server: st
 
 
 def test_plain_paths_are_read_only_under_image_root(tmp_path: Path) -> None:
-    from vlmflow.sources import UrlListSource
-
     root = tmp_path / "images"
     (root / "sub").mkdir(parents=True)
     save(Image.new("RGB", (40, 30), RED), root / "sub" / "a.png")
@@ -844,7 +860,7 @@ def test_dns_answer_changed_after_the_check_is_blocked(
     tmp_path: Path, server: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # DNS rebinding: the check sees a public address, the connection goes to loopback.
-    monkeypatch.setattr(ingest, "_resolve", lambda host, port: ["93.184.216.34"])
+    monkeypatch.setattr(fetch, "_resolve", lambda host, port: ["93.184.216.34"])
     rows = [{"url": f"{server}/img.jpg", "caption": "rebound"}]
     url_list = write_list(tmp_path / "list.tsv", rows)
     stats = run_shard(url_list, IngestSettings(retries=0, timeout_s=1), tmp_path)
@@ -857,13 +873,13 @@ def test_proxies_come_from_the_environment_once_per_host(monkeypatch: pytest.Mon
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
     monkeypatch.setenv("NO_PROXY", "images.internal")
-    ingest._host_proxies.cache_clear()
+    fetch._host_proxies.cache_clear()
     try:
-        assert ingest._proxies("http://a.example/x.jpg") == {"http": "http://proxy.example:3128"}
-        assert ingest._proxies("http://images.internal/y.jpg") == {}
-        assert ingest._proxies("https://a.example/x.jpg") == {}  # no HTTPS_PROXY set
+        assert fetch._proxies("http://a.example/x.jpg") == {"http": "http://proxy.example:3128"}
+        assert fetch._proxies("http://images.internal/y.jpg") == {}
+        assert fetch._proxies("https://a.example/x.jpg") == {}  # no HTTPS_PROXY set
     finally:
-        ingest._host_proxies.cache_clear()
+        fetch._host_proxies.cache_clear()
 
 
 def test_x_robots_tag_noai_is_honoured_unless_turned_off(tmp_path: Path, server: str) -> None:

@@ -1,4 +1,4 @@
-"""Tests for vlmflow.sources: image folders, captions tables, COCO, HF datasets, WebDataset tars."""
+"""Tests for vlmflow.ingest.sources: image folders, captions tables, COCO, HF datasets, tars."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ import webdataset as wds
 from PIL import Image
 
 from vlmflow.ingest import IngestError, IngestSettings
-from vlmflow.shards import iter_samples
-from vlmflow.sources import (
+from vlmflow.ingest.sources import (
     CocoSource,
     HFDatasetSource,
     ImageFolderSource,
@@ -25,7 +24,8 @@ from vlmflow.sources import (
     join_captions,
     source_from_config,
 )
-from vlmflow.sources import UrlListSource as UrlList
+from vlmflow.ingest.sources import UrlListSource as UrlList
+from vlmflow.shards import iter_samples
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 

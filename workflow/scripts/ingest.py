@@ -1,8 +1,7 @@
-"""Ingest one shard of a dataset's source into a WebDataset tar (see vlmflow.sources)."""
+"""Ingest one shard of a dataset's source into a WebDataset tar (see vlmflow.ingest.sources)."""
 
-from vlmflow.ingest import IngestSettings
+from vlmflow.ingest import IngestSettings, ingest_source_shard, source_from_config
 from vlmflow.logs import log_to
-from vlmflow.sources import ingest_source_shard, source_from_config
 
 with log_to(snakemake.log[0]) as log:
     rows = snakemake.params.rows

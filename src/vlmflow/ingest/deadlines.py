@@ -74,7 +74,7 @@ def _shut(sock: socket.socket) -> None:
 
 
 @contextlib.contextmanager
-def attempt(seconds: float) -> Iterator[Attempt]:
+def attempt_within(seconds: float) -> Iterator[Attempt]:
     """Run one attempt (in this thread) under a deadline ``seconds`` from now."""
     current = Attempt(seconds)
     _LOCAL.attempt = current

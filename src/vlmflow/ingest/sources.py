@@ -2,7 +2,7 @@
 
 Each dataset in the config names exactly one source:
 
-* ``url_list``: a .tsv/.csv/.parquet/.jsonl list of image URLs (see vlmflow.ingest);
+* ``url_list``: a .tsv/.csv/.parquet/.jsonl list of image URLs (see vlmflow.ingest.lists);
   with ``image_root``, the URL column may hold plain paths under that folder, which makes
   it the captions table of a local image folder.
 * ``image_folder``: images (any depth) with their captions beside them in ``NAME.txt``.
@@ -35,21 +35,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmflow.ingest import (
-    RESERVED_FIELDS,
-    IngestError,
-    IngestSettings,
-    _cell,
-    _Failure,
-    _Job,
+from vlmflow.ingest.jobs import Job, plan_jobs
+from vlmflow.ingest.lists import (
+    cell,
     count_rows,
-    plan_jobs,
     read_rows,
     sanitize_key,
     shard_digest,
     shard_ranges,
-    write_shard,
 )
+from vlmflow.ingest.settings import RESERVED_FIELDS, Failure, IngestError, IngestSettings
+from vlmflow.ingest.writer import write_shard
 
 SOURCE_KINDS = ("url_list", "image_folder", "coco", "hf_dataset", "webdataset")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -99,7 +95,7 @@ class Source(ABC):
         """Changes when rows [start, end) change; independent of other rows."""
 
     @abstractmethod
-    def jobs(self, start: int, end: int, settings: IngestSettings) -> list[_Job]:
+    def jobs(self, start: int, end: int, settings: IngestSettings) -> list[Job]:
         """One ingest job per row in [start, end), in row order."""
 
     @abstractmethod
@@ -118,7 +114,7 @@ def _check_range(name: str, start: int, end: int, n_rows: int) -> None:
         )
 
 
-def _dedupe(jobs: list[_Job]) -> list[_Job]:
+def _dedupe(jobs: list[Job]) -> list[Job]:
     """Mark later rows with an already seen key as duplicates (counted, not ingested)."""
     seen: dict[str, int] = {}
     marked = []
@@ -126,8 +122,8 @@ def _dedupe(jobs: list[_Job]) -> list[_Job]:
         key = job.key
         if job.failure is None and key is not None:
             if key in seen:
-                failure = _Failure("duplicate", f"same key as row {seen[key]}")
-                job = _Job(job.row, key, job.url, job.caption, job.extra, failure)
+                failure = Failure("duplicate", f"same key as row {seen[key]}")
+                job = Job(job.row, key, job.url, job.caption, job.extra, failure)
             else:
                 seen[key] = job.row
         marked.append(job)
@@ -149,7 +145,7 @@ class UrlListSource(Source):
     def digest(self, start: int, end: int) -> str:
         return shard_digest(self.path, start, end)
 
-    def jobs(self, start: int, end: int, settings: IngestSettings) -> list[_Job]:
+    def jobs(self, start: int, end: int, settings: IngestSettings) -> list[Job]:
         rows = read_rows(self.path, start, end, settings)
         return plan_jobs(self.path, rows, start, settings, self.image_root)
 
@@ -208,7 +204,7 @@ class ImageFolderSource(Source):
     def _caption_path(self, rel: str) -> Path:
         return (self.root / rel).with_suffix(".txt")
 
-    def jobs(self, start: int, end: int, settings: IngestSettings) -> list[_Job]:
+    def jobs(self, start: int, end: int, settings: IngestSettings) -> list[Job]:
         jobs = []
         for row, rel in enumerate(self._slice(start, end), start=start):
             key = sanitize_key(rel.rsplit(".", 1)[0])
@@ -220,8 +216,8 @@ class ImageFolderSource(Source):
             except FileNotFoundError:
                 pass  # an image without a caption file has an empty caption
             except UnicodeDecodeError as exc:
-                failure = _Failure("decode_error", f"{self._caption_path(rel)}: not UTF-8: {exc}")
-            jobs.append(_Job(row, key, url, caption, {"path": rel}, failure))
+                failure = Failure("decode_error", f"{self._caption_path(rel)}: not UTF-8: {exc}")
+            jobs.append(Job(row, key, url, caption, {"path": rel}, failure))
         return _dedupe(jobs)
 
     def inputs(self) -> list[str]:
@@ -306,13 +302,13 @@ class CocoSource(Source):
     def digest(self, start: int, end: int) -> str:
         return _digest(list(self._slice(start, end)))
 
-    def jobs(self, start: int, end: int, settings: IngestSettings) -> list[_Job]:
+    def jobs(self, start: int, end: int, settings: IngestSettings) -> list[Job]:
         jobs = []
         for row, image in enumerate(self._slice(start, end), start=start):
             key = sanitize_key(str(image["id"]))
             url = (self.images / image["file_name"]).resolve().as_uri()
             caption = join_captions(image["captions"])
-            jobs.append(_Job(row, key, url, caption, _extras(image, {"id"})))
+            jobs.append(Job(row, key, url, caption, _extras(image, {"id"})))
         return _dedupe(jobs)
 
     def inputs(self) -> list[str]:
@@ -384,19 +380,19 @@ class HFDatasetSource(Source):
         lengths = pc.binary_length(column).to_pylist()
         return _digest([[_cells(row), n] for row, n in zip(others, lengths, strict=True)])
 
-    def jobs(self, start: int, end: int, settings: IngestSettings) -> list[_Job]:
+    def jobs(self, start: int, end: int, settings: IngestSettings) -> list[Job]:
         jobs = []
         for row, record in enumerate(self._slice(start, end).to_pylist(), start=start):
             value = record[self.image_column]
             data = value.get("bytes") if isinstance(value, dict) else value
-            caption = _cell(record[self.caption_column]) or ""
+            caption = cell(record[self.caption_column]) or ""
             skip = {self.image_column, self.caption_column}
             extra = _extras(
-                {name: _cell(v) for name, v in record.items() if name not in skip}, set()
+                {name: cell(v) for name, v in record.items() if name not in skip}, set()
             )
             url = f"{self.root}#{row}"
             if self.key_column is not None:
-                raw = _cell(record[self.key_column])
+                raw = cell(record[self.key_column])
                 if raw is None or not raw.strip():
                     raise IngestError(
                         f"{self.root}: row {row}: key column {self.key_column!r} is empty"
@@ -405,10 +401,10 @@ class HFDatasetSource(Source):
             else:
                 key = hashlib.sha1(data).hexdigest()[:16] if data else None
             if not data:
-                failure = _Failure("not_image", f"column {self.image_column!r} has no bytes")
-                jobs.append(_Job(row, key, url, caption, extra, failure))
+                failure = Failure("not_image", f"column {self.image_column!r} has no bytes")
+                jobs.append(Job(row, key, url, caption, extra, failure))
             else:
-                jobs.append(_Job(row, key, url, caption, extra, data=bytes(data)))
+                jobs.append(Job(row, key, url, caption, extra, data=bytes(data)))
         return _dedupe(jobs)
 
     def inputs(self) -> list[str]:
@@ -416,7 +412,7 @@ class HFDatasetSource(Source):
 
 
 def _cells(row: dict[str, Any]) -> dict[str, Any]:
-    return {name: _cell(value) for name, value in row.items()}
+    return {name: cell(value) for name, value in row.items()}
 
 
 # --------------------------------------------------------------------------- WebDataset
@@ -508,7 +504,7 @@ class WebDatasetSource(Source):
         keys = [[row, sample.key] for row, _, sample in self._rows(start, end)]
         return _digest({"tars": state, "keys": keys})
 
-    def jobs(self, start: int, end: int, settings: IngestSettings) -> list[_Job]:
+    def jobs(self, start: int, end: int, settings: IngestSettings) -> list[Job]:
         jobs = []
         with contextlib.ExitStack() as stack:
             opened: dict[Path, tarfile.TarFile] = {}
@@ -522,7 +518,7 @@ class WebDatasetSource(Source):
         return [str(tar) for tar in self.tars]
 
 
-def _tar_job(tar: tarfile.TarFile, tar_path: Path, row: int, sample: _TarSample) -> _Job:
+def _tar_job(tar: tarfile.TarFile, tar_path: Path, row: int, sample: _TarSample) -> Job:
     key = sanitize_key(sample.key)
     url = f"{tar_path}#{sample.key}"
 
@@ -534,8 +530,8 @@ def _tar_job(tar: tarfile.TarFile, tar_path: Path, row: int, sample: _TarSample)
     extra: dict[str, Any] = {"source_tar": str(tar_path), "source_key": sample.key}
     image_ext = next((ext for ext in TAR_IMAGE_EXTS if ext in sample.members), None)
     if image_ext is None:
-        failure = _Failure("not_image", f"no image member ({', '.join(TAR_IMAGE_EXTS)})")
-        return _Job(row, key, url, "", extra, failure)
+        failure = Failure("not_image", f"no image member ({', '.join(TAR_IMAGE_EXTS)})")
+        return Job(row, key, url, "", extra, failure)
     caption = ""
     try:
         if "txt" in sample.members:
@@ -545,8 +541,8 @@ def _tar_job(tar: tarfile.TarFile, tar_path: Path, row: int, sample: _TarSample)
             if isinstance(meta, dict):
                 extra = {**_extras(meta, {"caption"}), **extra}
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return _Job(row, key, url, caption, extra, _Failure("decode_error", f"txt/json: {exc}"))
-    return _Job(row, key, url, caption, extra, data=read(image_ext))
+        return Job(row, key, url, caption, extra, Failure("decode_error", f"txt/json: {exc}"))
+    return Job(row, key, url, caption, extra, data=read(image_ext))
 
 
 # --------------------------------------------------------------------------- config

@@ -1,0 +1,80 @@
+"""Ingest stage: download the images of a URL list into WebDataset shards.
+
+A URL list (.tsv, .csv, .parquet or .jsonl) is cut into fixed row ranges ("shards"). Each shard
+becomes one tar with ``{key}.jpg``, ``{key}.txt`` and ``{key}.json`` per downloaded image,
+plus a stats json that accounts for every input row: either it is in the tar ("ok") or it
+is listed under ``failures`` with a reason.
+
+Conventions worth knowing:
+
+* Cells are read as strings; an empty CSV/TSV cell, a parquet null and a missing or null
+  JSON Lines field all become ``None``. A JSON Lines file's columns are the fields of its
+  first record (as a CSV header); fields only later records have are kept as extras.
+* TSV files are read without quote handling (captions often contain stray ``"``); a TSV
+  field therefore cannot contain a tab or a newline. CSV files use standard CSV quoting.
+* ``file:relative/path.jpg`` URLs are resolved against the URL list's folder.
+* Keys contain only ``[A-Za-z0-9_-]``: a ``.`` would be taken by WebDataset as the start of
+  the file extension and split a sample, so dots are replaced too.
+* Extra columns are copied into ``{key}.json``; an extra column whose name clashes with a
+  field written by this stage (``key``, ``width``, ...) is stored as ``src_<name>``.
+
+The subpackage, in the order a row goes through it: ``lists`` (URL lists), ``sources``
+(every kind of source, as rows), ``jobs`` (one per row), ``fetch`` (downloads, with
+``deadlines``), ``images`` (decode, ``resize``, encode) and ``writer`` (the shard's tar and
+stats). Its public interface is what this module imports.
+"""
+
+from vlmflow.ingest.images import image_digest
+from vlmflow.ingest.jobs import Job, plan_jobs
+from vlmflow.ingest.lists import (
+    cell,
+    count_rows,
+    read_rows,
+    resolve_url,
+    rows_digest,
+    sanitize_key,
+    shard_digest,
+    shard_ranges,
+)
+from vlmflow.ingest.settings import (
+    FAILURE_REASONS,
+    RESERVED_FIELDS,
+    Failure,
+    IngestError,
+    IngestSettings,
+)
+from vlmflow.ingest.sources import (
+    SOURCE_KINDS,
+    Source,
+    UrlListSource,
+    ingest_source_shard,
+    source_from_config,
+)
+from vlmflow.ingest.writer import summarize_stats, write_shard, write_tar_sample
+
+__all__ = [
+    "FAILURE_REASONS",
+    "RESERVED_FIELDS",
+    "SOURCE_KINDS",
+    "Failure",
+    "IngestError",
+    "IngestSettings",
+    "Job",
+    "Source",
+    "UrlListSource",
+    "cell",
+    "count_rows",
+    "image_digest",
+    "ingest_source_shard",
+    "plan_jobs",
+    "read_rows",
+    "resolve_url",
+    "rows_digest",
+    "sanitize_key",
+    "shard_digest",
+    "shard_ranges",
+    "source_from_config",
+    "summarize_stats",
+    "write_shard",
+    "write_tar_sample",
+]
