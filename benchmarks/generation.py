@@ -39,7 +39,7 @@ from vlmflow.attributes import (
     shared_prefix,
 )
 from vlmflow.caption import CaptionSettings, caption_batch, load_vlm
-from vlmflow.models import build_demo_llm, build_demo_vlm
+from vlmflow.demo_models import build_demo_llm, build_demo_vlm
 from vlmflow.shards import iter_samples
 
 WORDS = ["red", "car", "tree", "dog", "cat", "sofa", "field", "river", "bench", "sky", "boat"]

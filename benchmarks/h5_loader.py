@@ -31,7 +31,7 @@ import webdataset as wds
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from vlmflow import h5, shapes, train
-from vlmflow.models import build_demo_language_model, build_demo_vision_tower
+from vlmflow.demo_models import build_demo_language_model, build_demo_vision_tower
 
 
 def timed(make_iterable: Any, count_of: Any, repeats: int) -> float:

@@ -10,7 +10,8 @@ from vlmflow.checks import (
     check_model_reference,
     check_models,
 )
-from vlmflow.models import DEMO_BUILDERS, DEMO_OPTIONS, resolved_revision
+from vlmflow.demo_models import DEMO_BUILDERS, DEMO_OPTIONS
+from vlmflow.models import resolved_revision
 
 validate(config, schema="../workflow/schemas/config.schema.yaml")
 

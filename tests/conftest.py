@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def demo_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The tiny demo models (every DEMO_BUILDERS kind), saved with save_pretrained."""
-    from vlmflow.models import DEMO_BUILDERS
+    from vlmflow.demo_models import DEMO_BUILDERS
 
     root = tmp_path_factory.mktemp("models")
     folders = {}

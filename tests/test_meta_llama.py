@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from vlmflow import attributes, meta_llama
+from vlmflow import attributes, demo_models, meta_llama
 from vlmflow.attributes import LLMSettings, PhaseJob
 from vlmflow.caption import CAPTION_SCHEMA
 from vlmflow.io import write_rows_parquet
@@ -33,8 +33,8 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The same tiny Llama 3 as one and as two consolidated shards, and converted to HF."""
     root = tmp_path_factory.mktemp("meta")
     folders = {"mp1": root / "mp1", "mp2": root / "mp2", "hf": root / "hf"}
-    meta_llama.build_demo_meta_llm(folders["mp1"], seed=7, model_parallel=1)
-    meta_llama.build_demo_meta_llm(folders["mp2"], seed=7, model_parallel=2)
+    demo_models.build_demo_meta_llm(folders["mp1"], seed=7, model_parallel=1)
+    demo_models.build_demo_meta_llm(folders["mp2"], seed=7, model_parallel=2)
     meta_llama.convert_to_hf(folders["mp2"], folders["hf"])
     return folders
 

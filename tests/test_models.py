@@ -9,16 +9,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from vlmflow.models import (
-    BOS,
-    DEMO_BUILDERS,
-    EOS,
-    EOT,
-    IMAGE,
-    build_demo_llm,
-    is_hub_id,
-    torch_dtype,
-)
+from vlmflow.demo_models import BOS, DEMO_BUILDERS, EOS, EOT, build_demo_llm
+from vlmflow.models import IMAGE, is_hub_id, torch_dtype
 
 
 def _weights(folder: str | Path) -> dict[str, torch.Tensor]:

@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from vlmflow.demo_models import train_demo_tokenizer
 from vlmflow.io import atomic_dir
 from vlmflow.models import (
     cached_file,
     is_hub_id,
     pretrained,
     split_revision,
-    train_demo_tokenizer,
 )
 
 if TYPE_CHECKING:

@@ -23,8 +23,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from vlmflow.demo_models import demo_corpus_lines
 from vlmflow.io import atomic_dir
-from vlmflow.models import COMMIT, demo_corpus_lines, is_hub_id, split_revision
+from vlmflow.models import COMMIT, is_hub_id, split_revision
 
 log = logging.getLogger(__name__)
 
