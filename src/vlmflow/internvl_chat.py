@@ -330,6 +330,38 @@ def caption_batch(
 # ---------------------------------------------------------------------------
 
 
+def _chat_tokenizer() -> Any:
+    """The demo tokenizer with ChatML turns and InternVL's image markers."""
+    return train_demo_tokenizer(
+        extra_tokens=(IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT),
+        chat_template=CHATML_TEMPLATE,
+        named_tokens={
+            "start_image_token": IMG_START,
+            "end_image_token": IMG_END,
+            "context_image_token": IMG_CONTEXT,
+        },
+    )
+
+
+def _llm_config(tokenizer: Any, hidden_size: int, layers: int, stop_ids: list[int]) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=stop_ids,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"],
+    )
+
+
 def build_mini_internvl_chat(
     out_dir: str | Path,
     seed: int,
@@ -348,34 +380,13 @@ def build_mini_internvl_chat(
     ``auto_map``, safetensors weights, a ChatML tokenizer with the image markers,
     generation_config.json stopping at ``<|im_end|>``, and the remote code."""
     import torch
-    from transformers import GenerationConfig, InternVLVisionConfig, LlamaConfig
+    from transformers import GenerationConfig, InternVLVisionConfig
 
     torch.manual_seed(seed)
-    tokenizer = train_demo_tokenizer(
-        extra_tokens=(IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT),
-        chat_template=CHATML_TEMPLATE,
-        named_tokens={
-            "start_image_token": IMG_START,
-            "end_image_token": IMG_END,
-            "context_image_token": IMG_CONTEXT,
-        },
-    )
+    tokenizer = _chat_tokenizer()
     ids = tokenizer.convert_tokens_to_ids
     stop_ids = [ids(IM_END), tokenizer.eos_token_id]
-    llm_config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=llm_hidden_size,
-        intermediate_size=llm_hidden_size * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=8192,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=stop_ids,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        architectures=["LlamaForCausalLM"],
-    )
+    llm_config = _llm_config(tokenizer, llm_hidden_size, layers, stop_ids)
     vision_config = InternVLVisionConfig(
         hidden_size=vision_hidden_size,
         intermediate_size=vision_hidden_size * 2,
