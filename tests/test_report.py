@@ -12,20 +12,22 @@ import pytest
 
 from vlmflow.attributes import PHASE1_SCHEMA, PHASE2_SCHEMA
 from vlmflow.caption import CAPTION_SCHEMA
+from vlmflow.contract import (
+    PHASE2_ANSWER,
+    ReportError,
+    dataset_funnel,
+    failure_rows,
+    total_funnel,
+)
 from vlmflow.duplicates import write_duplicates
 from vlmflow.io import write_json, write_rows_parquet
 from vlmflow.plots import plot_training
 from vlmflow.report import (
-    PHASE2_ANSWER,
-    ReportError,
     attribute_stats,
     caption_lengths,
-    dataset_funnel,
-    failure_rows,
     most_frequent,
     parse_failures,
     read_metrics,
-    total_funnel,
     write_attribute_figures,
     write_caption_lengths,
     write_funnel_report,

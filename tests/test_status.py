@@ -9,9 +9,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_report import FATES, shard_files
 from vlmflow import status
-from vlmflow.attributes import PHASE1_SCHEMA, PHASE2_SCHEMA
-from vlmflow.io import write_rows_parquet
+from vlmflow.contract import (
+    DROPS,
+    PHASE2_ANSWER,
+    SHARD_OUTPUTS,
+    dataset_funnel,
+    failure_rows,
+    total_funnel,
+)
 
 DATE = "Sun Nov 22 13:25:20 2026"
 SUMMARY = "\n".join(
@@ -154,47 +161,61 @@ def test_failed_jobs_are_those_whose_outputs_are_still_not_done(tmp_path: Path) 
     ]
 
 
-def test_samples_ok_and_failed_come_from_each_stage_output(tmp_path: Path) -> None:
-    stats = tmp_path / "000000.stats.json"
-    stats.write_text(
-        json.dumps({"ok": 6, "failed": {"http_404": 1, "too_small": 1}, "failures": [{}, {}]}),
-        encoding="utf-8",
-    )
-    counts = status.count_samples("ingest", [tmp_path / "000000.tar", stats])
-    assert counts == status.ShardSamples(6, 2, {"http_404": 1, "too_small": 1})
+def write_shard_outputs(workdir: Path, dataset: str, shard: str) -> list[status.SummaryRow]:
+    """A shard whose samples fail at every stage (tests/test_report.py's FATES), written
+    where the rules write them; the summary rows Snakemake would show for them."""
+    made = shard_files(workdir / "made", shard, FATES, {"http_status": 3, "not_image": 1})
+    rows = []
+    for name, rule in RULE_OF.items():
+        path = Path(SHARD_OUTPUTS[name].format(dataset=dataset, shard=shard))
+        (workdir / path).parent.mkdir(parents=True, exist_ok=True)
+        made[name].rename(workdir / path)
+        rows.append(row(str(path), rule))
+    return rows
 
-    table = tmp_path / "000000.parquet"
-    rows = [
-        {
-            "key": f"k{i}",
-            "web_caption": "",
-            "vlm_caption": "",
-            "raw_answer": "",
-            "attributes": [],
-            "model": "m",
-            "prompt_id": "p",
-            "settings": "{}",
-            "failure": failure,
-        }
-        for i, failure in enumerate([None, None, "unparsable: no list", "generation_error: OOM"])
-    ]
-    write_rows_parquet(table, rows, PHASE1_SCHEMA)
-    counts = status.count_samples("attributes_phase1", [table])
-    assert counts == status.ShardSamples(2, 2, {"unparsable": 1, "generation_error": 1})
 
-    shard = tmp_path / "h5" / "shards" / "000000.json"
-    shard.parent.mkdir(parents=True)
-    shard.write_text(
-        json.dumps(
-            {
-                "skipped": {"missing_attributes": 1},
-                "phase1": {"n_examples": 5, "discarded_too_long": 2},
-            }
-        ),
-        encoding="utf-8",
+RULE_OF = {
+    "stats": "ingest",
+    "captions": "caption",
+    "phase1": "attributes_phase1",
+    "phase2": "attributes_phase2",
+    "h5": "h5",
+}
+
+
+def test_status_and_the_report_count_every_stage_alike(tmp_path: Path) -> None:
+    rows = write_shard_outputs(tmp_path, "d", "000000")
+    rows += write_shard_outputs(tmp_path, "d", "000001")
+    paths = {
+        name: [
+            tmp_path / SHARD_OUTPUTS[name].format(dataset="d", shard=s)
+            for s in ("000000", "000001")
+        ]
+        for name in RULE_OF
+    }
+    total = total_funnel(
+        dataset_funnel(
+            paths["stats"], paths["captions"], paths["phase1"], paths["phase2"], paths["h5"]
+        )
     )
-    counts = status.count_samples("h5", [tmp_path / "h5/phase1/000000.h5", shard])
-    assert counts == status.ShardSamples(5, 3, {"missing_attributes": 1, "too_long": 2})
+    by_stage: dict[str, dict[str, int]] = {}
+    for stage, reason, count, _ in failure_rows(total):
+        by_stage.setdefault(stage, {})[reason] = count
+
+    report = status.collect(tmp_path, rows)
+    stages = {stage.stage: stage for stage in report.stages}
+    assert list(stages) == [label for _, _, label in status.SHARD_STAGES]
+    for _, funnel_stage, label in status.SHARD_STAGES:
+        dropping = DROPS[funnel_stage][0]
+        assert stages[label].samples_ok == total.counts[funnel_stage], label
+        assert stages[label].failure_reasons == by_stage.get(dropping, {}), label
+        assert stages[label].samples_failed == sum(by_stage.get(dropping, {}).values()), label
+    assert stages["attributes phase 2"].phase1_only == by_stage[PHASE2_ANSWER]
+    # A failure at every stage that can drop one here (phase 2's refusal keeps its
+    # sample), each counted once: phase 1 does not count the carried caption failure.
+    failing = {label for label, stage in stages.items() if stage.samples_failed}
+    assert failing == {"ingest", "caption", "attributes phase 1", "h5 phase 2"}
+    assert stages["attributes phase 1"].failure_reasons == {"no_items": 2, "generation_error": 2}
 
 
 def test_status_of_a_folder_without_a_workflow_is_a_clear_error(
@@ -298,36 +319,12 @@ def test_last_error_line_prefers_the_error_over_later_chatter(tmp_path: Path) ->
     assert status.last_error_line(log) == "(empty log)"
 
 
-def test_phase2_failures_of_kept_samples_are_counted_apart(tmp_path: Path) -> None:
-    table = tmp_path / "000000.parquet"
-    rows = [
-        {
-            "key": f"k{i}",
-            "raw_answer": "",
-            "phase1_attributes": ["a"],
-            "phase2_attributes": [],
-            "attributes": ["a"],
-            "attribute_sources": ["phase1"],
-            "phase2_failure": phase2_failure,
-            "model": "m",
-            "prompt_id": "p",
-            "settings": "{}",
-            "failure": failure,
-        }
-        for i, (failure, phase2_failure) in enumerate(
-            [(None, None), (None, "no_items: empty"), (None, "no_items"), ("caption_failed", None)]
-        )
-    ]
-    write_rows_parquet(table, rows, PHASE2_SCHEMA)
-    counts = status.count_samples("attributes_phase2", [table])
-    assert counts == status.ShardSamples(3, 1, {"caption_failed": 1}, {"no_items": 2})
-
-
 def test_collect_counts_shards_and_samples_per_dataset_and_stage(tmp_path: Path) -> None:
     for shard, ok in (("000000", 8), ("000001", 7), ("000002", 8)):
         stats = tmp_path / f"results/d/shards/{shard}.stats.json"
         stats.parent.mkdir(parents=True, exist_ok=True)
-        stats.write_text(json.dumps({"ok": ok, "failed": {"not_image": 8 - ok}}), "utf-8")
+        counts = {"shard": shard, "rows_in": 8, "ok": ok, "failed": {"not_image": 8 - ok}}
+        stats.write_text(json.dumps(counts), "utf-8")
     rows = [
         row("results/d/shards/000000.tar", "ingest"),
         row("results/d/shards/000000.stats.json", "ingest"),

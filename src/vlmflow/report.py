@@ -26,12 +26,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from vlmflow.duplicates import DuplicatesError, read_duplicates
-from vlmflow.ingest import IngestError, summarize_stats
-from vlmflow.io import atomic_open, failure_reason, html_page, read_json
+from vlmflow.contract import (
+    CAPTION_FAILED,
+    FUNNEL_STAGES,
+    PHASE2_ANSWER,
+    Funnel,
+    ReportError,
+    failure_rows,
+    read_columns,
+    total_funnel,
+)
+from vlmflow.io import atomic_open, failure_reason, html_page
 from vlmflow.plots import (
     plot_attributes_per_image,
     plot_caption_lengths,
@@ -39,33 +44,6 @@ from vlmflow.plots import (
     plot_top_attributes,
 )
 
-# Stages of the funnel, in pipeline order, with the words the report uses for them.
-FUNNEL_STAGES = {
-    "rows": "rows",
-    "downloaded": "downloaded",
-    "captioned": "captioned",
-    "phase1": "phase 1 attributes",
-    "phase2": "phase 2 attributes",
-    "h5_phase1": "in H5 (phase 1)",
-    "h5_phase2": "in H5 (phase 2)",
-    "distinct": "distinct (exported, evaluated)",
-}
-# Funnel stage -> (the stage that drops samples on the way into it, the funnel stage whose
-# samples it receives): both h5 phases receive what attributes phase 2 kept.
-DROPS = {
-    "downloaded": ("ingest", "rows"),
-    "captioned": ("caption", "downloaded"),
-    "phase1": ("attributes phase 1", "captioned"),
-    "phase2": ("attributes phase 2", "phase1"),
-    "h5_phase1": ("h5 phase 1", "phase2"),
-    "h5_phase2": ("h5 phase 2", "phase2"),
-    "distinct": ("duplicates and leaks", "phase2"),
-}
-# Not a drop: a phase-2 answer that failed leaves the sample with its phase-1 attributes.
-PHASE2_ANSWER = "phase 2 answer (sample kept)"
-# The failure attribute phase 1 writes for a sample whose caption failed: it never
-# reached the LLM, so it is no failure of phase 1.
-CAPTION_FAILED = "caption_failed"
 # The columns of metrics.tsv the report needs, and those that are not numbers.
 METRIC_COLUMNS = ("dataset", "k", "recall", "precision", "f1", "n_images")
 TEXT_METRIC_COLUMNS = frozenset({"dataset", "decoding"})
@@ -81,10 +59,6 @@ pre.answer { background: #f4f4f4; padding: 2px 4px; margin-bottom: 6px; }
 pre { white-space: pre-wrap; margin: 0; max-width: 60em; }
 .kept { color: #666; }
 """
-
-
-class ReportError(ValueError):
-    """A stage output the report cannot use: the message names the file and field."""
 
 
 def _cell(value: Any) -> str:
@@ -108,212 +82,6 @@ def html_table(
         for number, row in enumerate(totals)
     ]
     return f"<table><tr>{head}</tr>\n" + "\n".join(body) + "\n</table>"
-
-
-def read_columns(path: str | Path, columns: Sequence[str], what: str) -> list[dict[str, Any]]:
-    """Only ``columns`` of a stage's parquet, as rows; a missing column is an error."""
-    try:
-        names = pq.read_schema(path).names
-    except (OSError, pa.ArrowException) as exc:
-        raise ReportError(f"{path}: not a readable {what} parquet: {exc}") from None
-    missing = [column for column in columns if column not in names]
-    if missing:
-        raise ReportError(
-            f"{path}: {what} parquet has no column {missing[0]!r} (columns: {', '.join(names)})"
-        )
-    rows: list[dict[str, Any]] = pq.read_table(path, columns=list(columns)).to_pylist()
-    return rows
-
-
-# --- the funnel --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ShardOutputs:
-    """The per-shard files one shard's funnel counts; ``h5`` is None without HDF5 files."""
-
-    stats: Path
-    captions: Path
-    phase1: Path
-    phase2: Path
-    h5: Path | None = None
-    # (shard, key) -> "duplicate" / "leak" for the dataset's images (vlmflow.duplicates);
-    # None: not looked for.
-    repeated: dict[tuple[str, str], str] | None = None
-
-
-@dataclass
-class Funnel:
-    """Samples left after each stage, and why the others were dropped (or kept anyway)."""
-
-    shard: str
-    counts: dict[str, int | None]  # FUNNEL_STAGES key -> samples; None: stage not run
-    # (stage, reason) -> samples; the stage is one of DROPS or PHASE2_ANSWER.
-    failures: Counter[tuple[str, str]] = field(default_factory=Counter)
-
-
-def _ok_keys(
-    rows: list[dict[str, Any]],
-    previous_ok: set[str],
-    expected_keys: set[str] | None,
-    path: Path,
-    stage: str,
-    failures: Counter[tuple[str, str]],
-) -> set[str]:
-    """The keys a stage kept; its own failures (of samples it received) are counted."""
-    keys = [row["key"] for row in rows]
-    if expected_keys is not None and set(keys) != expected_keys:
-        extra = sorted(set(keys) - expected_keys)
-        lost = sorted(expected_keys - set(keys))
-        raise ReportError(
-            f"{path}: column 'key' does not match the previous stage's samples "
-            f"({len(extra)} unexpected, e.g. {extra[:3]}; {len(lost)} missing, e.g. {lost[:3]})"
-        )
-    ok = {row["key"] for row in rows if row["failure"] is None}
-    if not ok <= previous_ok:
-        revived = sorted(ok - previous_ok)
-        raise ReportError(
-            f"{path}: column 'failure' is empty for {len(revived)} samples that failed an "
-            f"earlier stage (e.g. {revived[0]!r}); is the file older than its input?"
-        )
-    for row in rows:
-        if row["key"] in previous_ok and row["failure"] is not None:
-            failures[(stage, failure_reason(row["failure"]))] += 1
-    return ok
-
-
-def shard_funnel(
-    shard: str, rows_in: int, ingest_failed: dict[str, int], files: ShardOutputs
-) -> Funnel:
-    """One shard's funnel from its ingest counts and its stage outputs."""
-    funnel = Funnel(shard=shard, counts=dict.fromkeys(FUNNEL_STAGES))
-    funnel.counts["rows"] = rows_in
-    downloaded = rows_in - sum(ingest_failed.values())
-    funnel.counts["downloaded"] = downloaded
-    for reason, count in ingest_failed.items():
-        if count:
-            funnel.failures[(DROPS["downloaded"][0], reason)] += count
-
-    captions = read_columns(files.captions, ["key", "failure"], "caption")
-    if len(captions) != downloaded:
-        raise ReportError(
-            f"{files.captions}: {len(captions)} rows, but {files.stats} counts "
-            f"ok = {downloaded} downloaded samples; is one of them older than the other?"
-        )
-    all_keys = {row["key"] for row in captions}
-    captioned = _ok_keys(captions, all_keys, None, files.captions, "caption", funnel.failures)
-    phase1_rows = read_columns(files.phase1, ["key", "failure"], "attributes phase 1")
-    phase1 = _ok_keys(
-        phase1_rows, captioned, all_keys, files.phase1, DROPS["phase1"][0], funnel.failures
-    )
-    phase2_rows = read_columns(
-        files.phase2, ["key", "failure", "phase2_failure"], "attributes phase 2"
-    )
-    phase2 = _ok_keys(
-        phase2_rows, phase1, all_keys, files.phase2, DROPS["phase2"][0], funnel.failures
-    )
-    for row in phase2_rows:
-        if row["key"] in phase2 and row["phase2_failure"] is not None:
-            funnel.failures[(PHASE2_ANSWER, failure_reason(row["phase2_failure"]))] += 1
-    funnel.counts.update(captioned=len(captioned), phase1=len(phase1), phase2=len(phase2))
-    if files.repeated is not None:
-        reasons = (files.repeated.get((shard, key)) for key in phase2)
-        dropped = Counter(reason for reason in reasons if reason is not None)
-        for reason, count in dropped.items():
-            funnel.failures[(DROPS["distinct"][0], reason)] += count
-        funnel.counts["distinct"] = len(phase2) - sum(dropped.values())
-
-    if files.h5 is not None:
-        params = read_json(files.h5)
-        for phase in ("phase1", "phase2"):
-            try:
-                written = int(params[phase]["n_examples"])
-                too_long = int(params[phase]["discarded_too_long"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ReportError(
-                    f"{files.h5}: field {phase}.n_examples / {phase}.discarded_too_long: "
-                    f"expected integers ({exc!r})"
-                ) from None
-            if written + too_long != len(phase2):
-                raise ReportError(
-                    f"{files.h5}: {phase}.n_examples {written} + discarded_too_long "
-                    f"{too_long} != {len(phase2)} samples kept by {files.phase2}"
-                )
-            funnel.counts[f"h5_{phase}"] = written
-            if too_long:
-                funnel.failures[(DROPS[f"h5_{phase}"][0], "discarded_too_long")] += too_long
-    return funnel
-
-
-def dataset_funnel(
-    stats: Sequence[str | Path],
-    captions: Sequence[str | Path],
-    phase1: Sequence[str | Path],
-    phase2: Sequence[str | Path],
-    h5: Sequence[str | Path] = (),
-    duplicates: str | Path | None = None,
-) -> list[Funnel]:
-    """One funnel per shard; the lists are per shard, in the same order (h5 may be empty).
-
-    ``duplicates``: the dataset's duplicates.tsv (vlmflow.duplicates), if looked for.
-    """
-    lengths = {len(stats), len(captions), len(phase1), len(phase2)}
-    if len(lengths) != 1 or (h5 and len(h5) != len(stats)):
-        raise ReportError(
-            f"one file per shard of each stage expected: {len(stats)} stats, "
-            f"{len(captions)} captions, {len(phase1)} phase 1, {len(phase2)} phase 2, "
-            f"{len(h5)} h5 files"
-        )
-    try:
-        table = summarize_stats(list(stats))[:-1]  # without its "total" row
-        repeated = read_duplicates(duplicates) if duplicates is not None else None
-    except (IngestError, DuplicatesError) as exc:
-        raise ReportError(str(exc)) from None
-    funnels = []
-    for number, row in enumerate(table):
-        reasons = {
-            key: value
-            for key, value in row.items()
-            if key not in ("shard", "rows_in", "ok", "failed")
-        }
-        files = ShardOutputs(
-            stats=Path(stats[number]),
-            captions=Path(captions[number]),
-            phase1=Path(phase1[number]),
-            phase2=Path(phase2[number]),
-            h5=Path(h5[number]) if h5 else None,
-            repeated=repeated,
-        )
-        funnels.append(shard_funnel(str(row["shard"]), int(row["rows_in"]), reasons, files))
-    return funnels
-
-
-def total_funnel(funnels: Sequence[Funnel]) -> Funnel:
-    """The sum over shards (a stage not run in any shard stays None)."""
-    total = Funnel(shard="total", counts=dict.fromkeys(FUNNEL_STAGES))
-    for stage in FUNNEL_STAGES:
-        counts = [f.counts[stage] for f in funnels if f.counts[stage] is not None]
-        total.counts[stage] = sum(c for c in counts if c is not None) if counts else None
-    if not funnels:
-        total.counts["rows"] = 0
-    for funnel in funnels:
-        total.failures.update(funnel.failures)
-    return total
-
-
-def failure_rows(total: Funnel) -> list[tuple[str, str, int, float | None]]:
-    """(stage, reason, samples, % of the samples the stage received), in pipeline order."""
-    received = {stage: total.counts[source] for stage, source in DROPS.values()}
-    received[PHASE2_ANSWER] = total.counts["phase2"]
-    order = list(received)
-    rows = []
-    for (stage, reason), count in sorted(
-        total.failures.items(), key=lambda item: (order.index(item[0][0]), -item[1], item[0][1])
-    ):
-        inputs = received[stage]
-        share = round(100.0 * count / inputs, 1) if inputs else None
-        rows.append((stage, reason, count, share))
-    return rows
 
 
 def write_funnel_page(funnels: Sequence[Funnel], dataset: str, out_html: str | Path) -> None:

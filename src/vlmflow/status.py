@@ -11,9 +11,9 @@ Three sources, each the one that owns the fact:
   a dry run. ``--summary`` ignores Snakemake's incomplete markers (``.snakemake/incomplete``:
   a job started and has not finished, because it is running now or Snakemake was killed),
   so they are read here, and such outputs count as neither done nor trustworthy.
-- How many samples each finished shard kept or lost: the stage outputs themselves (ingest
-  stats, the ``failure`` column of caption and attribute tables and phase 2's
-  ``phase2_failure``, the h5 shard parameters).
+- How many samples each finished shard kept or lost: the stage outputs themselves,
+  counted by vlmflow.contract as the report's funnel counts them (each sample once, at
+  the stage that dropped it).
 - Why a job failed: Snakemake's run logs (``.snakemake/log/*.snakemake.log``), whose
   "Error in rule" blocks name the job's outputs and log file. A failure counts while one
   of its outputs is still missing or incomplete: Snakemake deletes the outputs of a failed
@@ -36,17 +36,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlmflow.io import failure_reason
+from vlmflow.contract import Funnel, shard_counts, stage_samples
 
-# Per-shard stages in pipeline order: (rule, label).
+# Per-shard stages in pipeline order: (rule, its funnel stage in vlmflow.contract, label).
 SHARD_STAGES = [
-    ("ingest", "ingest"),
-    ("caption", "caption"),
-    ("attributes_phase1", "attributes phase 1"),
-    ("attributes_phase2", "attributes phase 2"),
-    ("h5", "h5"),
+    ("ingest", "downloaded", "ingest"),
+    ("caption", "captioned", "caption"),
+    ("attributes_phase1", "phase1", "attributes phase 1"),
+    ("attributes_phase2", "phase2", "attributes phase 2"),
+    ("h5", "h5_phase1", "h5 phase 1"),
+    ("h5", "h5_phase2", "h5 phase 2"),
 ]
-SHARD_RULES = {rule for rule, _ in SHARD_STAGES}
+SHARD_RULES = {rule for rule, _, _ in SHARD_STAGES}
 # Whole-run steps shown one line each.
 SINGLE_STAGES = ["train_phase1", "train_phase2", "evaluate", "metrics_table"]
 # results/<dataset>/<anything>/<shard>[.<ext>]
@@ -254,42 +255,15 @@ def shard_of(path: str) -> tuple[str, str] | None:
     return (match["dataset"], match["shard"]) if match else None
 
 
-def count_samples(rule: str, outputs: list[Path]) -> ShardSamples:
-    """Samples kept and lost (by reason) in one finished shard of a stage."""
-    if rule == "ingest":
-        for path in outputs:
-            if path.name.endswith(".stats.json"):
-                stats = json.loads(path.read_text(encoding="utf-8"))
-                reasons = {str(k): int(v) for k, v in stats.get("failed", {}).items()}
-                return ShardSamples(int(stats["ok"]), sum(reasons.values()), reasons)
-    elif rule in ("caption", "attributes_phase1", "attributes_phase2"):
-        import pyarrow.parquet as pq
-
-        for path in outputs:
-            if path.suffix == ".parquet":
-                table = pq.read_table(path)
-                failures = table.column("failure").to_pylist()
-                reasons = Counter(failure_reason(f) for f in failures if f is not None)
-                phase1_only: Counter[str] = Counter()
-                if "phase2_failure" in table.column_names:
-                    kept = zip(failures, table.column("phase2_failure").to_pylist(), strict=True)
-                    phase1_only.update(failure_reason(p2) for f, p2 in kept if f is None and p2)
-                failed = sum(reasons.values())
-                return ShardSamples(
-                    len(failures) - failed, failed, dict(reasons), dict(phase1_only)
-                )
-    elif rule == "h5":
-        for path in outputs:
-            if path.suffix == ".json" and path.parent.name == "shards":
-                params = json.loads(path.read_text(encoding="utf-8"))
-                reasons = Counter({str(k): int(v) for k, v in params.get("skipped", {}).items()})
-                too_long = int(params["phase1"].get("discarded_too_long", 0))
-                if too_long:
-                    reasons["too_long"] += too_long
-                return ShardSamples(
-                    int(params["phase1"]["n_examples"]), sum(reasons.values()), dict(reasons)
-                )
-    return ShardSamples()
+def count_samples(
+    workdir: Path, stage: str, dataset: str, shard: str, funnels: dict[tuple[str, str], Funnel]
+) -> ShardSamples:
+    """Samples kept and dropped (by reason) at one funnel stage of a shard, counted by
+    vlmflow.contract as the report counts them (``funnels``: each shard read once)."""
+    if (dataset, shard) not in funnels:
+        funnels[(dataset, shard)] = shard_counts(workdir, dataset, shard)
+    kept, dropped, noted = stage_samples(funnels[(dataset, shard)], stage)
+    return ShardSamples(kept, sum(dropped.values()), dropped, noted)
 
 
 # ---------------------------------------------------------------------------
@@ -413,9 +387,10 @@ def collect(workdir: Path, rows: list[SummaryRow], incomplete: set[str] | None =
             singles.append({"rule": row.rule, "output": row.output, "state": state})
     singles.sort(key=lambda single: SINGLE_STAGES.index(single["rule"]))
     datasets = sorted({dataset for _, dataset, _ in per_shard})
+    funnels: dict[tuple[str, str], Funnel] = {}
     stages = []
     for dataset in datasets:
-        for rule, label in SHARD_STAGES:
+        for rule, funnel_stage, label in SHARD_STAGES:
             shards = {
                 shard: shard_rows
                 for (r, d, shard), shard_rows in per_shard.items()
@@ -426,7 +401,7 @@ def collect(workdir: Path, rows: list[SummaryRow], incomplete: set[str] | None =
             stage = StageStatus(dataset, label, rule, shards_total=len(shards))
             reasons: Counter[str] = Counter()
             phase1_only: Counter[str] = Counter()
-            for shard_rows in shards.values():
+            for shard, shard_rows in shards.items():
                 if not all(row.exists for row in shard_rows):
                     continue
                 if any(row.output in pending for row in shard_rows):
@@ -436,7 +411,7 @@ def collect(workdir: Path, rows: list[SummaryRow], incomplete: set[str] | None =
                 if any(row.output in incomplete for row in shard_rows):
                     continue  # half-written: its counts mean nothing yet
                 try:
-                    samples = count_samples(rule, [workdir / row.output for row in shard_rows])
+                    samples = count_samples(workdir, funnel_stage, dataset, shard, funnels)
                 except (OSError, ValueError, KeyError, TypeError) as error:
                     files = ", ".join(row.output for row in shard_rows)
                     warnings.append(f"{rule} {files}: samples not readable ({error})")

@@ -72,7 +72,8 @@ def test_status_of_a_half_finished_run(tmp_path: Path) -> None:
     phase2_failures = [f for f in table.column("phase2_failure").to_pylist() if f]
     assert (phase2["shards_done"], phase2["samples_ok"], phase2["samples_failed"]) == (1, 8, 0)
     assert sum(phase2["phase1_only"].values()) == len(phase2_failures)
-    assert stage(report, "photos", "h5")["shards_done"] == 0
+    assert stage(report, "photos", "h5 phase 1")["shards_done"] == 0
+    assert stage(report, "photos", "h5 phase 2")["shards_done"] == 0
     assert stage(report, "photos_eval", "ingest")["shards_done"] == 0
     assert {s["rule"]: s["state"] for s in report["singles"]}["train_phase1"] == "missing"
     assert report["stale"] == {}

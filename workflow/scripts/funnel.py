@@ -1,10 +1,10 @@
 """A dataset's funnel and failures by stage and reason, page and figure (see vlmflow.report)."""
 
-from vlmflow import report
+from vlmflow import contract, report
 from vlmflow.logs import log_to
 
 with log_to(snakemake.log[0]) as log:
-    funnels = report.dataset_funnel(
+    funnels = contract.dataset_funnel(
         snakemake.input.stats,
         snakemake.input.captions,
         snakemake.input.phase1,
