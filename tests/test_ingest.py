@@ -24,7 +24,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from vlmflow import ingest
+from vlmflow.contract import FAILURE_REASONS, ReportError, summarize_stats
 from vlmflow.ingest import (
     IngestError,
     IngestSettings,
@@ -37,7 +37,6 @@ from vlmflow.ingest import (
     rows_digest,
     sanitize_key,
     shard_ranges,
-    summarize_stats,
 )
 from vlmflow.ingest import images as image_step
 
@@ -139,7 +138,7 @@ def run_shard(
     # Nothing lost: every row is a sample in the tar or a counted failure with a reason.
     assert stats["rows_in"] == end - start == stats["ok"] + sum(stats["failed"].values())
     assert len(stats["failures"]) == sum(stats["failed"].values())
-    assert all(f["reason"] in ingest.FAILURE_REASONS for f in stats["failures"])
+    assert all(f["reason"] in FAILURE_REASONS for f in stats["failures"])
     assert len(read_tar(out / "shard.tar")) == stats["ok"]
     return stats
 
@@ -934,7 +933,7 @@ def test_summarize_stats_totals(tmp_path: Path) -> None:
 def test_summarize_stats_bad_file_names_it(tmp_path: Path) -> None:
     bad = tmp_path / "broken.json"
     bad.write_text("{not json")
-    with pytest.raises(IngestError, match=r"broken\.json"):
+    with pytest.raises(ReportError, match=r"broken\.json"):
         summarize_stats([bad])
 
 

@@ -16,6 +16,7 @@ The report's funnel, the exports' cards and ``vlmflow status`` all count here.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlmflow.duplicates import DuplicatesError, read_duplicates
-from vlmflow.ingest import IngestError, summarize_stats
 from vlmflow.io import failure_reason, read_json
 
 # Where each stage writes a shard's outputs (rules/*.smk write to the same places).
@@ -39,6 +39,24 @@ SHARD_OUTPUTS = {
     "h5": "results/{dataset}/h5/shards/{shard}.json",
 }
 DUPLICATES = "results/{dataset}/duplicates.tsv"
+
+# Why ingest leaves a row out of its shard: every one, in the column order of the
+# ingest summary (vlmflow.ingest counts them in each shard's stats json).
+FAILURE_REASONS = (
+    "missing_url",
+    "invalid_url",
+    "duplicate",
+    "missing_file",
+    "http_status",
+    "timeout",
+    "connection_error",
+    "too_large",
+    "not_image",
+    "decode_error",
+    "too_small",
+    "blocked",
+    "robots",
+)
 
 # Stages of the funnel, in pipeline order, with the words the report uses for them.
 FUNNEL_STAGES = {
@@ -262,7 +280,7 @@ def dataset_funnel(
     try:
         table = summarize_stats(list(stats))[:-1]  # without its "total" row
         repeated = read_duplicates(duplicates) if duplicates is not None else None
-    except (IngestError, DuplicatesError) as exc:
+    except DuplicatesError as exc:
         raise ReportError(str(exc)) from None
     funnels = []
     for number, row in enumerate(table):
@@ -314,10 +332,7 @@ def shard_counts(root: str | Path, dataset: str, shard: str) -> Funnel:
         name: Path(root) / template.format(dataset=dataset, shard=shard)
         for name, template in SHARD_OUTPUTS.items()
     }
-    try:
-        [row, _total] = summarize_stats([paths["stats"]])
-    except IngestError as exc:
-        raise ReportError(str(exc)) from None
+    [row, _total] = summarize_stats([paths["stats"]])
     files = ShardOutputs(
         stats=paths["stats"],
         captions=paths["captions"],
@@ -344,3 +359,42 @@ def stage_samples(funnel: Funnel, stage: str) -> tuple[int, dict[str, int], dict
     if stage == "phase2":
         noted = {r: n for (name, r), n in funnel.failures.items() if name == PHASE2_ANSWER}
     return funnel.counts[stage] or 0, dropped, noted
+
+
+# --- ingest stats ---------------------------------------------------------------------------
+
+
+def summarize_stats(stats_paths: list[str | Path]) -> list[dict[str, Any]]:
+    """One row per shard plus a "total" row, with a 0-filled column per failure reason."""
+    shards = [_read_stats(stats_path) for stats_path in stats_paths]
+    # Known reasons always get a column (a stable table schema); unknown ones are appended.
+    extra = sorted({reason for *_, by in shards for reason in by} - set(FAILURE_REASONS))
+    reasons = [*FAILURE_REASONS, *extra]
+    table: list[dict[str, Any]] = [
+        {
+            "shard": shard,
+            "rows_in": rows_in,
+            "ok": ok,
+            "failed": sum(failed_by.values()),
+            **{reason: failed_by.get(reason, 0) for reason in reasons},
+        }
+        for shard, rows_in, ok, failed_by in shards
+    ]
+    total: dict[str, Any] = {"shard": "total"}
+    for column in ["rows_in", "ok", "failed", *reasons]:
+        total[column] = sum(row[column] for row in table)
+    return [*table, total]
+
+
+def _read_stats(stats_path: str | Path) -> tuple[str, int, int, dict[str, int]]:
+    """(shard, rows_in, ok, failed-by-reason) of one stats json, checked for consistency."""
+    try:
+        with open(stats_path, encoding="utf-8") as handle:
+            stats = json.load(handle)
+        shard, rows_in, ok = str(stats["shard"]), int(stats["rows_in"]), int(stats["ok"])
+        failed_by = {str(reason): int(n) for reason, n in stats["failed"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ReportError(f"{stats_path}: not a readable ingest stats file: {exc!r}") from None
+    if rows_in != ok + sum(failed_by.values()):
+        raise ReportError(f"{stats_path}: rows_in {rows_in} != ok {ok} + failed {failed_by}")
+    return shard, rows_in, ok, failed_by

@@ -22,9 +22,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlmflow.ingest import image_digest
 from vlmflow.io import atomic_open, read_json
-from vlmflow.shards import iter_samples
+from vlmflow.shards import image_digest, iter_samples
 
 COLUMNS = ("key", "shard", "reason", "detail")
 REASONS = ("duplicate", "leak")

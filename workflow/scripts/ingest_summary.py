@@ -2,7 +2,7 @@
 
 import csv
 
-from vlmflow.ingest import summarize_stats
+from vlmflow.contract import summarize_stats
 from vlmflow.io import atomic_open
 from vlmflow.logs import log_to
 

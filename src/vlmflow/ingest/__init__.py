@@ -24,7 +24,6 @@ The subpackage, in the order a row goes through it: ``lists`` (URL lists), ``sou
 stats). Its public interface is what this module imports.
 """
 
-from vlmflow.ingest.images import image_digest
 from vlmflow.ingest.jobs import Job, plan_jobs
 from vlmflow.ingest.lists import (
     cell,
@@ -37,7 +36,6 @@ from vlmflow.ingest.lists import (
     shard_ranges,
 )
 from vlmflow.ingest.settings import (
-    FAILURE_REASONS,
     RESERVED_FIELDS,
     Failure,
     IngestError,
@@ -50,10 +48,9 @@ from vlmflow.ingest.sources import (
     ingest_source_shard,
     source_from_config,
 )
-from vlmflow.ingest.writer import summarize_stats, write_shard, write_tar_sample
+from vlmflow.ingest.writer import write_shard, write_tar_sample
 
 __all__ = [
-    "FAILURE_REASONS",
     "RESERVED_FIELDS",
     "SOURCE_KINDS",
     "Failure",
@@ -64,7 +61,6 @@ __all__ = [
     "UrlListSource",
     "cell",
     "count_rows",
-    "image_digest",
     "ingest_source_shard",
     "plan_jobs",
     "read_rows",
@@ -74,7 +70,6 @@ __all__ = [
     "shard_digest",
     "shard_ranges",
     "source_from_config",
-    "summarize_stats",
     "write_shard",
     "write_tar_sample",
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 from dataclasses import dataclass
 
@@ -82,8 +81,3 @@ def _encode(image: Image.Image, settings: IngestSettings) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=ENCODE_FORMATS[settings.encode_format], quality=settings.webp_quality)
     return buffer.getvalue()
-
-
-def image_digest(data: bytes) -> str:
-    """What makes two stored images the same: their bytes after decode and re-encode."""
-    return hashlib.sha256(data).hexdigest()[:32]

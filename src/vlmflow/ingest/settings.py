@@ -9,24 +9,6 @@ from dataclasses import dataclass
 
 from vlmflow.ingest.resize import Resize, resize_from_settings
 
-# Every failure reason, in the column order used by summarize_stats.
-FAILURE_REASONS = (
-    "missing_url",
-    "invalid_url",
-    "duplicate",
-    "missing_file",
-    "http_status",
-    "timeout",
-    "connection_error",
-    "too_large",
-    "not_image",
-    "decode_error",
-    "too_small",
-    "blocked",
-    "robots",
-)
-
-
 # Fields this stage writes into {key}.json; extra columns with these names get a prefix.
 RESERVED_FIELDS = frozenset(
     {"key", "url", "caption", "row", "width", "height", "original_width", "original_height"}

@@ -18,11 +18,12 @@ from typing import Any
 import requests
 
 from vlmflow.ingest.fetch import fetch, make_session
-from vlmflow.ingest.images import StoredImage, image_digest, process_image
+from vlmflow.ingest.images import StoredImage, process_image
 from vlmflow.ingest.jobs import Job
-from vlmflow.ingest.settings import FAILURE_REASONS, Failure, IngestError, IngestSettings
+from vlmflow.ingest.settings import Failure, IngestSettings
 from vlmflow.io import atomic_open, write_json
 from vlmflow.logs import progress_bar
+from vlmflow.shards import image_digest
 
 
 def _run_job(
@@ -167,39 +168,3 @@ def write_shard(
     }
     write_json(out_stats, stats)
     return stats
-
-
-def summarize_stats(stats_paths: list[str | Path]) -> list[dict[str, Any]]:
-    """One row per shard plus a "total" row, with a 0-filled column per failure reason."""
-    shards = [_read_stats(stats_path) for stats_path in stats_paths]
-    # Known reasons always get a column (a stable table schema); unknown ones are appended.
-    extra = sorted({reason for *_, by in shards for reason in by} - set(FAILURE_REASONS))
-    reasons = [*FAILURE_REASONS, *extra]
-    table: list[dict[str, Any]] = [
-        {
-            "shard": shard,
-            "rows_in": rows_in,
-            "ok": ok,
-            "failed": sum(failed_by.values()),
-            **{reason: failed_by.get(reason, 0) for reason in reasons},
-        }
-        for shard, rows_in, ok, failed_by in shards
-    ]
-    total: dict[str, Any] = {"shard": "total"}
-    for column in ["rows_in", "ok", "failed", *reasons]:
-        total[column] = sum(row[column] for row in table)
-    return [*table, total]
-
-
-def _read_stats(stats_path: str | Path) -> tuple[str, int, int, dict[str, int]]:
-    """(shard, rows_in, ok, failed-by-reason) of one stats json, checked for consistency."""
-    try:
-        with open(stats_path, encoding="utf-8") as handle:
-            stats = json.load(handle)
-        shard, rows_in, ok = str(stats["shard"]), int(stats["rows_in"]), int(stats["ok"])
-        failed_by = {str(reason): int(n) for reason, n in stats["failed"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise IngestError(f"{stats_path}: not a readable ingest stats file: {exc!r}") from None
-    if rows_in != ok + sum(failed_by.values()):
-        raise IngestError(f"{stats_path}: rows_in {rows_in} != ok {ok} + failed {failed_by}")
-    return shard, rows_in, ok, failed_by
