@@ -1,11 +1,14 @@
 from snakemake.utils import min_version
-from vlmflow.planning import relax_garbage_collector
+from vlmflow.planning import check_scripts_once_per_rule, relax_garbage_collector
 
 min_version("9.0")
 
 # A 10,000-shard DAG is millions of Python objects: fewer full garbage collections
 # while it is built and none over it at exit (vlmflow.planning says why).
 relax_garbage_collector()
+# Snakemake reads a rule's script once for every job to check it exists; once per rule
+# is enough when its path has no wildcards (vlmflow.planning).
+check_scripts_once_per_rule()
 
 
 configfile: "config/config.yaml"
@@ -23,6 +26,7 @@ include: "rules/h5.smk"
 include: "rules/train.smk"
 include: "rules/eval.smk"
 include: "rules/report.smk"
+include: "rules/export.smk"
 
 
 localrules:

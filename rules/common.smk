@@ -1,5 +1,7 @@
+import os
 from pathlib import Path
 
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 from vlmflow.ingest import IngestError, source_from_config
@@ -7,6 +9,7 @@ from vlmflow.checks import (
     DEMO_MODEL,
     PACKAGED_ENCODER,
     ConfigError,
+    check_ingest,
     check_model_reference,
     check_models,
 )
@@ -46,6 +49,9 @@ def check_config():
             raise ConfigError(
                 f"config.{key}.prompt: file {section['prompt']!r} does not exist"
             )
+    for note in check_ingest(config["ingest"]):
+        if workflow.is_main_process:
+            logger.warning(note)
     for key, reference in config["models"].items():
         if key != "trust_remote_code":
             check_model_reference(key, reference, tuple(DEMO_BUILDERS))
@@ -174,12 +180,25 @@ def get_phase2_settings(wildcards):
     return get_phase_settings("phase2")
 
 
-def get_ingest_stats(wildcards):
+def ingest_stats(dataset):
     return expand(
         "results/{dataset}/shards/{shard}.stats.json",
-        dataset=wildcards.dataset,
-        shard=get_shard_ids(wildcards.dataset),
+        dataset=dataset,
+        shard=get_shard_ids(dataset),
     )
+
+
+def get_ingest_stats(wildcards):
+    return ingest_stats(wildcards.dataset)
+
+
+def get_duplicates_inputs(wildcards):
+    """A dataset's stats files and, for an eval dataset, those of the train datasets."""
+    train = []
+    if wildcards.dataset not in config["train_datasets"]:
+        for dataset in config["train_datasets"]:
+            train += ingest_stats(dataset)
+    return {"stats": get_ingest_stats(wildcards), "train_stats": train}
 
 
 def get_h5_params(wildcards):
@@ -219,6 +238,7 @@ def get_funnel_inputs(wildcards):
         "captions": get_caption_files(wildcards),
         **get_attribute_files(wildcards),
         "h5": get_h5_params(wildcards) if in_h5 else [],
+        "duplicates": f"results/{wildcards.dataset}/duplicates.tsv",
     }
 
 
@@ -269,6 +289,7 @@ def get_eval_inputs(wildcards):
             dataset=wildcards.dataset,
             shard=shards,
         ),
+        "duplicates": f"results/{wildcards.dataset}/duplicates.tsv",
     }
 
 
@@ -326,7 +347,9 @@ def get_final_outputs():
 
     Per-shard files are listed although per-dataset steps read them all: Snakemake
     remakes a missing file only for a job that has to run or for a target, so a deleted
-    shard file whose readers are up to date would otherwise stay missing.
+    shard file whose readers are up to date would otherwise stay missing. Only the
+    missing ones need listing (per_shard_targets): at 100,000 shards the rest would be
+    close to a million more files for Snakemake to match to jobs.
     """
     outputs = [
         "results/eval/metrics.tsv",
@@ -334,21 +357,41 @@ def get_final_outputs():
         "results/train/loss.png",
     ]
     per_shard = [
-        "results/{dataset}/shards/{shard}.tar",
-        "results/{dataset}/shards/{shard}.stats.json",
-        "results/{dataset}/captions/{shard}.parquet",
-        "results/{dataset}/attributes/phase1/{shard}.parquet",
-        "results/{dataset}/attributes/phase2/{shard}.parquet",
+        (
+            [
+                "results/{dataset}/shards/{shard}.tar",
+                "results/{dataset}/shards/{shard}.stats.json",
+            ],
+            "results/{dataset}/ingest_summary.tsv",
+        ),
+        (
+            ["results/{dataset}/captions/{shard}.parquet"],
+            "results/{dataset}/report/caption_lengths.png",
+        ),
+        (
+            ["results/{dataset}/attributes/phase1/{shard}.parquet"],
+            "results/{dataset}/report/top_attributes.png",
+        ),
+        (
+            ["results/{dataset}/attributes/phase2/{shard}.parquet"],
+            "results/{dataset}/report/top_attributes.png",
+        ),
     ]
     for dataset in config["datasets"]:
         outputs.append(f"results/{dataset}/ingest_summary.tsv")
+        outputs.append(f"results/{dataset}/duplicates.tsv")
         if get_shard_ids(dataset):
             outputs += expand(
                 "results/{dataset}/report/{name}",
                 dataset=dataset,
                 name=REPORT_FILES,
             )
-        outputs += expand(per_shard, dataset=dataset, shard=get_shard_ids(dataset))
+            outputs.append(f"results/export/{dataset}/hf")
+        # Each rule's per-shard outputs, with a per-dataset output whose rule reads them.
+        for patterns, reader_output in per_shard:
+            outputs += per_shard_targets(
+                dataset, patterns, reader_output.format(dataset=dataset)
+            )
     for dataset in config["train_datasets"]:
         if config["h5_shuffle"]["chunks"] > 0:
             outputs += expand(
@@ -359,23 +402,64 @@ def get_final_outputs():
         outputs += expand(
             "results/{dataset}/h5/{name}.json",
             dataset=dataset,
-            name=["metadata", "data_params"],
+            name=[
+                "metadata",
+                "data_params",
+                "phase1/data_params",
+                "phase2/data_params",
+            ],
         )
-        outputs += expand(
-            "results/{dataset}/h5/{phase}/{shard}.h5",
-            dataset=dataset,
-            phase=["phase1", "phase2"],
-            shard=get_shard_ids(dataset),
-        )
-        outputs += expand(
+        if get_shard_ids(dataset):
+            outputs += expand(
+                "results/export/{dataset}/{name}",
+                dataset=dataset,
+                name=["llava.json", "llava.md"],
+            )
+        outputs += per_shard_targets(
+            dataset,
             [
+                "results/{dataset}/h5/phase1/{shard}.h5",
+                "results/{dataset}/h5/phase2/{shard}.h5",
                 "results/{dataset}/h5/images/{shard}",
                 "results/{dataset}/h5/shards/{shard}.json",
             ],
-            dataset=dataset,
-            shard=get_shard_ids(dataset),
+            f"results/{dataset}/h5/metadata.json",
         )
     return outputs
+
+
+def per_shard_targets(dataset, patterns, reader_output):
+    """The per-shard files (patterns: the outputs of a rule) that `all` lists for a
+    dataset: those missing now, and none while the rule has written nothing yet and
+    reader_output is missing too.
+
+    An existing file needs no target: its job is in the DAG anyway, through the
+    per-dataset step that reads it, and reruns when stale. A missing one needs one unless
+    that step is certain to run and ask for it: reader_output, listed in `all` too, is
+    written by a step reading one of these outputs for every shard; while it is missing
+    that step runs, and every shard's job whose outputs are all missing runs with it.
+    """
+    shards = get_shard_ids(dataset)
+    folders = {}
+    for pattern in patterns:
+        folder = os.path.dirname(pattern.format(dataset=dataset, shard="0"))
+        if folder not in folders:
+            try:
+                folders[folder] = set(os.listdir(folder))
+            except FileNotFoundError:
+                folders[folder] = None
+    if all(names is None for names in folders.values()) and not os.path.exists(
+        reader_output
+    ):
+        return []
+    targets = []
+    for pattern in patterns:
+        for shard in shards:
+            path = pattern.format(dataset=dataset, shard=shard)
+            names = folders[os.path.dirname(path)]
+            if names is None or os.path.basename(path) not in names:
+                targets.append(path)
+    return targets
 
 
 def model_param(key):
@@ -386,3 +470,50 @@ def model_param(key):
     if DEMO_MODEL.match(config["models"][key]):
         return lambda wildcards, input: input[key][0]
     return model_path(key)
+
+
+def get_export_llava_inputs(wildcards):
+    """Each shard's phase-2 parquet and the image folder its h5 job wrote; the samples
+    duplicates.tsv names are left out."""
+    shards = get_shard_ids(wildcards.dataset)
+    return {
+        "duplicates": f"results/{wildcards.dataset}/duplicates.tsv",
+        "phase2": expand(
+            "results/{dataset}/attributes/phase2/{shard}.parquet",
+            dataset=wildcards.dataset,
+            shard=shards,
+        ),
+        "images": expand(
+            "results/{dataset}/h5/images/{shard}",
+            dataset=wildcards.dataset,
+            shard=shards,
+        ),
+    }
+
+
+def get_export_hf_inputs(wildcards):
+    """What the funnel counts (the card's counts; duplicates.tsv, whose samples are left
+    out, among them), the shards (images) and the prompts."""
+    return {
+        **get_funnel_inputs(wildcards),
+        "shards": expand(
+            "results/{dataset}/shards/{shard}.tar",
+            dataset=wildcards.dataset,
+            shard=get_shard_ids(wildcards.dataset),
+        ),
+        "caption_prompt": config["caption"]["prompt"],
+        "phase1_prompt": config["attributes"]["phase1"]["prompt"],
+        "phase2_prompt": config["attributes"]["phase2"]["prompt"],
+    }
+
+
+def get_llava_export(wildcards):
+    """The LLaVA export of a train dataset, which its HF card points to; None otherwise."""
+    if wildcards.dataset in config["train_datasets"]:
+        return f"results/export/{wildcards.dataset}/llava.json"
+    return None
+
+
+def get_export_runtime(wildcards, attempt):
+    """Minutes for a dataset-wide export job: it reads every shard once."""
+    return attempt * (30 + len(get_shard_ids(wildcards.dataset)))

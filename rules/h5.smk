@@ -35,10 +35,15 @@ rule h5_index:
     output:
         metadata="results/{dataset}/h5/metadata.json",
         data_params="results/{dataset}/h5/data_params.json",
+        # Cerebras readers look for data_params.json beside the H5 files.
+        phase1_params="results/{dataset}/h5/phase1/data_params.json",
+        phase2_params="results/{dataset}/h5/phase2/data_params.json",
     log:
         "logs/h5_index/{dataset}.log",
     conda:
         "../envs/torch.yaml"
+    params:
+        image_dir="results/{dataset}/h5/images",
     script:
         "../workflow/scripts/h5_index.py"
 

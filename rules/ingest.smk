@@ -39,3 +39,25 @@ rule ingest_summary:
         "../envs/ingest.yaml"
     script:
         "../workflow/scripts/ingest_summary.py"
+
+
+localrules:
+    duplicates,
+
+
+rule duplicates:
+    input:
+        unpack(get_duplicates_inputs),
+    output:
+        report(
+            "results/{dataset}/duplicates.tsv",
+            caption="../workflow/report/duplicates.rst",
+            category="Ingest",
+            labels={"dataset": "{dataset}", "table": "duplicates and leaks"},
+        ),
+    log:
+        "logs/duplicates/{dataset}.log",
+    conda:
+        "../envs/ingest.yaml"
+    script:
+        "../workflow/scripts/duplicates.py"

@@ -23,7 +23,7 @@ from vlmflow.h5 import (
     pack,
 )
 from vlmflow.io import read_json, write_rows_parquet
-from vlmflow.prompts import phase2_answer, phase2_prefix, phase2_prompt
+from vlmflow.prompts import VICUNA_V1_SYSTEM, phase2_answer, phase2_prefix, phase2_prompt
 from vlmflow.shards import iter_samples
 
 IDS = TokenIds(bos=0, eos=1, pad=2)
@@ -153,6 +153,39 @@ def test_phase2_example_in_the_language_models_chat_template(tokenizer: Any) -> 
     no_template = SimpleNamespace(chat_template=None, name_or_path="plain-lm")
     with pytest.raises(ValueError, match="phase2_style chat_template: plain-lm has no chat"):
         h5.phase2_example(no_template, INSTRUCTION, labels, P, ids, 160, style="chat_template")
+
+
+def test_phase2_turns_are_the_texts_of_the_phase2_samples(tokenizer: Any) -> None:
+    labels = ["dog", "red car", "grass"]
+    turns = h5.phase2_turns(INSTRUCTION, labels)
+    assert turns.user == f"<image>\n{INSTRUCTION}"
+    assert turns.answer == "dog, red car, grass"
+    # LLaVA's v1 template (system, " USER: ", " ASSISTANT: ", "</s>") gives the vicuna_v1
+    # layout the H5 rows are encoded from, the image where the patches go.
+    llava_v1 = f"{VICUNA_V1_SYSTEM} USER: {turns.user} ASSISTANT: {turns.answer}"
+    assert llava_v1 == (
+        phase2_prefix() + "<image>" + phase2_prompt(INSTRUCTION) + phase2_answer(labels)
+    )
+    # chat_template: the template's rendering of the two turns is what the row holds.
+    ids = h5.token_ids(tokenizer)
+    example = h5.phase2_example(
+        tokenizer, INSTRUCTION, labels, P, ids, max_seq_len=160, style="chat_template"
+    )
+    assert example is not None
+    conversation = [
+        {"role": "user", "content": turns.user},
+        {"role": "assistant", "content": turns.answer},
+    ]
+    before, _, after = tokenizer.apply_chat_template(conversation, tokenize=False).partition(
+        "<image>"
+    )
+    rows = example.rows
+    length = int((rows[KEY_PADDING_MASK] == 0).sum())
+    assert tokenizer.decode(rows[INPUT_IDS, : example.patch_start]) == before
+    rendered = tokenizer.decode(
+        [*rows[INPUT_IDS, example.patch_start + P : length], rows[LABELS, length - 1]]
+    )
+    assert after.startswith(rendered) and rendered.endswith("<|eot_id|>")
 
 
 def test_token_ids_fall_back_to_eos_for_padding() -> None:
@@ -491,7 +524,13 @@ def test_build_index_sums_shards(tmp_path: Path) -> None:
         params("000001", ["b0"], ["b0"], {"no_attributes": 1, "caption_failed": 4}),
     )
     h5.build_index(
-        [tmp_path / "a.json", tmp_path / "b.json"], tmp_path / "meta.json", tmp_path / "dp.json"
+        [tmp_path / "a.json", tmp_path / "b.json"],
+        tmp_path / "meta.json",
+        tmp_path / "dp.json",
+        out_phase_params={
+            "phase1": tmp_path / "phase1" / "data_params.json",
+            "phase2": tmp_path / "phase2" / "data_params.json",
+        },
     )
     metadata = read_json(tmp_path / "meta.json")
     assert metadata == {
@@ -518,3 +557,43 @@ def test_build_index_sums_shards(tmp_path: Path) -> None:
     assert summary["image_patch_start_idx"] == {"phase1": 1, "phase2": 40}
     assert summary["num_patches"] == 16
     assert summary["vocab_size"] == 512
+
+    # Beside each phase's files, Cerebras' shape and key names.
+    phase1 = read_json(tmp_path / "phase1" / "data_params.json")
+    assert set(phase1) == {"setup", "processing", "dataset", "features", "post-process", "vlmflow"}
+    assert phase1["features"] == ["input_ids", "loss_mask", "labels", "key_padding_mask"]
+    assert phase1["processing"] == {
+        "huggingface_tokenizer": "lm",
+        "max_seq_length": 64,
+        "bos_id": 0,
+        "eos_id": 1,
+        "pad_id": 2,
+        "vocab_size": 512,
+    }
+    assert phase1["dataset"] == {
+        "is_multimodal": True,
+        "max_num_img": 1,
+        "num_patches": 16,
+        "image_start_idx": 1,
+    }
+    assert phase1["post-process"] == {
+        "n_examples": 3,
+        "num_tokens": 3 * 64,
+        "loss_valid_tokens": 9,
+        "num_masked_tokens": 3 * 64 - 9,
+        "total_raw_docs": 5,
+        "raw_docs_skipped": 2,
+    }
+    assert phase1["setup"] == {
+        "output_dir": str(tmp_path / "phase1"),
+        "image_dir": str(tmp_path / "images"),
+    }
+    assert phase1["vlmflow"]["files"] == ["000000.h5", "000001.h5"]
+    phase2 = read_json(tmp_path / "phase2" / "data_params.json")
+    assert phase2["post-process"]["n_examples"] == 1
+    assert phase2["dataset"]["image_start_idx"] == 40
+
+
+def test_build_index_refuses_an_unknown_phase(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown phase 'phase3'"):
+        h5.build_index([], tmp_path / "m.json", tmp_path / "d.json", {"phase3": tmp_path / "x"})

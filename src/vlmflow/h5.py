@@ -10,7 +10,7 @@ the model fills with projected vision features.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from vlmflow.io import (
 )
 from vlmflow.logs import progress_bar
 from vlmflow.models import num_image_tokens, pad_token_id, pretrained
-from vlmflow.prompts import phase2_layout
+from vlmflow.prompts import IMAGE_SLOT, phase2_answer, phase2_layout
 from vlmflow.shards import iter_samples
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,27 @@ def phase2_example(
     layout = phase2_layout(tokenizer, instruction, labels, style, ids.bos, ids.eos)
     return pack(
         layout.prefix, num_patches, layout.prompt, layout.answer, ids, max_seq_len, layout.end
+    )
+
+
+@dataclass(frozen=True)
+class Phase2Turns:
+    """A phase-2 sample as a conversation: the user turn (the image as ``<image>``, then
+    the instruction) and the assistant's answer."""
+
+    user: str
+    answer: str
+
+
+def phase2_turns(instruction: str, labels: Sequence[str]) -> Phase2Turns:
+    """The texts ``phase2_example`` packs, as LLaVA-format turns: ``<image>\\n{instruction}``
+    and the labels joined as the answer. LLaVA's ``v1`` (vicuna_v1) template renders them
+    as the vicuna_v1 layout, character for character; chat_template renders the same user
+    turn and answer with the language model's template."""
+    return Phase2Turns(
+        user=f"{IMAGE_SLOT}\n{instruction}",
+        # vicuna_v1 puts a space before the answer (after "ASSISTANT:"); the turn has none.
+        answer=phase2_answer(list(labels)).removeprefix(" "),
     )
 
 
@@ -443,13 +464,33 @@ def run_shard(
     return params
 
 
+def phase_totals(shards: Sequence[dict[str, Any]], phase: str) -> dict[str, int]:
+    """The PHASE_COUNTS of one phase summed over the shards' h5 jsons."""
+    totals = dict.fromkeys(PHASE_COUNTS, 0)
+    for params in shards:
+        for count in PHASE_COUNTS:
+            totals[count] += params[phase][count]
+    return totals
+
+
+def first_patch_start(shards: Sequence[dict[str, Any]], phase: str) -> int | None:
+    """Where the patches start in the phase's rows (the same in every shard with rows)."""
+    return next((p[phase]["image_patch_start_idx"] for p in shards if p[phase]["n_examples"]), None)
+
+
 def build_index(
-    params_paths: list[str | Path], out_metadata: str | Path, out_data_params: str | Path
+    params_paths: list[str | Path],
+    out_metadata: str | Path,
+    out_data_params: str | Path,
+    out_phase_params: Mapping[str, str | Path] | None = None,
+    image_dir: str | Path | None = None,
 ) -> None:
-    """key -> file and row for random access; dataset-wide counts in data_params.json."""
+    """key -> file and row for random access; dataset-wide counts in data_params.json;
+    with ``out_phase_params`` (phase -> path) also each phase folder's data_params.json in
+    Cerebras' shape (``cerebras_data_params``), images under ``image_dir`` (default: the
+    ``images`` folder beside the phase folders)."""
     shards = [read_json(path) for path in params_paths]
     metadata: dict[str, dict[str, Any]] = {}
-    totals = {name: dict.fromkeys(PHASE_COUNTS, 0) for name in PHASES}
     skipped: dict[str, int] = {}
     for params in shards:
         for reason, count in params["skipped"].items():
@@ -459,17 +500,80 @@ def build_index(
             for row, key in enumerate(phase["keys"]):
                 entry = metadata.setdefault(key, {"shard": params["shard"]})
                 entry[name] = {"file": f"{name}/{phase['file']}", "row": row}
-            for count in PHASE_COUNTS:
-                totals[name][count] += phase[count]
     write_json(out_metadata, metadata)
     # Settings and token ids are the same in every shard (they are the rule's params).
     first = shards[0] if shards else {}
     summary: dict[str, Any] = {key: first.get(key) for key in SHARED_PARAMS}
-    summary.update(totals=totals, skipped=skipped, shards=len(shards))
-    summary["image_patch_start_idx"] = {
-        name: next(
-            (p[name]["image_patch_start_idx"] for p in shards if p[name]["n_examples"]), None
-        )
-        for name in PHASES
-    }
+    summary.update(
+        totals={name: phase_totals(shards, name) for name in PHASES},
+        skipped=skipped,
+        shards=len(shards),
+    )
+    summary["image_patch_start_idx"] = {name: first_patch_start(shards, name) for name in PHASES}
     write_json(out_data_params, summary)
+    for name, path in (out_phase_params or {}).items():
+        if name not in PHASES:
+            raise ValueError(f"out_phase_params: unknown phase {name!r} (expected {PHASES})")
+        folder = Path(path).parent
+        images = Path(image_dir) if image_dir is not None else folder.parent / "images"
+        write_json(path, cerebras_data_params(shards, name, folder, images))
+
+
+# The rows of dataset ``data``, in order (vlmflow.io: INPUT_IDS, LOSS_MASK, LABELS,
+# KEY_PADDING_MASK), as the "features" of Cerebras' data_params.json.
+FEATURES = ("input_ids", "loss_mask", "labels", "key_padding_mask")
+
+
+def cerebras_data_params(
+    shards: Sequence[dict[str, Any]], phase: str, folder: Path, image_dir: Path
+) -> dict[str, Any]:
+    """A phase folder's data_params.json with the sections and key names Cerebras
+    ModelZoo's preprocessing writes beside its HDF5 files: ``processing`` (tokenizer,
+    ``max_seq_length``, token ids, ``vocab_size``), ``dataset`` (``num_patches``,
+    ``image_start_idx``, ...), ``features`` (the rows of ``data``), ``post-process``
+    (``n_examples`` and token counts) and ``setup`` (folders); what has no Cerebras
+    name is under ``vlmflow``."""
+    first = shards[0] if shards else {}
+    settings = first.get("settings") or {}
+    max_seq_len = settings.get("max_seq_len")
+    totals = phase_totals(shards, phase)
+    num_tokens = totals["n_examples"] * (max_seq_len or 0)
+    dataset: dict[str, Any] = {
+        "is_multimodal": True,
+        "max_num_img": 1,
+        "num_patches": first.get("num_patches"),
+        "image_start_idx": first_patch_start(shards, phase),
+    }
+    if phase == "phase2" and settings.get("phase2_style") == "vicuna_v1":
+        dataset["system_prompt_style"] = "vicuna_v1"
+    return {
+        "setup": {"output_dir": str(folder), "image_dir": str(image_dir)},
+        "processing": {
+            "huggingface_tokenizer": first.get("language_model"),
+            "max_seq_length": max_seq_len,
+            **{key: first.get(key) for key in ("bos_id", "eos_id", "pad_id", "vocab_size")},
+        },
+        "dataset": dataset,
+        "features": list(FEATURES),
+        "post-process": {
+            "n_examples": totals["n_examples"],
+            "num_tokens": num_tokens,
+            "loss_valid_tokens": totals["loss_valid_tokens"],
+            "num_masked_tokens": num_tokens - totals["loss_valid_tokens"],
+            "total_raw_docs": totals["processed"],
+            "raw_docs_skipped": totals["discarded_too_long"],
+        },
+        "vlmflow": {
+            "phase": phase,
+            "files": [p[phase]["file"] for p in shards],
+            "shards": len(shards),
+            "vision_tower": first.get("vision_tower"),
+            # Phase-1 files hold the tower's features of this layer (h5.vision_features).
+            "vision_feature_layer": first.get("vision_feature_layer")
+            if phase == "phase1"
+            else None,
+            "settings": settings,
+            # Positions a sample occupies (key_padding_mask 0), image patch slots included.
+            "attended_tokens": totals["tokens"],
+        },
+    }

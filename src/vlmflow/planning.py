@@ -12,12 +12,19 @@ badly in two places, and neither has anything to do with the workflow's outputs:
 
 Young-generation collections, which catch nearly all short-lived cycles, are left as
 they are, so peak memory does not grow (benchmarks/dag.py measures both).
+
+Snakemake also checks, for every job that has to run, that its rule's ``script:`` can be
+read: it formats the script's path and reads the whole file through its source cache,
+once per job (about a sixth of a 10,000-shard dry run's time over a bare Snakefile,
+``benchmarks/dag_profile.py``). ``check_scripts_once_per_rule`` makes that check once per
+rule when the path has no wildcards or params in it, which is all of vlmflow's rules.
 """
 
 from __future__ import annotations
 
 import atexit
 import gc
+from typing import Any
 
 # The old generation is considered for collection every this many young-generation-1
 # collections (CPython's default is 10). 1,000 means roughly once per seven million net
@@ -40,3 +47,47 @@ def relax_garbage_collector() -> None:
     # collection skips. Snakemake has by then released its locks and closed its logs
     # itself; it does not rely on the collector for that.
     atexit.register(gc.freeze)
+
+
+def check_scripts_once_per_rule() -> bool:
+    """Check a rule's script once per DAG instead of once per job. Returns whether the
+    check was changed (False when this Snakemake has no such check to change).
+
+    Snakemake's ScriptProcessor (snakemake.dag) verifies, after the DAG is built, that
+    the script of every job that has to run exists, by reading it. A script path without
+    ``{`` is the same file for every job of a rule, so the result for the first job holds
+    for the rest; paths with wildcards or params are still checked job by job, and
+    notebooks go through the same code. Nothing else changes: which jobs run, the code
+    Snakemake records for reruns, and what a job executes are decided elsewhere.
+
+    Call once from the Snakefile. Idempotent.
+    """
+    try:
+        from snakemake.dag import ScriptProcessor
+    except ImportError:
+        return False
+    check = getattr(ScriptProcessor, "process_job", None)
+    if check is None or not hasattr(ScriptProcessor, "script_type"):
+        return False
+    if getattr(check, "_once_per_rule", False):
+        return True
+
+    def process_job(self: Any, job: Any) -> None:
+        script_type = self.script_type
+        entry = getattr(job.rule, script_type, None)
+        if not getattr(job, f"is_{script_type}", False) or entry is None:
+            check(self, job)
+            return
+        entry = str(entry)
+        if "{" in entry:  # formatted per job: wildcards or params
+            check(self, job)
+            return
+        checked = self.__dict__.setdefault("_checked_scripts", set())
+        key = (job.rule.name, str(job.rule.basedir), entry)
+        if key not in checked:
+            check(self, job)  # raises WorkflowError when the script cannot be read
+            checked.add(key)
+
+    process_job._once_per_rule = True  # type: ignore[attr-defined]
+    ScriptProcessor.process_job = process_job
+    return True

@@ -28,6 +28,7 @@ from tests.workflow.conftest import (
     save_config,
     snakemake,
 )
+from vlmflow.duplicates import read_duplicates
 
 pytestmark = pytest.mark.workflow
 
@@ -52,6 +53,9 @@ ONE_SHARD_CHAIN = {
     "caption_lengths": 1,
     "attribute_stats": 1,
     "parse_failures": 1,
+    # The dataset's exports read every shard's final samples.
+    "export_llava": 1,
+    "export_hf": 1,
     "all": 1,
 }
 
@@ -74,6 +78,8 @@ def contract_files(workdir: Path) -> list[Path]:
                 workdir / f"results/{dataset}/report/top_attributes.png",
                 workdir / f"results/{dataset}/report/attributes_per_image.png",
                 workdir / f"results/{dataset}/report/parse_failures.html",
+                workdir / f"results/export/{dataset}/hf/README.md",
+                workdir / f"results/{dataset}/duplicates.tsv",
                 workdir / f"logs/caption/{dataset}/{shard}.log",
                 workdir / f"results/benchmarks/caption/{dataset}/{shard}.tsv",
             ]
@@ -85,6 +91,10 @@ def contract_files(workdir: Path) -> list[Path]:
     files += [
         workdir / f"results/{TRAIN}/h5/metadata.json",
         workdir / f"results/{TRAIN}/h5/data_params.json",
+        workdir / f"results/{TRAIN}/h5/phase1/data_params.json",
+        workdir / f"results/{TRAIN}/h5/phase2/data_params.json",
+        workdir / f"results/export/{TRAIN}/llava.json",
+        workdir / f"results/export/{TRAIN}/llava.md",
         workdir / "results/train/phase1/config.json",
         workdir / "results/train/phase1/metrics.jsonl",
         workdir / "results/train/phase2/model.safetensors",
@@ -110,6 +120,102 @@ def test_full_run_writes_every_file_of_the_data_contract(workdir: Path) -> None:
     with h5py.File(workdir / f"results/{TRAIN}/h5/phase1/000000.h5") as f:
         assert f["data"].shape[1] == 4 and f["data"].dtype == "int32"
         assert f.attrs["n_examples"] == f["data"].shape[0] == f["img_path"].shape[0]
+
+
+def final_rows(workdir: Path, dataset: str, shards: list[str]) -> dict[str, dict[str, Any]]:
+    """The samples attributes phase 2 kept, less duplicates.tsv's, by key in shard order."""
+    left_out = read_duplicates(workdir / f"results/{dataset}/duplicates.tsv")
+    final = {}
+    for shard in shards:
+        path = workdir / f"results/{dataset}/attributes/phase2/{shard}.parquet"
+        for row in pq.read_table(path).to_pylist():
+            if row["failure"] is None and (shard, row["key"]) not in left_out:
+                final[row["key"]] = row
+    return final
+
+
+def test_llava_export_is_the_phase2_data_with_its_images(workdir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    final = final_rows(workdir, TRAIN, TRAIN_SHARDS)
+    assert final
+    samples = json.loads((workdir / f"results/export/{TRAIN}/llava.json").read_text())
+    assert [sample["id"] for sample in samples] == list(final)
+    image_root = workdir / f"results/{TRAIN}/h5/images"
+    for sample in samples:
+        assert (image_root / sample["image"]).is_file(), sample["image"]
+        human, gpt = sample["conversations"]
+        assert human["from"] == "human" and gpt["from"] == "gpt"
+        assert human["value"].startswith("<image>")
+        assert sum(turn["value"].count("<image>") for turn in sample["conversations"]) == 1
+        assert gpt["value"] == ", ".join(final[sample["id"]]["attributes"])
+    assert str(Path("results", TRAIN, "h5", "images")) in (
+        workdir / f"results/export/{TRAIN}/llava.md"
+    ).read_text(encoding="utf-8")
+    # The answer is what the phase-2 H5 row of the same sample trains on (vicuna_v1: a
+    # space after "ASSISTANT:", then the answer, then EOS).
+    metadata = json.loads((workdir / f"results/{TRAIN}/h5/metadata.json").read_text())
+    sample = next(s for s in samples if "phase2" in metadata[s["id"]])
+    location = metadata[sample["id"]]["phase2"]
+    with h5py.File(workdir / f"results/{TRAIN}/h5" / location["file"]) as f:
+        rows = f["data"][location["row"]]
+        assert f["img_path"][location["row"], 0].decode() == sample["image"]
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "results/models/demo-lm")
+    trained = rows[2][rows[1] == 1][:-1]  # labels where the loss mask is 1, EOS dropped
+    assert tokenizer.decode(trained) == " " + sample["conversations"][1]["value"]
+
+
+def test_hf_export_loads_with_the_final_rows_and_its_card(workdir: Path) -> None:
+    import datasets
+
+    for dataset, shards in ((TRAIN, TRAIN_SHARDS), (EVAL, ["000000"])):
+        final = final_rows(workdir, dataset, shards)
+        folder = workdir / f"results/export/{dataset}/hf"
+        loaded = datasets.load_from_disk(str(folder))
+        assert loaded["key"] == list(final)
+        assert loaded["attributes"] == [list(row["attributes"]) for row in final.values()]
+        assert loaded["phase2_model"] == [row["model"] for row in final.values()]
+        assert loaded[0]["image"].size[0] > 0
+        card = (folder / "README.md").read_text(encoding="utf-8")
+        assert card.startswith("---\nlicense: other\n")
+        models = set(loaded["caption_model"]) | set(loaded["phase1_model"])
+        for model in models | set(loaded["phase2_model"]) | set(loaded["caption_engine"]):
+            assert model in card, model
+        assert "| revision |" in card and "local folder" in card  # the demo models' revision
+        rows_in = 0
+        for shard in shards:
+            stats = json.loads(
+                (workdir / f"results/{dataset}/shards/{shard}.stats.json").read_text()
+            )
+            rows_in += stats["rows_in"]
+        assert f"| rows | {rows_in} |" in card
+        assert f"| **in this dataset** | **{len(final)}** |" in card
+        assert f"| distinct (exported, evaluated) | {len(final)} |" in card
+        assert "keep their owners' licences" in card
+
+
+def test_cerebras_data_params_sit_beside_each_phase_h5_files(workdir: Path) -> None:
+    summary = json.loads((workdir / f"results/{TRAIN}/h5/data_params.json").read_text())
+    for phase in ("phase1", "phase2"):
+        folder = workdir / f"results/{TRAIN}/h5/{phase}"
+        params = json.loads((folder / "data_params.json").read_text())
+        for section, keys in {
+            "processing": ("max_seq_length", "vocab_size", "pad_id", "eos_id", "bos_id"),
+            "dataset": ("num_patches", "image_start_idx"),
+            "post-process": ("n_examples", "num_tokens", "loss_valid_tokens"),
+        }.items():
+            missing = [key for key in keys if params[section].get(key) is None]
+            assert not missing, (phase, section, missing)
+        assert params["features"] == ["input_ids", "loss_mask", "labels", "key_padding_mask"]
+        rows = 0
+        for shard in TRAIN_SHARDS:
+            with h5py.File(folder / f"{shard}.h5") as f:
+                rows += f["data"].shape[0]
+                first_pad = int((f["data"][0, 0] == params["processing"]["pad_id"]).argmax())
+        assert params["post-process"]["n_examples"] == rows > 0
+        assert params["dataset"]["image_start_idx"] == first_pad
+        assert params["dataset"]["image_start_idx"] == summary["image_patch_start_idx"][phase]
+        assert params["processing"]["max_seq_length"] == summary["settings"]["max_seq_len"]
 
 
 def test_every_long_running_job_logs_a_progress_bar(workdir: Path) -> None:
@@ -263,6 +369,7 @@ def test_editing_a_row_reruns_only_its_shard(workdir: Path) -> None:
 REPORT_ITEMS = {
     "Ingest": {
         "results/{dataset}/ingest_summary.tsv": "shards",
+        "results/{dataset}/duplicates.tsv": "duplicates and leaks",
         "results/{dataset}/report/funnel.html": "funnel and failures",
         "results/{dataset}/report/funnel.png": "funnel and failures",
     },
@@ -281,7 +388,21 @@ REPORT_ITEMS = {
         "results/eval/metrics.tsv": "R/P/F1@k",
         "results/eval/metrics.html": "R/P/F1@k per dataset and k",
     },
+    # {train}: train datasets only.
+    "Exports": {
+        "results/export/{train}/llava.md": "LLaVA card",
+        "results/export/{dataset}/hf/README.md": "Hugging Face dataset card",
+    },
 }
+
+
+def item_datasets(pattern: str) -> tuple[str | None, ...]:
+    """The datasets a REPORT_ITEMS pattern stands for."""
+    if "{dataset}" in pattern:
+        return (TRAIN, EVAL)
+    return (TRAIN,) if "{train}" in pattern else (None,)
+
+
 # A resource a page would fetch: <script src=...>, <link href=...>, <img src=...>, url(...).
 FETCHED_URL = re.compile(
     r"""(?:\b(?:src|href|srcset)\s*=\s*["']?|url\(\s*["']?|@import\s+["'])https?:""", re.I
@@ -344,9 +465,8 @@ def test_report_shows_every_category_with_its_items_and_needs_no_network(
     for category, items in REPORT_ITEMS.items():
         listed = {path for paths in categories[category].values() for path in paths}
         for pattern in items:
-            datasets = (TRAIN, EVAL) if "{dataset}" in pattern else (None,)
-            for dataset in datasets:
-                path = pattern.format(dataset=dataset)
+            for dataset in item_datasets(pattern):
+                path = pattern.format(dataset=dataset, train=dataset)
                 assert path in listed, f"{path} is not under {category}"
                 assert results[path]["caption"].strip(), f"{path} has no caption"
                 if dataset:
@@ -374,7 +494,7 @@ def test_report_shows_every_category_with_its_items_and_needs_no_network(
     for category, items in REPORT_ITEMS.items():
         rows: Counter[str] = Counter()  # label -> rows listing it (one per dataset)
         for pattern, label in items.items():
-            rows[label] += 2 if "{dataset}" in pattern else 1
+            rows[label] += len(item_datasets(pattern))
         for label, count in rows.items():
             listed = seen[category].count(label)
             assert listed >= count, f"{category} lists {label!r} {listed} times, not {count}"

@@ -1,6 +1,7 @@
 """Predict labels for one eval dataset and score them (see vlmflow.evaluate)."""
 
 from vlmflow import evaluate
+from vlmflow.duplicates import read_duplicates
 from vlmflow.logs import log_to
 
 with log_to(snakemake.log[0]):
@@ -24,4 +25,5 @@ with log_to(snakemake.log[0]):
         dataset=snakemake.wildcards.dataset,
         out_predictions=snakemake.output.predictions,
         out_metrics=snakemake.output.metrics,
+        left_out=read_duplicates(snakemake.input.duplicates),
     )

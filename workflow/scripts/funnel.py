@@ -10,6 +10,7 @@ with log_to(snakemake.log[0]) as log:
         snakemake.input.phase1,
         snakemake.input.phase2,
         snakemake.input.h5,
+        snakemake.input.duplicates,
     )
     total = report.write_funnel_report(
         funnels, snakemake.wildcards.dataset, snakemake.output.page, snakemake.output.figure

@@ -1,7 +1,17 @@
-"""key -> file/row metadata and dataset-wide data_params.json (see vlmflow.h5)."""
+"""key -> file/row metadata, dataset-wide data_params.json and, beside each phase's H5
+files, a data_params.json in Cerebras ModelZoo's shape (see vlmflow.h5)."""
 
 from vlmflow.h5 import build_index
 from vlmflow.logs import log_to
 
 with log_to(snakemake.log[0]):
-    build_index(list(snakemake.input), snakemake.output.metadata, snakemake.output.data_params)
+    build_index(
+        list(snakemake.input),
+        snakemake.output.metadata,
+        snakemake.output.data_params,
+        out_phase_params={
+            "phase1": snakemake.output.phase1_params,
+            "phase2": snakemake.output.phase2_params,
+        },
+        image_dir=snakemake.params.image_dir,
+    )
