@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from vlmflow import evaluate, h5, train
+from vlmflow import evaluate, h5, h5_layout, train
 from vlmflow.attribute_text import parse_list
 from vlmflow.attributes import PHASE2_SCHEMA
 from vlmflow.evaluate import METRIC_COLUMNS, PREDICTION_SCHEMA, EvalSettings
@@ -157,7 +157,7 @@ def test_eval_prompt_is_the_phase2_training_layout(llava_dir: str, shard_tar: Pa
         model.config.image_token_index,
         16,
     )["input_ids"][0]
-    answer_start = int(np.argmax(example.rows[h5.LOSS_MASK])) + 1
+    answer_start = int(np.argmax(example.rows[h5_layout.LOSS_MASK])) + 1
     assert prompt.shape == (2, answer_start)
     assert prompt[0].tolist() == trained[:answer_start].tolist()
     assert prompt[1].tolist() == prompt[0].tolist()
@@ -179,7 +179,7 @@ def test_eval_prompt_follows_the_chat_template_layout(llava_dir: str) -> None:
         model.config.image_token_index,
         16,
     )["input_ids"][0]
-    answer_start = int(np.argmax(example.rows[h5.LOSS_MASK])) + 1
+    answer_start = int(np.argmax(example.rows[h5_layout.LOSS_MASK])) + 1
     prompt = evaluate.prompt_ids(model, tokenizer, INSTRUCTION, "chat_template")
     assert prompt == trained[:answer_start].tolist()
     assert prompt != evaluate.prompt_ids(model, tokenizer, INSTRUCTION)

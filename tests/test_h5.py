@@ -11,17 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlmflow import h5
+from vlmflow import h5, prompts
 from vlmflow.attributes import PHASE1_SCHEMA, PHASE2_SCHEMA
-from vlmflow.h5 import (
-    INPUT_IDS,
-    KEY_PADDING_MASK,
-    LABELS,
-    LOSS_MASK,
-    H5Settings,
-    TokenIds,
-    pack,
-)
+from vlmflow.h5 import H5Settings, TokenIds, pack
+from vlmflow.h5_layout import INPUT_IDS, KEY_PADDING_MASK, LABELS, LOSS_MASK
 from vlmflow.io import read_json, write_rows_parquet
 from vlmflow.prompts import VICUNA_V1_SYSTEM, phase2_answer, phase2_prefix, phase2_prompt
 from vlmflow.shards import iter_samples
@@ -157,7 +150,7 @@ def test_phase2_example_in_the_language_models_chat_template(tokenizer: Any) -> 
 
 def test_phase2_turns_are_the_texts_of_the_phase2_samples(tokenizer: Any) -> None:
     labels = ["dog", "red car", "grass"]
-    turns = h5.phase2_turns(INSTRUCTION, labels)
+    turns = prompts.phase2_turns(INSTRUCTION, labels)
     assert turns.user == f"<image>\n{INSTRUCTION}"
     assert turns.answer == "dog, red car, grass"
     # LLaVA's v1 template (system, " USER: ", " ASSISTANT: ", "</s>") gives the vicuna_v1

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from vlmflow import h5_shuffle
-from vlmflow.h5 import write_rows
+from vlmflow.h5_layout import write_rows
 from vlmflow.h5_shuffle import read_rows, shuffle_files
 
 

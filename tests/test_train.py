@@ -20,7 +20,7 @@ import webdataset as wds
 from PIL import Image
 from safetensors.torch import load_file
 
-from vlmflow import h5, train
+from vlmflow import h5, h5_layout, train, vision
 from vlmflow.attributes import PHASE1_SCHEMA, PHASE2_SCHEMA
 from vlmflow.h5 import H5Settings, TokenIds, pack
 from vlmflow.io import read_json, write_rows_parquet
@@ -158,8 +158,8 @@ def test_model_inputs_replaces_exactly_the_patch_slots() -> None:
         [1, 1, 1, 1, 1, 1, 0, 0, 0, 0],
         [1, 1, 1, 1, 1, 1, 1, 1, 0, 0],
     ]
-    assert torch.equal(inputs["labels"], rows[:, h5.LABELS])
-    assert torch.equal(inputs["loss_mask"], rows[:, h5.LOSS_MASK])
+    assert torch.equal(inputs["labels"], rows[:, h5_layout.LABELS])
+    assert torch.equal(inputs["loss_mask"], rows[:, h5_layout.LOSS_MASK])
     assert torch.equal(rows, before)  # the H5 rows themselves are not modified
 
 
@@ -254,7 +254,7 @@ def test_load_image_gives_pillows_draft_pixels(tmp_path: Path, mode: str) -> Non
     picture = Image.fromarray(rng.integers(0, 255, (300, 200, 3), dtype=np.uint8)).convert(mode)
     path = tmp_path / "x.jpg"
     picture.save(path, format="JPEG", quality=90)
-    decoded = train.load_image(path, 32)
+    decoded = vision.load_image(path, 32)
     with Image.open(path) as img:
         img.draft("RGB", (32, 32))
         expected = np.asarray(img.convert("RGB"))
@@ -263,7 +263,7 @@ def test_load_image_gives_pillows_draft_pixels(tmp_path: Path, mode: str) -> Non
     assert np.array_equal(decoded, expected)
     png = tmp_path / "x.png"
     picture.convert("RGB").save(png)
-    assert train.load_image(png, 32).shape == (300, 200, 3)
+    assert vision.load_image(png, 32).shape == (300, 200, 3)
 
 
 def test_a_text_only_row_is_fed_a_black_image(
@@ -276,7 +276,7 @@ def test_a_text_only_row_is_fed_a_black_image(
     with h5py.File(h5_files.phase2.path, "r") as f:
         data, paths = f["data"][:2], [f["img_path"][0, 0].decode(), None]
     path = tmp_path / "mixed.h5"
-    h5.write_rows(path, data, paths)
+    h5_layout.write_rows(path, data, paths)
     with h5py.File(path, "r") as f:
         assert f["img_path"][1, 0] == b"None"
     image_processor = AutoImageProcessor.from_pretrained(demo_models["vision"])

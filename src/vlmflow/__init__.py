@@ -1,9 +1,11 @@
 """vlmflow: image URLs in, a trained and evaluated vision-language model out.
 
-Each stage lives in its own module (``ingest``, ``caption``, ``attributes``, ``h5``,
-``train``, ``evaluate``); stages never import each other and meet through files.
-Shared helpers sit in ``io`` (atomic writes, shard readers) and ``models`` (loading
-and building models).
+Stage modules (``ingest``, ``caption``, ``attributes``, ``h5``, ``train``, ``evaluate``,
+``export``, ``duplicates``) each implement one rule family and meet through files; they
+import the shared modules, never each other. Shared: ``contract`` (where shard outputs
+are and how samples are counted), ``h5_layout`` (the HDF5 rows), ``vision`` (images as
+the vision tower sees them), ``prompts``, ``models`` (loading), ``io`` (atomic writes),
+``shards`` (reading WebDataset shards). docs/architecture.md has the module map.
 """
 
 __version__ = "0.1.0"

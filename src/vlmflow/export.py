@@ -3,7 +3,7 @@
 * ``results/export/D/llava.json`` (train datasets): the phase-2 data as LLaVA-format
   conversations (``id``, ``image``, ``conversations``: a human turn ``<image>\\n{instruction}``
   and a gpt turn, the final attributes), the texts the phase-2 H5 samples are packed from
-  (``vlmflow.h5.phase2_turns``). ``image`` is relative to the H5 image root
+  (``vlmflow.prompts.phase2_turns``). ``image`` is relative to the H5 image root
   ``results/D/h5/images`` (the images the h5 stage wrote), so nothing is copied;
   ``llava.md`` beside it says so and how LLaVA, LLaMA-Factory and Cerebras read it.
 * ``results/export/D/hf/`` (every dataset): the final dataset (image, web caption, VLM
@@ -34,11 +34,7 @@ from typing import Any
 
 import yaml
 
-from vlmflow.h5 import phase2_turns
-from vlmflow.io import atomic_dir, atomic_open, read_json
-from vlmflow.models import is_hub_id, split_revision
-from vlmflow.prompts import prompt_id, read_prompt
-from vlmflow.report import (
+from vlmflow.contract import (
     FUNNEL_STAGES,
     Funnel,
     dataset_funnel,
@@ -46,6 +42,9 @@ from vlmflow.report import (
     read_columns,
     total_funnel,
 )
+from vlmflow.io import atomic_dir, atomic_open, read_json
+from vlmflow.models import is_hub_id, split_revision
+from vlmflow.prompts import phase2_turns, prompt_id, read_prompt
 from vlmflow.shards import iter_samples
 
 log = logging.getLogger(__name__)
@@ -412,7 +411,7 @@ class CardInfo:
     dataset: str
     source: Mapping[str, Any]  # config.datasets.D
     prompts: Mapping[str, str | Path]  # stage (HF_STAGES) -> prompt file
-    funnel: Funnel  # the dataset's total funnel (vlmflow.report)
+    funnel: Funnel  # the dataset's total funnel (vlmflow.contract)
     llava: str | None = None  # the LLaVA export of the same samples (train datasets)
 
 

@@ -11,28 +11,34 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
-from vlmflow.io import (
+from vlmflow.h5_layout import (
+    FEATURES,
     INPUT_IDS,
     KEY_PADDING_MASK,
     LABELS,
     LOSS_MASK,
+    TEXT_ONLY,
+    VISION_FEATURES,
+    write_rows,
+)
+from vlmflow.io import (
     atomic_dir,
-    atomic_path,
     read_json,
     read_parquet_rows,
     write_json,
 )
 from vlmflow.logs import progress_bar
 from vlmflow.models import num_image_tokens, pad_token_id, pretrained
-from vlmflow.prompts import IMAGE_SLOT, phase2_answer, phase2_layout
+from vlmflow.prompts import phase2_layout
 from vlmflow.shards import iter_samples
+from vlmflow.vision import black_image, load_image, processor_side, vision_model
 
 log = logging.getLogger(__name__)
 
@@ -134,27 +140,6 @@ def phase2_example(
     )
 
 
-@dataclass(frozen=True)
-class Phase2Turns:
-    """A phase-2 sample as a conversation: the user turn (the image as ``<image>``, then
-    the instruction) and the assistant's answer."""
-
-    user: str
-    answer: str
-
-
-def phase2_turns(instruction: str, labels: Sequence[str]) -> Phase2Turns:
-    """The texts ``phase2_example`` packs, as LLaVA-format turns: ``<image>\\n{instruction}``
-    and the labels joined as the answer. LLaVA's ``v1`` (vicuna_v1) template renders them
-    as the vicuna_v1 layout, character for character; chat_template renders the same user
-    turn and answer with the language model's template."""
-    return Phase2Turns(
-        user=f"{IMAGE_SLOT}\n{instruction}",
-        # vicuna_v1 puts a space before the answer (after "ASSISTANT:"); the turn has none.
-        answer=phase2_answer(list(labels)).removeprefix(" "),
-    )
-
-
 def write_h5(
     path: str | Path,
     examples: list[Example],
@@ -171,12 +156,6 @@ def write_h5(
     write_rows(path, data, img_paths, extra)
 
 
-VISION_FEATURES = "vision_features"
-# The img_path of a sample without an image (Cerebras' convention): readers feed a black
-# image in its place, so every row keeps the same patch slots.
-TEXT_ONLY = "None"
-
-
 def vision_features_writer(
     vision_tower: str, feature_layer: int, image_root: Path, img_paths: Sequence[str | None]
 ) -> Callable[[h5py.File], None]:
@@ -189,9 +168,8 @@ def vision_features_writer(
         from transformers import AutoImageProcessor
 
         from vlmflow.models import device
-        from vlmflow.train import _vision_model, black_image, load_image, processor_side
 
-        tower = _vision_model(vision_tower).to(device()).eval()
+        tower = vision_model(vision_tower).to(device()).eval()
         processor = AutoImageProcessor.from_pretrained(**pretrained(vision_tower))
         config = tower.config
         patches, hidden = num_image_tokens(config), int(config.hidden_size)
@@ -222,41 +200,6 @@ def vision_features_writer(
             out[start : start + len(images)] = selected.float().cpu().numpy().astype(np.float16)
 
     return write
-
-
-def write_rows(
-    path: str | Path,
-    data: np.ndarray,
-    img_paths: Sequence[str | bytes | None],
-    extra: Callable[[h5py.File], None] | None = None,
-) -> None:
-    """Write packed rows ``data`` (n, 4, max_seq_len) and their image paths atomically
-    (``None`` for a text-only sample is stored as ``b"None"``); ``extra`` adds further
-    datasets to the file before it appears."""
-    max_seq_len = int(data.shape[2])
-    encoded = [
-        p if isinstance(p, bytes) else (TEXT_ONLY if p is None else p).encode() for p in img_paths
-    ]
-    width = max([len(p) for p in encoded], default=1)
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset(
-            "data",
-            data=data,
-            dtype="int32",
-            chunks=(1, 4, max_seq_len),
-            compression="gzip",
-            maxshape=(None, 4, max_seq_len),
-        )
-        f.create_dataset(
-            "img_path",
-            data=np.array([[p] for p in encoded], dtype=f"S{width}").reshape(-1, 1),
-            chunks=True if img_paths else None,
-            compression="gzip" if img_paths else None,
-            maxshape=(None, 1),
-        )
-        f.attrs["n_examples"] = len(img_paths)
-        if extra is not None:
-            extra(f)
 
 
 def num_patches_of(vision_tower: str) -> int:
@@ -330,6 +273,108 @@ def token_ids(tokenizer: Any) -> TokenIds:
     )
 
 
+@dataclass
+class PhaseRows:
+    """One phase's packed samples of a shard, in row order."""
+
+    examples: list[Example] = field(default_factory=list)
+    img_paths: list[str] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    discarded_too_long: int = 0
+
+    def add(self, example: Example | None, img_path: str, key: str) -> None:
+        if example is None:
+            self.discarded_too_long += 1
+            return
+        self.examples.append(example)
+        self.img_paths.append(img_path)
+        self.keys.append(key)
+
+    def counts(self, out: str | Path) -> dict[str, Any]:
+        """The phase's entry of the shard's json."""
+        return {
+            "file": Path(out).name,
+            "keys": self.keys,
+            "processed": len(self.examples) + self.discarded_too_long,
+            "n_examples": len(self.examples),
+            "discarded_too_long": self.discarded_too_long,
+            "tokens": sum(int((e.rows[KEY_PADDING_MASK] == 0).sum()) for e in self.examples),
+            "loss_valid_tokens": sum(int(e.rows[LOSS_MASK].sum()) for e in self.examples),
+            "image_patch_start_idx": self.examples[0].patch_start if self.examples else None,
+        }
+
+
+@dataclass(frozen=True)
+class Packer:
+    """What packing a shard's samples needs besides the samples."""
+
+    tokenizer: Any
+    ids: TokenIds
+    num_patches: int
+    settings: H5Settings
+
+    def phase1_text(
+        self, labels: list[str], web_caption: str, captions: dict[str, Any], key: str
+    ) -> str:
+        """What phase 1 teaches for a sample (h5.phase1_text)."""
+        if self.settings.phase1_text == "attributes":
+            return ", ".join(labels)
+        if self.settings.phase1_text == "web_caption":
+            return web_caption
+        return str(captions[key]["vlm_caption"])
+
+    def examples(self, phase1_text: str, labels: list[str]) -> dict[str, Example | None]:
+        settings = self.settings
+        return {
+            "phase1": phase1_example(
+                self.tokenizer, phase1_text, self.num_patches, self.ids, settings.max_seq_len
+            ),
+            "phase2": phase2_example(
+                self.tokenizer,
+                settings.instruction,
+                labels,
+                self.num_patches,
+                self.ids,
+                settings.max_seq_len,
+                settings.phase2_style,
+            ),
+        }
+
+
+def pack_samples(
+    packer: Packer,
+    shard_tar: str | Path,
+    phase1_parquet: str | Path,
+    phase2_parquet: str | Path,
+    shard_id: str,
+    out_images: str | Path,
+) -> tuple[dict[str, PhaseRows], dict[str, int]]:
+    """Both phases' rows of a shard, with its images written under ``out_images``; the
+    samples skipped (by the failure an earlier stage recorded)."""
+    captions = {row["key"]: row for row in read_parquet_rows(phase1_parquet)}
+    attributes = {row["key"]: row for row in read_parquet_rows(phase2_parquet)}
+    phases = {name: PhaseRows() for name in PHASES}
+    skipped: dict[str, int] = {}
+    with atomic_dir(out_images) as image_dir:
+        samples = iter_samples(shard_tar)
+        for sample in progress_bar(
+            samples, desc=f"h5 {shard_id}", unit="sample", total=len(attributes)
+        ):
+            row = attributes.get(sample.key)
+            failure = "missing_attributes" if row is None else row["failure"]
+            if row is None or failure is not None:
+                skipped[failure] = skipped.get(failure, 0) + 1
+                continue
+            labels = list(row["attributes"])
+            # Image paths are relative to the dataset's image root (results/D/h5/images).
+            name = f"{sample.key}.{sample.image_ext}"
+            (image_dir / name).write_bytes(sample.image_data)
+            text = packer.phase1_text(labels, sample.web_caption, captions, sample.key)
+            for phase, example in packer.examples(text, labels).items():
+                phases[phase].add(example, f"{shard_id}/{name}", sample.key)
+    return phases, skipped
+
+
 def run_shard(
     shard_tar: str | Path,
     phase1_parquet: str | Path,
@@ -350,109 +395,40 @@ def run_shard(
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(**pretrained(language_model))
-    ids = token_ids(tokenizer)
-    num_patches = num_patches_of(vision_tower)
+    packer = Packer(tokenizer, token_ids(tokenizer), num_patches_of(vision_tower), settings)
     # Where the DAG could not check it (a model built by an earlier job), here.
-    problem = sequence_budget(tokenizer, num_patches, settings).problem(
+    problem = sequence_budget(tokenizer, packer.num_patches, settings).problem(
         settings.max_seq_len, vision_tower, language_model
     )
     if problem is not None:
         raise AllDiscardedError(problem)
-    captions = {row["key"]: row for row in read_parquet_rows(phase1_parquet)}
-    attributes = {row["key"]: row for row in read_parquet_rows(phase2_parquet)}
-
-    phases: dict[str, dict[str, Any]] = {
-        name: {"examples": [], "img_paths": [], "keys": [], "discarded_too_long": 0}
-        for name in PHASES
-    }
-    skipped: dict[str, int] = {}
-    with atomic_dir(out_images) as image_dir:
-        samples = iter_samples(shard_tar)
-        for sample in progress_bar(
-            samples, desc=f"h5 {shard_id}", unit="sample", total=len(attributes)
-        ):
-            row = attributes.get(sample.key)
-            failure = "missing_attributes" if row is None else row["failure"]
-            if failure is not None:
-                skipped[failure] = skipped.get(failure, 0) + 1
-                continue
-            assert row is not None
-            labels = list(row["attributes"])
-            # Image paths are relative to the dataset's image root (results/D/h5/images).
-            name = f"{sample.key}.{sample.image_ext}"
-            relative = f"{shard_id}/{name}"
-            (image_dir / name).write_bytes(sample.image_data)
-            if settings.phase1_text == "attributes":
-                phase1_text = ", ".join(labels)
-            elif settings.phase1_text == "web_caption":
-                phase1_text = sample.web_caption
-            else:
-                phase1_text = captions[sample.key]["vlm_caption"]
-            built = {
-                "phase1": phase1_example(
-                    tokenizer, phase1_text, num_patches, ids, settings.max_seq_len
-                ),
-                "phase2": phase2_example(
-                    tokenizer,
-                    settings.instruction,
-                    labels,
-                    num_patches,
-                    ids,
-                    settings.max_seq_len,
-                    settings.phase2_style,
-                ),
-            }
-            for name, example in built.items():
-                phase = phases[name]
-                if example is None:
-                    phase["discarded_too_long"] += 1
-                    continue
-                phase["examples"].append(example)
-                phase["img_paths"].append(relative)
-                phase["keys"].append(sample.key)
-
+    phases, skipped = pack_samples(
+        packer, shard_tar, phase1_parquet, phase2_parquet, shard_id, out_images
+    )
+    _check_some_fit(phases, shard_id, settings, packer.num_patches)
     params: dict[str, Any] = {
         "shard": shard_id,
         "settings": asdict(settings),
         "language_model": language_model,
         "vision_tower": vision_tower,
-        "num_patches": num_patches,
-        "bos_id": ids.bos,
-        "eos_id": ids.eos,
-        "pad_id": ids.pad,
+        "num_patches": packer.num_patches,
+        "bos_id": packer.ids.bos,
+        "eos_id": packer.ids.eos,
+        "pad_id": packer.ids.pad,
         "vocab_size": len(tokenizer),
         "vision_feature_layer": vision_feature_layer if settings.vision_features else None,
         "skipped": skipped,
     }
-    for name in PHASES:
-        phase = phases[name]
-        if phase["discarded_too_long"] and not phase["examples"]:
-            raise AllDiscardedError(
-                f"shard {shard_id}: all {phase['discarded_too_long']} {name} samples are "
-                f"longer than config.h5.max_seq_len {settings.max_seq_len} (with "
-                f"{num_patches} image patches); raise h5.max_seq_len or shorten the texts"
-            )
     for name, out in zip(PHASES, (out_phase1, out_phase2), strict=True):
-        phase = phases[name]
-        examples: list[Example] = phase["examples"]
         extra = None
         if name == "phase1" and settings.vision_features:
             if vision_feature_layer is None:
                 raise ValueError("h5.vision_features needs the train.vision_feature_layer")
             extra = vision_features_writer(
-                vision_tower, vision_feature_layer, Path(out_images).parent, phase["img_paths"]
+                vision_tower, vision_feature_layer, Path(out_images).parent, phases[name].img_paths
             )
-        write_h5(out, examples, phase["img_paths"], settings.max_seq_len, extra)
-        params[name] = {
-            "file": Path(out).name,
-            "keys": phase["keys"],
-            "processed": len(examples) + phase["discarded_too_long"],
-            "n_examples": len(examples),
-            "discarded_too_long": phase["discarded_too_long"],
-            "tokens": sum(int((e.rows[KEY_PADDING_MASK] == 0).sum()) for e in examples),
-            "loss_valid_tokens": sum(int(e.rows[LOSS_MASK].sum()) for e in examples),
-            "image_patch_start_idx": examples[0].patch_start if examples else None,
-        }
+        write_h5(out, phases[name].examples, phases[name].img_paths, settings.max_seq_len, extra)
+        params[name] = phases[name].counts(out)
     write_json(out_params, params)
     log.info(
         "shard %s: phase1 %d, phase2 %d examples, skipped %s",
@@ -462,6 +438,18 @@ def run_shard(
         skipped,
     )
     return params
+
+
+def _check_some_fit(
+    phases: dict[str, PhaseRows], shard_id: str, settings: H5Settings, num_patches: int
+) -> None:
+    for name, phase in phases.items():
+        if phase.discarded_too_long and not phase.examples:
+            raise AllDiscardedError(
+                f"shard {shard_id}: all {phase.discarded_too_long} {name} samples are "
+                f"longer than config.h5.max_seq_len {settings.max_seq_len} (with "
+                f"{num_patches} image patches); raise h5.max_seq_len or shorten the texts"
+            )
 
 
 def phase_totals(shards: Sequence[dict[str, Any]], phase: str) -> dict[str, int]:
@@ -517,11 +505,6 @@ def build_index(
         folder = Path(path).parent
         images = Path(image_dir) if image_dir is not None else folder.parent / "images"
         write_json(path, cerebras_data_params(shards, name, folder, images))
-
-
-# The rows of dataset ``data``, in order (vlmflow.io: INPUT_IDS, LOSS_MASK, LABELS,
-# KEY_PADDING_MASK), as the "features" of Cerebras' data_params.json.
-FEATURES = ("input_ids", "loss_mask", "labels", "key_padding_mask")
 
 
 def cerebras_data_params(

@@ -27,7 +27,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from vlmflow.h5 import write_rows
+from vlmflow.h5_layout import write_rows
 from vlmflow.io import atomic_dir, read_json, write_json
 from vlmflow.logs import progress_bar
 

@@ -74,11 +74,6 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
-# Row order of the ``data`` dataset of LLaVA HDF5 files (Cerebras ModelZoo's layout):
-# written by the h5 stage, read by the train stage.
-INPUT_IDS, LOSS_MASK, LABELS, KEY_PADDING_MASK = range(4)
-
-
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
     """Write ``data`` as indented JSON, atomically."""
     with atomic_open(path) as handle:

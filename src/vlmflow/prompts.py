@@ -7,6 +7,7 @@ otherwise the model is evaluated on a prompt it never saw.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,3 +113,24 @@ def read_prompt(path: str | Path) -> str:
     if not text:
         raise ValueError(f"{path}: prompt file is empty")
     return text
+
+
+@dataclass(frozen=True)
+class Phase2Turns:
+    """A phase-2 sample as a conversation: the user turn (the image as ``<image>``, then
+    the instruction) and the assistant's answer."""
+
+    user: str
+    answer: str
+
+
+def phase2_turns(instruction: str, labels: Sequence[str]) -> Phase2Turns:
+    """The texts ``phase2_example`` packs, as LLaVA-format turns: ``<image>\\n{instruction}``
+    and the labels joined as the answer. LLaVA's ``v1`` (vicuna_v1) template renders them
+    as the vicuna_v1 layout, character for character; chat_template renders the same user
+    turn and answer with the language model's template."""
+    return Phase2Turns(
+        user=f"{IMAGE_SLOT}\n{instruction}",
+        # vicuna_v1 puts a space before the answer (after "ASSISTANT:"); the turn has none.
+        answer=phase2_answer(list(labels)).removeprefix(" "),
+    )

@@ -9,7 +9,6 @@ transformers user can load the result.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import math
@@ -24,21 +23,22 @@ from typing import IO, TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
-import simplejpeg
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from vlmflow import distributed
-from vlmflow.h5 import TEXT_ONLY, VISION_FEATURES
-from vlmflow.io import (
+from vlmflow.h5_layout import (
     INPUT_IDS,
     KEY_PADDING_MASK,
     LABELS,
     LOSS_MASK,
+    TEXT_ONLY,
+    VISION_FEATURES,
+)
+from vlmflow.io import (
     atomic_dir,
     atomic_path,
     read_json,
@@ -47,6 +47,7 @@ from vlmflow.io import (
 from vlmflow.logs import progress_bar
 from vlmflow.models import IMAGE, num_image_tokens, pad_token_id, pretrained
 from vlmflow.progress import Interrupted
+from vlmflow.vision import black_image, load_image, processor_side, vision_model
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -192,54 +193,6 @@ class H5Examples(Dataset[dict[str, torch.Tensor]]):
         return load_image(path, self._target_side)
 
 
-def load_image(path: Path, side: int) -> np.ndarray:
-    """An RGB image (H, W, 3 uint8) for a processor that resizes to ``side``.
-
-    JPEG decodes at 1/2, 1/4 or 1/8 scale when that still leaves ``side`` pixels (DCT
-    scaling: no detail is lost that the resize would keep), with simplejpeg: the pixels
-    of Pillow's draft mode at less than half the cost per image. Other formats, and
-    CMYK JPEGs (Pillow converts them to RGB its own way), go through Pillow."""
-    data = path.read_bytes()
-    if simplejpeg.is_jpeg(data):
-        try:
-            colorspace = simplejpeg.decode_jpeg_header(data)[2]
-            if colorspace not in ("CMYK", "YCCK"):
-                return simplejpeg.decode_jpeg(
-                    data, colorspace="RGB", min_height=side, min_width=side
-                )
-        except ValueError:  # a JPEG libjpeg-turbo rejects: Pillow says what is wrong
-            pass
-    with Image.open(io.BytesIO(data)) as img:
-        img.draft("RGB", (side, side))
-        return np.asarray(img.convert("RGB"))
-
-
-def black_image(side: int) -> np.ndarray:
-    """What a text-only sample (img_path ``None``) is fed: its rows keep the patch slots."""
-    side = min(side, 1024)  # processor_side's "unknown" is huge; the processor resizes anyway
-    return np.zeros((side, side, 3), dtype=np.uint8)
-
-
-def processor_side(image_processor: Any) -> int:
-    """The side an image processor resizes images to (for JPEG draft decoding)."""
-    sides = [
-        getattr(getattr(image_processor, name, None), key, None)
-        for name in ("size", "crop_size")
-        for key in ("shortest_edge", "height", "width", "longest_edge")
-    ]
-    known = [int(side) for side in sides if isinstance(side, int)]
-    return max(known) if known else 1 << 16
-
-
-def _vision_model(vision_tower: str) -> Any:
-    from transformers import AutoConfig, AutoModel, CLIPVisionModel
-
-    config = AutoConfig.from_pretrained(**pretrained(vision_tower))
-    if hasattr(config, "vision_config"):  # a full CLIP checkpoint: keep its vision half
-        return CLIPVisionModel.from_pretrained(**pretrained(vision_tower))
-    return AutoModel.from_pretrained(**pretrained(vision_tower))
-
-
 def build_llava(vision_tower: str, language_model: str, settings: TrainSettings) -> tuple[Any, Any]:
     """Join a pretrained vision tower and causal LM with a fresh projector."""
     from transformers import (
@@ -251,7 +204,7 @@ def build_llava(vision_tower: str, language_model: str, settings: TrainSettings)
         LlavaProcessor,
     )
 
-    vision = _vision_model(vision_tower)
+    vision = vision_model(vision_tower)
     lm = AutoModelForCausalLM.from_pretrained(**pretrained(language_model, dtype=torch.float32))
     if settings.language_model_layers is not None:
         truncate_layers(lm, settings.language_model_layers)

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from tests.workflow.conftest import REPO, job_counts, make_workdir, snakemake
-from vlmflow.io import INPUT_IDS, KEY_PADDING_MASK, LOSS_MASK
+from vlmflow.h5_layout import INPUT_IDS, KEY_PADDING_MASK, LOSS_MASK
 from vlmflow.miniatures import install, install_for_configs
 
 pytestmark = [pytest.mark.workflow, pytest.mark.presets]
