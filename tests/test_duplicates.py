@@ -10,12 +10,8 @@ import pytest
 from PIL import Image
 
 from tests.test_ingest import ingest_list, save, write_list
-from vlmflow.duplicates import (
-    DuplicatesError,
-    find_duplicates,
-    read_duplicates,
-    write_duplicates,
-)
+from vlmflow.contract import DuplicatesError, read_duplicates, write_duplicates
+from vlmflow.duplicates import find_duplicates
 from vlmflow.ingest import IngestSettings
 
 SETTINGS = IngestSettings(image_size=64, allow_local_files=True)

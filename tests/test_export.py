@@ -14,7 +14,7 @@ from tests.conftest import make_image
 from vlmflow import export
 from vlmflow.attributes import PHASE1_SCHEMA, PHASE2_SCHEMA
 from vlmflow.caption import CAPTION_SCHEMA
-from vlmflow.duplicates import read_duplicates, write_duplicates
+from vlmflow.contract import read_duplicates, write_duplicates
 from vlmflow.export import CardInfo, ExportError, LlavaSettings, ShardFiles
 from vlmflow.io import write_json, write_rows_parquet
 from vlmflow.prompts import LABEL_SEPARATOR, prompt_id

@@ -18,8 +18,8 @@ from vlmflow.contract import (
     dataset_funnel,
     failure_rows,
     total_funnel,
+    write_duplicates,
 )
-from vlmflow.duplicates import write_duplicates
 from vlmflow.io import write_json, write_rows_parquet
 from vlmflow.plots import plot_training
 from vlmflow.report import (

@@ -16,6 +16,7 @@ The report's funnel, the exports' cards and ``vlmflow status`` all count here.
 
 from __future__ import annotations
 
+import csv
 import json
 from collections import Counter
 from collections.abc import Sequence
@@ -26,8 +27,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vlmflow.duplicates import DuplicatesError, read_duplicates
-from vlmflow.io import failure_reason, read_json
+from vlmflow.io import atomic_open, failure_reason, read_json
 
 # Where each stage writes a shard's outputs (rules/*.smk write to the same places).
 SHARD_OUTPUTS = {
@@ -39,6 +39,9 @@ SHARD_OUTPUTS = {
     "h5": "results/{dataset}/h5/shards/{shard}.json",
 }
 DUPLICATES = "results/{dataset}/duplicates.tsv"
+# Its columns, and why an image is listed there (vlmflow.duplicates finds them).
+DUPLICATE_COLUMNS = ("key", "shard", "reason", "detail")
+DUPLICATE_REASONS = ("duplicate", "leak")
 
 # Why ingest leaves a row out of its shard: every one, in the column order of the
 # ingest summary (vlmflow.ingest counts them in each shard's stats json).
@@ -398,3 +401,39 @@ def _read_stats(stats_path: str | Path) -> tuple[str, int, int, dict[str, int]]:
     if rows_in != ok + sum(failed_by.values()):
         raise ReportError(f"{stats_path}: rows_in {rows_in} != ok {ok} + failed {failed_by}")
     return shard, rows_in, ok, failed_by
+
+
+# --- duplicates.tsv -----------------------------------------------------------------------
+
+
+class DuplicatesError(ValueError):
+    """A stats or duplicates file that cannot be used: the message names the file."""
+
+
+def write_duplicates(rows: Sequence[dict[str, str]], out_tsv: str | Path) -> None:
+    with atomic_open(out_tsv) as handle:
+        writer = csv.DictWriter(handle, DUPLICATE_COLUMNS, delimiter="\t", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_duplicates(path: str | Path) -> dict[tuple[str, str], str]:
+    """(shard, key) -> reason (``duplicate`` or ``leak``) of a duplicates.tsv.
+
+    By shard and key: an image repeated under the same URL has the same key (a hash of
+    the URL) in both shards, and only the later one is a duplicate.
+    """
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            rows = list(csv.DictReader(handle, delimiter="\t"))
+    except OSError as exc:
+        raise DuplicatesError(f"{path}: cannot read: {exc}") from None
+    out = {}
+    for number, row in enumerate(rows, start=2):
+        if row.get("reason") not in DUPLICATE_REASONS or not row.get("key") or not row.get("shard"):
+            raise DuplicatesError(
+                f"{path}: line {number}: expected a key, a shard and a reason in "
+                f"{DUPLICATE_REASONS}, got {row}"
+            )
+        out[(row["shard"], row["key"])] = row["reason"]
+    return out

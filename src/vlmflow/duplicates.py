@@ -17,21 +17,15 @@ is added.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlmflow.io import atomic_open, read_json
+from vlmflow.contract import DuplicatesError
+from vlmflow.io import read_json
 from vlmflow.shards import image_digest, iter_samples
 
-COLUMNS = ("key", "shard", "reason", "detail")
-REASONS = ("duplicate", "leak")
 STATS_SUFFIX = ".stats.json"
-
-
-class DuplicatesError(ValueError):
-    """A stats or duplicates file that cannot be used: the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -126,32 +120,3 @@ def _match(
 
 def _row(image: Stored, reason: str, detail: str) -> dict[str, str]:
     return {"key": image.key, "shard": image.shard, "reason": reason, "detail": detail}
-
-
-def write_duplicates(rows: Sequence[dict[str, str]], out_tsv: str | Path) -> None:
-    with atomic_open(out_tsv) as handle:
-        writer = csv.DictWriter(handle, COLUMNS, delimiter="\t", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def read_duplicates(path: str | Path) -> dict[tuple[str, str], str]:
-    """(shard, key) -> reason (``duplicate`` or ``leak``) of a duplicates.tsv.
-
-    By shard and key: an image repeated under the same URL has the same key (a hash of
-    the URL) in both shards, and only the later one is a duplicate.
-    """
-    try:
-        with open(path, encoding="utf-8", newline="") as handle:
-            rows = list(csv.DictReader(handle, delimiter="\t"))
-    except OSError as exc:
-        raise DuplicatesError(f"{path}: cannot read: {exc}") from None
-    out = {}
-    for number, row in enumerate(rows, start=2):
-        if row.get("reason") not in REASONS or not row.get("key") or not row.get("shard"):
-            raise DuplicatesError(
-                f"{path}: line {number}: expected a key, a shard and a reason in {REASONS}, "
-                f"got {row}"
-            )
-        out[(row["shard"], row["key"])] = row["reason"]
-    return out

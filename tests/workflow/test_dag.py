@@ -28,7 +28,7 @@ from tests.workflow.conftest import (
     save_config,
     snakemake,
 )
-from vlmflow.duplicates import read_duplicates
+from vlmflow.contract import read_duplicates
 
 pytestmark = pytest.mark.workflow
 

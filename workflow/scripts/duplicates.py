@@ -3,7 +3,8 @@ datasets (see vlmflow.duplicates)."""
 
 from collections import Counter
 
-from vlmflow.duplicates import find_duplicates, write_duplicates
+from vlmflow.contract import write_duplicates
+from vlmflow.duplicates import find_duplicates
 from vlmflow.logs import log_to
 
 with log_to(snakemake.log[0]) as log:

@@ -1,7 +1,7 @@
 """Predict labels for one eval dataset and score them (see vlmflow.evaluate)."""
 
 from vlmflow import evaluate
-from vlmflow.duplicates import read_duplicates
+from vlmflow.contract import read_duplicates
 from vlmflow.logs import log_to
 
 with log_to(snakemake.log[0]):

@@ -1,7 +1,7 @@
 """A dataset's final samples, less its duplicates and leaks, as a Hugging Face datasets
 folder with its card (see vlmflow.export)."""
 
-from vlmflow.duplicates import read_duplicates
+from vlmflow.contract import read_duplicates
 from vlmflow.export import CardInfo, export_hf, funnel_total, shard_files
 from vlmflow.logs import log_to
 

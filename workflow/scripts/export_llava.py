@@ -1,7 +1,7 @@
 """A train dataset's phase-2 data as LLaVA-format conversations, less its duplicates
 (see vlmflow.export)."""
 
-from vlmflow.duplicates import read_duplicates
+from vlmflow.contract import read_duplicates
 from vlmflow.export import LlavaSettings, export_llava
 from vlmflow.logs import log_to
 
