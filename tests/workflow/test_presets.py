@@ -10,6 +10,9 @@ sample, overflows a context or misplaces image tokens fails here.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +26,12 @@ import yaml
 
 from tests.workflow.conftest import REPO, job_counts, make_workdir, snakemake
 from vlmflow.h5_layout import INPUT_IDS, KEY_PADDING_MASK, LOSS_MASK
-from vlmflow.miniatures import install, install_for_configs
+from vlmflow.miniatures import install
 
 pytestmark = [pytest.mark.workflow, pytest.mark.presets]
 
 TRAIN_SHARDS = ["000000", "000001"]
+VLMFLOW = str(Path(sys.executable).parent / "vlmflow")
 
 
 @dataclass(frozen=True)
@@ -77,9 +81,65 @@ class PresetRun:
 
 @pytest.fixture(scope="module")
 def hub_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every preset's miniatures, installed by the README's command."""
     cache = tmp_path_factory.mktemp("hub")
-    install_for_configs(sorted((REPO / "config" / "presets").glob("*.yaml")), cache)
+    presets = sorted(str(path) for path in (REPO / "config" / "presets").glob("*.yaml"))
+    done = subprocess.run(
+        [VLMFLOW, "miniatures", "--configfile", *presets, "--cache", str(cache)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(done.stdout.split()) >= len(presets)  # one folder per model it installed
     return cache
+
+
+README_PRESETS = [("llava15",), ("rovi", "llava15")]
+
+
+@pytest.mark.parametrize("names", README_PRESETS, ids="+".join)
+def test_the_readme_preset_commands_plan_on_the_slurm_profile(
+    tmp_path: Path, hub_cache: Path, names: tuple[str, ...]
+) -> None:
+    """The README's `snakemake --profile profiles/slurm all --configfile ...`, dry-run (no
+    cluster needed): every GPU stage asks for a GPU."""
+    workdir = make_workdir(tmp_path)
+    run = snakemake(
+        workdir,
+        "-n",
+        "all",
+        "--configfile",
+        *preset_files(names),
+        profile="profiles/slurm",
+        env={"HF_HUB_CACHE": str(hub_cache)},
+    )
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    counts = job_counts(run.stdout)
+    assert counts["caption"] == 3 and counts["train_phase2"] == 1
+
+
+def test_the_readme_download_loop_asks_for_every_pinned_model(tmp_path: Path) -> None:
+    """The README's `grep ... | while ...; do hf download ...` with a stand-in `hf`."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    loop = readme.split("grep -ho", 1)[1].split("```", 1)[0]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "downloads.txt"
+    (bin_dir / "hf").write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    (bin_dir / "hf").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    subprocess.run(["bash", "-c", "grep -ho" + loop], cwd=REPO, env=env, check=True)
+    asked = sorted(log.read_text().splitlines())
+    pinned = set()
+    for preset in (REPO / "config" / "presets").glob("*.yaml"):
+        models = yaml.safe_load(preset.read_text()).get("models", {})
+        pinned |= {ref for ref in models.values() if isinstance(ref, str) and "@" in ref}
+    expected = sorted(
+        f"download {ref.split('@')[0]} --revision {ref.split('@')[1]}" for ref in pinned
+    )
+    assert asked == expected
 
 
 @pytest.fixture(scope="module")
