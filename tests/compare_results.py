@@ -20,11 +20,13 @@ from typing import Any
 
 import h5py
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-TIMINGS = frozenset({"tokens_per_s"})
+# Timings, and the datasets library's fingerprint of the code that built a folder.
+TIMINGS = frozenset({"tokens_per_s", "_fingerprint"})
 SKIPPED_PARTS = frozenset({"benchmarks", "report"})
-SKIPPED_SUFFIXES = frozenset({".png", ".html", ".log", ".arrow", ".lock"})
+SKIPPED_SUFFIXES = frozenset({".png", ".html", ".log", ".lock"})
 
 
 def without_timings(value: Any) -> Any:
@@ -63,6 +65,9 @@ def content(path: Path) -> Any:
         return h5_arrays(path)
     if path.suffix == ".tar":
         return tar_members(path)
+    if path.suffix == ".arrow":  # a datasets folder's rows
+        with pa.ipc.open_stream(path) as reader:
+            return reader.read_all().to_pylist()
     return path.read_bytes()
 
 
