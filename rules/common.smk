@@ -5,14 +5,8 @@ from snakemake.logging import logger
 from snakemake.utils import validate
 
 from vlmflow.ingest import IngestError, source_from_config
-from vlmflow.checks import (
-    DEMO_MODEL,
-    PACKAGED_ENCODER,
-    ConfigError,
-    check_ingest,
-    check_model_reference,
-    check_models,
-)
+from vlmflow.checks import DEMO_MODEL, PACKAGED_ENCODER, ConfigError, check_models
+from vlmflow.checks import check_config as check_config_values
 from vlmflow.demo_models import DEMO_BUILDERS, DEMO_OPTIONS
 from vlmflow.models import resolved_revision
 
@@ -27,36 +21,14 @@ wildcard_constraints:
 
 
 def check_config():
-    datasets = config["datasets"]
-    for role in ("train_datasets", "eval_datasets"):
-        for name in config[role]:
-            if name not in datasets:
-                raise ConfigError(
-                    f"config.{role}: dataset {name!r} is not defined under config.datasets "
-                    f"(defined: {', '.join(sorted(datasets))})"
-                )
-    for name, dataset in datasets.items():
-        if "url_list" in dataset and not Path(dataset["url_list"]).is_file():
-            raise ConfigError(
-                f"config.datasets.{name}.url_list: file {dataset['url_list']!r} does not exist"
-            )
-        get_source(name)
-    for key in ("caption", "attributes.phase1", "attributes.phase2"):
-        section = config
-        for part in key.split("."):
-            section = section[part]
-        if not Path(section["prompt"]).is_file():
-            raise ConfigError(
-                f"config.{key}.prompt: file {section['prompt']!r} does not exist"
-            )
-    for note in check_ingest(config["ingest"]):
+    """vlmflow.checks.check_config, then every dataset's source; the models once, where
+    the DAG is built (Slurm jobs parse the Snakefile again)."""
+    for note in check_config_values(config, tuple(DEMO_BUILDERS)):
         if workflow.is_main_process:
             logger.warning(note)
-    for key, reference in config["models"].items():
-        if key != "trust_remote_code":
-            check_model_reference(key, reference, tuple(DEMO_BUILDERS))
+    for name in config["datasets"]:
+        get_source(name)
     if workflow.is_main_process:
-        # Once, where the DAG is built (Slurm jobs parse the Snakefile again).
         check_models(
             config, checked_by_jobs=lambda reference: DEMO_MODEL.match(reference)
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -291,3 +292,34 @@ def test_the_ingest_section_is_checked_at_dag_build_and_earlier_names_warn() -> 
     assert check_ingest({"resize_mode": False}) == []  # YAML's reading of a bare `no`
     with pytest.raises(ConfigError, match=r"config\.ingest\.resize_mode: 'stretch'"):
         check_ingest({"resize_mode": "stretch"})
+
+
+def repo_config() -> dict[str, Any]:
+    """config/config.yaml with the schema's defaults, as the workflow validates it."""
+    from snakemake.utils import validate
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+    return config
+
+
+def test_check_config_names_the_key_and_the_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    demo_kinds = ("vlm", "llm", "vision", "lm")
+    assert checks.check_config(repo_config(), demo_kinds) == []
+    broken: list[tuple[dict[str, Any], str]] = []
+    config = repo_config()
+    config["eval_datasets"] = ["nowhere"]
+    broken.append((config, "config.eval_datasets: dataset 'nowhere' is not defined"))
+    config = repo_config()
+    next(iter(config["datasets"].values()))["url_list"] = "data/missing.tsv"
+    broken.append((config, "url_list: file 'data/missing.tsv' does not exist"))
+    config = repo_config()
+    config["attributes"]["phase2"]["prompt"] = "config/prompts/gone.txt"
+    broken.append((config, "config.attributes.phase2.prompt: file 'config/prompts/gone.txt'"))
+    config = repo_config()
+    config["ingest"]["resize_mode"] = "stretch"
+    broken.append((config, "config.ingest.resize_mode: 'stretch'"))
+    for config, message in broken:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            checks.check_config(config, demo_kinds)

@@ -193,3 +193,33 @@ def check_ingest(settings: dict[str, Any]) -> list[str]:
         except IngestError as exc:
             raise ConfigError(f"config.{exc}") from None
     return [str(warning.message) for warning in caught]
+
+
+def check_config(config: dict[str, Any], demo_kinds: tuple[str, ...]) -> list[str]:
+    """The config's values that the schema cannot check, relative to the working
+    directory: datasets named by role exist, files exist, the ingest section, model
+    references. Raises ConfigError naming the key; returns warnings (earlier names)."""
+    datasets = config["datasets"]
+    for role in ("train_datasets", "eval_datasets"):
+        for name in config[role]:
+            if name not in datasets:
+                raise ConfigError(
+                    f"config.{role}: dataset {name!r} is not defined under config.datasets "
+                    f"(defined: {', '.join(sorted(datasets))})"
+                )
+    for name, dataset in datasets.items():
+        if "url_list" in dataset and not Path(dataset["url_list"]).is_file():
+            raise ConfigError(
+                f"config.datasets.{name}.url_list: file {dataset['url_list']!r} does not exist"
+            )
+    for key in ("caption", "attributes.phase1", "attributes.phase2"):
+        section = config
+        for part in key.split("."):
+            section = section[part]
+        if not Path(section["prompt"]).is_file():
+            raise ConfigError(f"config.{key}.prompt: file {section['prompt']!r} does not exist")
+    warnings = check_ingest(config["ingest"])
+    for key, reference in config["models"].items():
+        if key != "trust_remote_code":
+            check_model_reference(key, reference, demo_kinds)
+    return warnings
