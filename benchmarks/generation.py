@@ -123,7 +123,7 @@ def main() -> None:
         if not args.vlm:
             build_demo_vlm(vlm, seed=0)
         if not args.llm:
-            build_demo_llm(llm, seed=0)
+            build_demo_llm(llm, seed=0, delimiter_bias=1.5)  # the schema's default
         make_shard(Path(tmp) / "shard.tar", args.items)
         samples = list(iter_samples(Path(tmp) / "shard.tar"))
 

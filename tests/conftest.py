@@ -6,9 +6,11 @@ import io
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import webdataset as wds
+import yaml
 from PIL import Image
 
 # Tests never reach a model hub.
@@ -27,9 +29,19 @@ def demo_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     folders = {}
     for kind, build in DEMO_BUILDERS.items():
         folder = root / f"demo-{kind}"
-        build(folder, 0)
+        build(folder, 0, **demo_model_settings(kind))
         folders[kind] = str(folder)
     return folders
+
+
+def demo_model_settings(kind: str) -> dict[str, Any]:
+    """The schema's demo_models defaults a builder takes, as the demo_model rule passes
+    them (the workflow and the tests build the same models)."""
+    from vlmflow.demo_models import DEMO_OPTIONS
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    options = schema["properties"]["demo_models"]["properties"]
+    return {key: options[key]["default"] for key in DEMO_OPTIONS[kind]}
 
 
 def make_image(width: int, height: int, colour: tuple[int, int, int]) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from tests.conftest import demo_model_settings
 from vlmflow.demo_models import BOS, DEMO_BUILDERS, EOS, EOT, build_demo_llm
 from vlmflow.models import IMAGE, is_hub_id, torch_dtype
 
@@ -136,7 +138,7 @@ def test_delimiter_bias_is_recorded_in_generation_config(demo_models: dict[str, 
 
 @pytest.mark.parametrize("kind", sorted(DEMO_BUILDERS))
 def test_same_seed_same_weights_other_seed_other_weights(tmp_path: Path, kind: str) -> None:
-    build = DEMO_BUILDERS[kind]
+    build = functools.partial(DEMO_BUILDERS[kind], **demo_model_settings(kind))
     build(tmp_path / "a", 7)
     build(tmp_path / "b", 7)
     build(tmp_path / "c", 8)
@@ -153,8 +155,8 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path: Path, kind: s
 
 
 def test_tokenizer_does_not_depend_on_seed(tmp_path: Path) -> None:
-    build_demo_llm(tmp_path / "a", 0)
-    build_demo_llm(tmp_path / "b", 1)
+    build_demo_llm(tmp_path / "a", 0, delimiter_bias=1.5)
+    build_demo_llm(tmp_path / "b", 1, delimiter_bias=1.5)
     assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (
         tmp_path / "b" / "tokenizer.json"
     ).read_bytes()
@@ -162,9 +164,9 @@ def test_tokenizer_does_not_depend_on_seed(tmp_path: Path) -> None:
 
 def test_rebuilding_replaces_the_folder(tmp_path: Path) -> None:
     folder = tmp_path / "llm"
-    build_demo_llm(folder, 0)
+    build_demo_llm(folder, 0, delimiter_bias=1.5)
     (folder / "stale.txt").write_text("left over")
-    build_demo_llm(folder, 1)
+    build_demo_llm(folder, 1, delimiter_bias=1.5)
     assert not (folder / "stale.txt").exists()
     assert not [p for p in tmp_path.iterdir() if p.name != "llm"]  # no temporary folders
 

@@ -309,7 +309,7 @@ def build_demo_qwen2vl(
         processor.save_pretrained(tmp)
 
 
-def build_demo_llm(out_dir: str | Path, seed: int, delimiter_bias: float = 2.5) -> None:
+def build_demo_llm(out_dir: str | Path, seed: int, delimiter_bias: float) -> None:
     """A tiny Llama-architecture instruct LM with a Llama-3-style chat template."""
     import torch
     from transformers import LlamaForCausalLM
