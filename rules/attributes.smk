@@ -1,10 +1,10 @@
 rule attributes_phase1:
     input:
-        captions="results/{dataset}/captions/{shard}.parquet",
+        captions=SHARD_OUTPUTS["captions"],
         prompt=config["attributes"]["phase1"]["prompt"],
         model=get_model_input("llm"),
     output:
-        "results/{dataset}/attributes/phase1/{shard}.parquet",
+        SHARD_OUTPUTS["phase1"],
     log:
         "logs/attributes_phase1/{dataset}/{shard}.log",
     benchmark:
@@ -22,11 +22,11 @@ rule attributes_phase1:
 
 rule attributes_phase2:
     input:
-        phase1="results/{dataset}/attributes/phase1/{shard}.parquet",
+        phase1=SHARD_OUTPUTS["phase1"],
         prompt=config["attributes"]["phase2"]["prompt"],
         model=get_model_input("llm"),
     output:
-        "results/{dataset}/attributes/phase2/{shard}.parquet",
+        SHARD_OUTPUTS["phase2"],
     log:
         "logs/attributes_phase2/{dataset}/{shard}.log",
     benchmark:

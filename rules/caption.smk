@@ -1,10 +1,10 @@
 rule caption:
     input:
-        shard="results/{dataset}/shards/{shard}.tar",
+        shard=SHARD_OUTPUTS["shard"],
         prompt=config["caption"]["prompt"],
         model=get_model_input("vlm"),
     output:
-        "results/{dataset}/captions/{shard}.parquet",
+        SHARD_OUTPUTS["captions"],
     log:
         "logs/caption/{dataset}/{shard}.log",
     benchmark:

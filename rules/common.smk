@@ -5,6 +5,7 @@ from snakemake.logging import logger
 from snakemake.utils import validate
 
 from vlmflow.ingest import IngestError, source_from_config
+from vlmflow.contract import DUPLICATES, SHARD_OUTPUTS
 from vlmflow.checks import DEMO_MODEL, PACKAGED_ENCODER, ConfigError, check_models
 from vlmflow.checks import check_config as check_config_values
 from vlmflow.demo_models import DEMO_BUILDERS, DEMO_OPTIONS
@@ -154,7 +155,7 @@ def get_phase2_settings(wildcards):
 
 def ingest_stats(dataset):
     return expand(
-        "results/{dataset}/shards/{shard}.stats.json",
+        SHARD_OUTPUTS["stats"],
         dataset=dataset,
         shard=get_shard_ids(dataset),
     )
@@ -175,7 +176,7 @@ def get_duplicates_inputs(wildcards):
 
 def get_h5_params(wildcards):
     return expand(
-        "results/{dataset}/h5/shards/{shard}.json",
+        SHARD_OUTPUTS["h5"],
         dataset=wildcards.dataset,
         shard=get_shard_ids(wildcards.dataset),
     )
@@ -183,7 +184,7 @@ def get_h5_params(wildcards):
 
 def get_caption_files(wildcards):
     return expand(
-        "results/{dataset}/captions/{shard}.parquet",
+        SHARD_OUTPUTS["captions"],
         dataset=wildcards.dataset,
         shard=get_shard_ids(wildcards.dataset),
     )
@@ -210,7 +211,7 @@ def get_funnel_inputs(wildcards):
         "captions": get_caption_files(wildcards),
         **get_attribute_files(wildcards),
         "h5": get_h5_params(wildcards) if in_h5 else [],
-        "duplicates": f"results/{wildcards.dataset}/duplicates.tsv",
+        "duplicates": DUPLICATES.format(dataset=wildcards.dataset),
     }
 
 
@@ -252,16 +253,16 @@ def get_eval_inputs(wildcards):
     return {
         "model": "results/train/phase2",
         "shards": expand(
-            "results/{dataset}/shards/{shard}.tar",
+            SHARD_OUTPUTS["shard"],
             dataset=wildcards.dataset,
             shard=shards,
         ),
         "attributes": expand(
-            "results/{dataset}/attributes/phase2/{shard}.parquet",
+            SHARD_OUTPUTS["phase2"],
             dataset=wildcards.dataset,
             shard=shards,
         ),
-        "duplicates": f"results/{wildcards.dataset}/duplicates.tsv",
+        "duplicates": DUPLICATES.format(dataset=wildcards.dataset),
     }
 
 
@@ -278,10 +279,10 @@ def get_first_shard_files(wildcards):
     """The first shard's files, for the gallery and the dialog samples of a dataset."""
     dataset, shard = wildcards.dataset, get_shard_ids(wildcards.dataset)[0]
     return {
-        "shard": f"results/{dataset}/shards/{shard}.tar",
-        "captions": f"results/{dataset}/captions/{shard}.parquet",
-        "phase1": f"results/{dataset}/attributes/phase1/{shard}.parquet",
-        "phase2": f"results/{dataset}/attributes/phase2/{shard}.parquet",
+        "shard": SHARD_OUTPUTS["shard"].format(dataset=dataset, shard=shard),
+        "captions": SHARD_OUTPUTS["captions"].format(dataset=dataset, shard=shard),
+        "phase1": SHARD_OUTPUTS["phase1"].format(dataset=dataset, shard=shard),
+        "phase2": SHARD_OUTPUTS["phase2"].format(dataset=dataset, shard=shard),
     }
 
 
@@ -331,27 +332,27 @@ def get_final_outputs():
     per_shard = [
         (
             [
-                "results/{dataset}/shards/{shard}.tar",
-                "results/{dataset}/shards/{shard}.stats.json",
+                SHARD_OUTPUTS["shard"],
+                SHARD_OUTPUTS["stats"],
             ],
             "results/{dataset}/ingest_summary.tsv",
         ),
         (
-            ["results/{dataset}/captions/{shard}.parquet"],
+            [SHARD_OUTPUTS["captions"]],
             "results/{dataset}/report/caption_lengths.png",
         ),
         (
-            ["results/{dataset}/attributes/phase1/{shard}.parquet"],
+            [SHARD_OUTPUTS["phase1"]],
             "results/{dataset}/report/top_attributes.png",
         ),
         (
-            ["results/{dataset}/attributes/phase2/{shard}.parquet"],
+            [SHARD_OUTPUTS["phase2"]],
             "results/{dataset}/report/top_attributes.png",
         ),
     ]
     for dataset in config["datasets"]:
         outputs.append(f"results/{dataset}/ingest_summary.tsv")
-        outputs.append(f"results/{dataset}/duplicates.tsv")
+        outputs.append(DUPLICATES.format(dataset=dataset))
         if get_shard_ids(dataset):
             outputs += expand(
                 "results/{dataset}/report/{name}",
@@ -393,7 +394,7 @@ def get_final_outputs():
                 "results/{dataset}/h5/phase1/{shard}.h5",
                 "results/{dataset}/h5/phase2/{shard}.h5",
                 "results/{dataset}/h5/images/{shard}",
-                "results/{dataset}/h5/shards/{shard}.json",
+                SHARD_OUTPUTS["h5"],
             ],
             f"results/{dataset}/h5/metadata.json",
         )
@@ -449,9 +450,9 @@ def get_export_llava_inputs(wildcards):
     duplicates.tsv names are left out."""
     shards = get_shard_ids(wildcards.dataset)
     return {
-        "duplicates": f"results/{wildcards.dataset}/duplicates.tsv",
+        "duplicates": DUPLICATES.format(dataset=wildcards.dataset),
         "phase2": expand(
-            "results/{dataset}/attributes/phase2/{shard}.parquet",
+            SHARD_OUTPUTS["phase2"],
             dataset=wildcards.dataset,
             shard=shards,
         ),
@@ -469,7 +470,7 @@ def get_export_hf_inputs(wildcards):
     return {
         **get_funnel_inputs(wildcards),
         "shards": expand(
-            "results/{dataset}/shards/{shard}.tar",
+            SHARD_OUTPUTS["shard"],
             dataset=wildcards.dataset,
             shard=get_shard_ids(wildcards.dataset),
         ),

@@ -1,15 +1,15 @@
 rule h5:
     input:
-        shard="results/{dataset}/shards/{shard}.tar",
-        phase1="results/{dataset}/attributes/phase1/{shard}.parquet",
-        phase2="results/{dataset}/attributes/phase2/{shard}.parquet",
+        shard=SHARD_OUTPUTS["shard"],
+        phase1=SHARD_OUTPUTS["phase1"],
+        phase2=SHARD_OUTPUTS["phase2"],
         language_model=get_model_input("language_model"),
         vision_tower=get_model_input("vision_tower"),
     output:
         phase1="results/{dataset}/h5/phase1/{shard}.h5",
         phase2="results/{dataset}/h5/phase2/{shard}.h5",
         images=directory("results/{dataset}/h5/images/{shard}"),
-        params="results/{dataset}/h5/shards/{shard}.json",
+        params=SHARD_OUTPUTS["h5"],
     log:
         "logs/h5/{dataset}/{shard}.log",
     benchmark:

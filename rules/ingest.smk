@@ -2,8 +2,8 @@ rule ingest:
     input:
         source=get_source_inputs,
     output:
-        tar="results/{dataset}/shards/{shard}.tar",
-        stats="results/{dataset}/shards/{shard}.stats.json",
+        tar=SHARD_OUTPUTS["shard"],
+        stats=SHARD_OUTPUTS["stats"],
     log:
         "logs/ingest/{dataset}/{shard}.log",
     benchmark:
@@ -50,7 +50,7 @@ rule duplicates:
         unpack(get_duplicates_inputs),
     output:
         report(
-            "results/{dataset}/duplicates.tsv",
+            DUPLICATES,
             caption="../workflow/report/duplicates.rst",
             category="Ingest",
             labels={"dataset": "{dataset}", "table": "duplicates and leaks"},
