@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from vlmflow.io import atomic_dir
-from vlmflow.meta_llama import NUM_SPECIAL_TOKENS, MetaParams, split_state, write_tokenizer_model
 from vlmflow.models import IMAGE
+
+if TYPE_CHECKING:
+    import torch
 
 # Special tokens of the demo tokenizer, named as Llama-3 names them so that prompt
 # handling written for the real model (end-of-turn id, header tokens) is exercised.
@@ -415,6 +415,15 @@ def build_demo_meta_llm(
     """A tiny random Llama 3 written as Meta ships one: ``model_parallel`` consolidated
     shards, params.json and a tiktoken tokenizer.model. The same seed gives the same
     weights whatever the number of shards."""
+    import torch
+
+    from vlmflow.meta_llama import (
+        NUM_SPECIAL_TOKENS,
+        MetaParams,
+        split_state,
+        write_tokenizer_model,
+    )
+
     ranks = demo_bpe_ranks()
     params = MetaParams(
         dim=dim,

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlmflow.contract import DuplicatesError
-from vlmflow.io import read_json
-from vlmflow.shards import image_digest, iter_samples
+from vlmflow.io import image_digest, read_json
+from vlmflow.shards import iter_samples
 
 STATS_SUFFIX = ".stats.json"
 

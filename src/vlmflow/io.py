@@ -133,3 +133,8 @@ def html_page(title: str, body: str, style: str) -> str:
         f"<title>{html.escape(title)}</title><style>{style}</style></head>"
         f"<body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n"
     )
+
+
+def image_digest(data: bytes) -> str:
+    """What makes two stored images the same: their bytes after decode and re-encode."""
+    return hashlib.sha256(data).hexdigest()[:32]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tarfile
@@ -62,8 +61,3 @@ def iter_samples(tar_path: str | Path) -> Iterator[Sample]:
             web_caption=record["txt"].decode("utf-8"),
             meta=json.loads(record["json"]),
         )
-
-
-def image_digest(data: bytes) -> str:
-    """What makes two stored images the same: their bytes after decode and re-encode."""
-    return hashlib.sha256(data).hexdigest()[:32]

@@ -21,9 +21,8 @@ from vlmflow.ingest.fetch import fetch, make_session
 from vlmflow.ingest.images import StoredImage, process_image
 from vlmflow.ingest.jobs import Job
 from vlmflow.ingest.settings import Failure, IngestSettings
-from vlmflow.io import atomic_open, write_json
+from vlmflow.io import atomic_open, image_digest, write_json
 from vlmflow.logs import progress_bar
-from vlmflow.shards import image_digest
 
 
 def _run_job(
