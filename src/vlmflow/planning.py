@@ -15,9 +15,10 @@ they are, so peak memory does not grow (benchmarks/dag.py measures both).
 
 Snakemake also checks, for every job that has to run, that its rule's ``script:`` can be
 read: it formats the script's path and reads the whole file through its source cache,
-once per job (about a sixth of a 10,000-shard dry run's time over a bare Snakefile,
-``benchmarks/dag_profile.py``). ``check_scripts_once_per_rule`` makes that check once per
-rule when the path has no wildcards or params in it, which is all of vlmflow's rules.
+once per job (2.0 of the 13.3 CPU seconds of a 2,000-shard dry run;
+``benchmarks/dag_profile.py`` shows it). ``check_scripts_once_per_rule`` makes that check
+once per rule when the path has no wildcards or params in it, which is all of vlmflow's
+rules.
 """
 
 from __future__ import annotations
