@@ -96,9 +96,22 @@ def train_demo_tokenizer(
     )
 
 
-def _tiny_llama_config(tokenizer: Any, hidden_size: int, layers: int) -> Any:
+def tiny_llama_config(
+    tokenizer: Any,
+    hidden_size: int,
+    layers: int,
+    *,
+    stop_ids: list[int] | None = None,
+    context: int = 2048,
+    architectures: list[str] | None = None,
+) -> Any:
+    """The demo LMs' Llama config: 4 heads over 2 KV heads, untied embeddings, the
+    tokenizer's special ids; generation stops on ``stop_ids`` (default: ``</s>`` and the
+    end-of-turn token)."""
     from transformers import LlamaConfig
 
+    if stop_ids is None:
+        stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(EOT)]
     return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -106,11 +119,12 @@ def _tiny_llama_config(tokenizer: Any, hidden_size: int, layers: int) -> Any:
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=2048,
+        max_position_embeddings=context,
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(EOT)],
+        eos_token_id=stop_ids,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        architectures=architectures,
     )
 
 
@@ -158,7 +172,7 @@ def build_demo_vlm(
     tokenizer = train_demo_tokenizer()
     config = LlavaConfig(
         vision_config=_tiny_clip_vision_config(image_size, patch_size, 32),
-        text_config=_tiny_llama_config(tokenizer, 32, 2),
+        text_config=tiny_llama_config(tokenizer, 32, 2),
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
@@ -217,7 +231,7 @@ def build_demo_internvl(
             image_size=[image_size, image_size],
             patch_size=[patch_size, patch_size],
         ),
-        text_config=_tiny_llama_config(tokenizer, 32, 2),
+        text_config=tiny_llama_config(tokenizer, 32, 2),
         image_token_id=tokenizer.convert_tokens_to_ids(names["context_image_token"]),
         downsample_ratio=downsample,
         projector_hidden_act="gelu",
@@ -262,7 +276,7 @@ def build_demo_qwen2vl(
         extra_tokens=markers, chat_template=template, named_tokens={"image_token": markers[2]}
     )
     ids = tokenizer.convert_tokens_to_ids
-    llama = _tiny_llama_config(tokenizer, 32, 2)
+    llama = tiny_llama_config(tokenizer, 32, 2)
     config = Qwen2VLConfig(
         vision_config={
             "depth": 2,
@@ -316,7 +330,7 @@ def build_demo_llm(out_dir: str | Path, seed: int, delimiter_bias: float) -> Non
 
     torch.manual_seed(seed)
     tokenizer = train_demo_tokenizer()
-    model = LlamaForCausalLM(_tiny_llama_config(tokenizer, 32, 2))
+    model = LlamaForCausalLM(tiny_llama_config(tokenizer, 32, 2))
     _set_stop_ids(model, tokenizer)
     # A random LM almost never emits a delimiter, so its noise would never parse as a
     # list and the demo would have no attributes downstream. A sequence bias in its
@@ -351,7 +365,7 @@ def build_demo_language_model(out_dir: str | Path, seed: int) -> None:
 
     torch.manual_seed(seed)
     tokenizer = train_demo_tokenizer()
-    model = LlamaForCausalLM(_tiny_llama_config(tokenizer, 64, 2))
+    model = LlamaForCausalLM(tiny_llama_config(tokenizer, 64, 2))
     _set_stop_ids(model, tokenizer)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)

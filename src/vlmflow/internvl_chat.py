@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from vlmflow.demo_models import train_demo_tokenizer
+from vlmflow.demo_models import tiny_llama_config, train_demo_tokenizer
 from vlmflow.io import atomic_dir
 from vlmflow.models import (
     cached_file,
@@ -343,25 +343,6 @@ def _chat_tokenizer() -> Any:
     )
 
 
-def _llm_config(tokenizer: Any, hidden_size: int, layers: int, stop_ids: list[int]) -> Any:
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=8192,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=stop_ids,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        architectures=["LlamaForCausalLM"],
-    )
-
-
 def build_mini_internvl_chat(
     out_dir: str | Path,
     seed: int,
@@ -386,7 +367,14 @@ def build_mini_internvl_chat(
     tokenizer = _chat_tokenizer()
     ids = tokenizer.convert_tokens_to_ids
     stop_ids = [ids(IM_END), tokenizer.eos_token_id]
-    llm_config = _llm_config(tokenizer, llm_hidden_size, layers, stop_ids)
+    llm_config = tiny_llama_config(
+        tokenizer,
+        llm_hidden_size,
+        layers,
+        stop_ids=stop_ids,
+        context=8192,
+        architectures=["LlamaForCausalLM"],
+    )
     vision_config = InternVLVisionConfig(
         hidden_size=vision_hidden_size,
         intermediate_size=vision_hidden_size * 2,
