@@ -1,4 +1,4 @@
-"""The Snakemake process's garbage-collector settings for planning large DAGs."""
+"""The Snakemake process's settings for large DAGs: the garbage collector, the script check."""
 
 from __future__ import annotations
 
@@ -70,3 +70,76 @@ def test_without_it_nothing_is_frozen_at_exit() -> None:
         """
     )
     assert out.split() == ["0"]
+
+
+# A workflow that counts how often Snakemake reads a job's script to check it exists
+# (snakemake.script.get_source, called by the check vlmflow's patch wraps).
+COUNTED_SNAKEFILE = """
+import atexit
+import snakemake.script
+from vlmflow.planning import check_scripts_once_per_rule
+
+reads = []
+original = snakemake.script.get_source
+
+
+def counted(path, *args, **kwargs):
+    reads.append(str(path))
+    return original(path, *args, **kwargs)
+
+
+snakemake.script.get_source = counted
+print("patched", check_scripts_once_per_rule(), check_scripts_once_per_rule())
+atexit.register(lambda: print("reads", *sorted(reads)))
+
+
+rule all:
+    input:
+        expand("plain/{i}.txt", i=range(4)),
+        expand("templated/{i}.txt", i=range(3)),
+
+
+rule plain:
+    output:
+        "plain/{i}.txt",
+    script:
+        "scripts/SCRIPT.py"
+
+
+rule templated:
+    output:
+        "templated/{i}.txt",
+    script:
+        "scripts/job{wildcards.i}.py"
+"""
+
+
+def dry_run(tmp_path, script: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "Snakefile").write_text(COUNTED_SNAKEFILE.replace("SCRIPT", script))
+    (tmp_path / "scripts").mkdir(exist_ok=True)
+    for name in ("plain", "job0", "job1", "job2"):
+        (tmp_path / "scripts" / f"{name}.py").write_text("pass\n")
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--quiet", "all"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_a_rules_script_is_checked_once_and_a_templated_one_per_job(tmp_path) -> None:
+    done = dry_run(tmp_path, "plain")
+    assert done.returncode == 0, done.stderr
+    # The installed Snakemake still has the check the patch replaces (a newer Snakemake
+    # without it fails here, so the pin in vlmflow.planning gets looked at); the second
+    # call leaves the first patch in place.
+    assert "patched True True" in done.stdout
+    # Four plain jobs, one read; three templated jobs, three reads (three files).
+    reads = done.stdout.split("reads")[-1].split()
+    assert reads == ["scripts/job{wildcards.i}.py"] * 3 + ["scripts/plain.py"]
+
+
+def test_a_missing_script_still_fails_the_dry_run_naming_it(tmp_path) -> None:
+    done = dry_run(tmp_path, "missing")
+    assert done.returncode != 0
+    assert "scripts/missing.py" in done.stdout + done.stderr
