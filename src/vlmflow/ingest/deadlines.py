@@ -2,13 +2,14 @@
 
 requests' ``timeout`` bounds each socket operation: a server that sends one byte a second
 never trips it, and holds a download slot for as long as it likes. Here every attempt
-gets a deadline; when it passes, a timer shuts the attempt's sockets down, which wakes
+gets a deadline; when it passes, a watchdog shuts the attempt's sockets down, which wakes
 the blocked read at once (headers or body, plain or TLS), and the attempt then reports
-itself expired.
+itself expired. One watchdog thread per process serves every attempt (a timer thread per
+attempt cost a thread start per download).
 
 The sockets are found through the connection classes of :class:`DeadlineAdapter`: a
 connection registers its socket with the attempt running in its thread when it connects
-and when a request is sent over a kept-alive one. The timer is stopped before a
+and when a request is sent over a kept-alive one. An attempt is stopped before a
 connection goes back to the pool, so a deadline never reaches another attempt's socket.
 Not covered: the DNS lookup (``getaddrinfo`` cannot be interrupted from Python).
 """
@@ -16,8 +17,12 @@ Not covered: the DNS lookup (``getaddrinfo`` cannot be interrupted from Python).
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
+import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,11 +43,9 @@ class Attempt:
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
         self._stopped = False
-        self._timer = threading.Timer(max(0.0, seconds), self._expire)
-        self._timer.daemon = True
 
     def start(self) -> None:
-        self._timer.start()
+        _WATCHDOG.add(self, time.monotonic() + max(0.0, self.seconds))
 
     def watch(self, sock: socket.socket | None) -> None:
         if sock is None:
@@ -57,15 +60,71 @@ class Attempt:
         """No shutdown after this returns (call before the connection goes back to the pool)."""
         with self._lock:
             self._stopped = True
-            self._timer.cancel()
+            self._sockets.clear()
 
-    def _expire(self) -> None:
+    def expire(self) -> None:
+        """The deadline has passed: shut the sockets down, unless the attempt has stopped."""
         with self._lock:
             if self._stopped:
                 return
             self.expired = True
             for sock in self._sockets:
                 _shut(sock)
+
+
+class _Watchdog:
+    """Expires attempts when their deadlines pass: one thread, a heap of deadlines.
+
+    Stopped attempts stay in the heap until their deadline and are then skipped, so the
+    heap holds at most the attempts started within the longest deadline.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Attempt]] = []
+        self._order = itertools.count()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def add(self, attempt: Attempt, deadline: float) -> None:
+        with self._wake:
+            heapq.heappush(self._heap, (deadline, next(self._order), attempt))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="vlmflow-deadlines", daemon=True
+                )
+                self._thread.start()
+            elif self._heap[0][2] is attempt:  # earlier than what the thread waits for
+                self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                due = self._next_due()
+            due.expire()
+
+    def _next_due(self) -> Attempt:
+        """Wait (holding the condition) until the earliest deadline passes; pop it."""
+        while True:
+            if not self._heap:
+                self._wake.wait()
+                continue
+            wait = self._heap[0][0] - time.monotonic()
+            if wait <= 0:
+                return heapq.heappop(self._heap)[2]
+            self._wake.wait(wait)
+
+
+_WATCHDOG = _Watchdog()
+
+
+def _after_fork() -> None:
+    # A forked child has none of the parent's threads, and the condition may have been
+    # held by one of them at the fork: start from a fresh watchdog.
+    global _WATCHDOG
+    _WATCHDOG = _Watchdog()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _shut(sock: socket.socket) -> None:
