@@ -77,7 +77,7 @@ localrules:
 
 rule attribute_stats:
     input:
-        unpack(get_attribute_files),
+        unpack(get_attribute_indexes),
     output:
         top=report(
             "results/{dataset}/report/top_attributes.png",
@@ -108,7 +108,7 @@ rule attribute_stats:
 
 rule parse_failures:
     input:
-        unpack(get_attribute_files),
+        unpack(get_attribute_indexes),
     output:
         report(
             "results/{dataset}/report/parse_failures.html",

@@ -52,7 +52,7 @@ localrules:
 
 rule caption_lengths:
     input:
-        get_caption_files,
+        get_caption_index,
     output:
         report(
             "results/{dataset}/report/caption_lengths.png",

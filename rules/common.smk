@@ -5,7 +5,14 @@ from snakemake.logging import logger
 from snakemake.utils import validate
 
 from vlmflow.ingest import IngestError, source_from_config
-from vlmflow.contract import DUPLICATES, SHARD_OUTPUTS
+from vlmflow.contract import (
+    DUPLICATES,
+    H5_FILES,
+    INDEXES,
+    MARKER,
+    SHARD_INDEX,
+    SHARD_OUTPUTS,
+)
 from vlmflow.checks import DEMO_MODEL, PACKAGED_ENCODER, ConfigError, check_models
 from vlmflow.checks import check_config as check_config_values
 from vlmflow.demo_models import DEMO_BUILDERS, DEMO_OPTIONS
@@ -19,6 +26,7 @@ wildcard_constraints:
     shard=r"\d{6}",
     kind="|".join(DEMO_BUILDERS),
     phase="phase1|phase2",
+    index="|".join(INDEXES),
 
 
 def check_config():
@@ -153,12 +161,28 @@ def get_phase2_settings(wildcards):
     return get_phase_settings("phase2")
 
 
-def ingest_stats(dataset):
+def shard_index(dataset, index):
+    """The index file listing a per-shard job's outputs for every shard of a dataset
+    (vlmflow.contract.INDEXES); per-dataset steps read their shards' files through it.
+    """
+    return SHARD_INDEX.format(dataset=dataset, index=index)
+
+
+def get_index_inputs(wildcards):
+    """One output per shard of the indexed job: the job writes the others with it."""
     return expand(
-        SHARD_OUTPUTS["stats"],
-        dataset=dataset,
-        shard=get_shard_ids(dataset),
+        INDEXES[wildcards.index][MARKER[wildcards.index]],
+        dataset=wildcards.dataset,
+        shard=get_shard_ids(wildcards.dataset),
     )
+
+
+def get_index_shards(wildcards):
+    return get_shard_ids(wildcards.dataset)
+
+
+def ingest_stats(dataset):
+    return shard_index(dataset, "ingest")
 
 
 def get_ingest_stats(wildcards):
@@ -170,36 +194,22 @@ def get_duplicates_inputs(wildcards):
     train = []
     if wildcards.dataset not in config["train_datasets"]:
         for dataset in config["train_datasets"]:
-            train += ingest_stats(dataset)
+            train.append(ingest_stats(dataset))
     return {"stats": get_ingest_stats(wildcards), "train_stats": train}
 
 
-def get_h5_params(wildcards):
-    return expand(
-        SHARD_OUTPUTS["h5"],
-        dataset=wildcards.dataset,
-        shard=get_shard_ids(wildcards.dataset),
-    )
+def get_h5_index(wildcards):
+    return shard_index(wildcards.dataset, "h5")
 
 
-def get_caption_files(wildcards):
-    return expand(
-        SHARD_OUTPUTS["captions"],
-        dataset=wildcards.dataset,
-        shard=get_shard_ids(wildcards.dataset),
-    )
+def get_caption_index(wildcards):
+    return shard_index(wildcards.dataset, "captions")
 
 
-def get_attribute_files(wildcards):
-    """Every phase-1 and phase-2 attribute parquet of a dataset."""
+def get_attribute_indexes(wildcards):
+    """The indexes of a dataset's phase-1 and phase-2 attribute parquets."""
     return {
-        phase: expand(
-            "results/{dataset}/attributes/{phase}/{shard}.parquet",
-            dataset=wildcards.dataset,
-            phase=phase,
-            shard=get_shard_ids(wildcards.dataset),
-        )
-        for phase in ("phase1", "phase2")
+        phase: shard_index(wildcards.dataset, phase) for phase in ("phase1", "phase2")
     }
 
 
@@ -208,21 +218,17 @@ def get_funnel_inputs(wildcards):
     in_h5 = wildcards.dataset in config["train_datasets"]
     return {
         "stats": get_ingest_stats(wildcards),
-        "captions": get_caption_files(wildcards),
-        **get_attribute_files(wildcards),
-        "h5": get_h5_params(wildcards) if in_h5 else [],
+        "captions": get_caption_index(wildcards),
+        **get_attribute_indexes(wildcards),
+        "h5": get_h5_index(wildcards) if in_h5 else [],
         "duplicates": DUPLICATES.format(dataset=wildcards.dataset),
     }
 
 
 def get_train_inputs(phase):
-    """Every phase-N HDF5 file of the train datasets, with their image folders."""
-    files, images = [], []
-    for dataset in config["train_datasets"]:
-        shards = get_shard_ids(dataset)
-        files += expand(f"results/{dataset}/h5/{phase}/{{shard}}.h5", shard=shards)
-        images += expand(f"results/{dataset}/h5/images/{{shard}}", shard=shards)
-    return {"h5": files, "images": images}
+    """The h5 indexes of the train datasets (each lists its phase-N files and image
+    folders)."""
+    return {"h5": [shard_index(dataset, "h5") for dataset in config["train_datasets"]]}
 
 
 def get_train_phase1_inputs(wildcards):
@@ -249,19 +255,10 @@ def get_train_settings(phase):
 
 
 def get_eval_inputs(wildcards):
-    shards = get_shard_ids(wildcards.dataset)
     return {
         "model": "results/train/phase2",
-        "shards": expand(
-            SHARD_OUTPUTS["shard"],
-            dataset=wildcards.dataset,
-            shard=shards,
-        ),
-        "attributes": expand(
-            SHARD_OUTPUTS["phase2"],
-            dataset=wildcards.dataset,
-            shard=shards,
-        ),
+        "shards": shard_index(wildcards.dataset, "ingest"),
+        "attributes": shard_index(wildcards.dataset, "phase2"),
         "duplicates": DUPLICATES.format(dataset=wildcards.dataset),
     }
 
@@ -293,15 +290,6 @@ def get_h5_feature_layer():
     return None
 
 
-def get_h5_phase_files(wildcards):
-    return expand(
-        "results/{dataset}/h5/{phase}/{shard}.h5",
-        dataset=wildcards.dataset,
-        phase=wildcards.phase,
-        shard=get_shard_ids(wildcards.dataset),
-    )
-
-
 # The report items of each dataset, under results/{dataset}/report/.
 REPORT_FILES = [
     "funnel.html",
@@ -329,27 +317,6 @@ def get_final_outputs():
         "results/eval/metrics.html",
         "results/train/loss.png",
     ]
-    per_shard = [
-        (
-            [
-                SHARD_OUTPUTS["shard"],
-                SHARD_OUTPUTS["stats"],
-            ],
-            "results/{dataset}/ingest_summary.tsv",
-        ),
-        (
-            [SHARD_OUTPUTS["captions"]],
-            "results/{dataset}/report/caption_lengths.png",
-        ),
-        (
-            [SHARD_OUTPUTS["phase1"]],
-            "results/{dataset}/report/top_attributes.png",
-        ),
-        (
-            [SHARD_OUTPUTS["phase2"]],
-            "results/{dataset}/report/top_attributes.png",
-        ),
-    ]
     for dataset in config["datasets"]:
         outputs.append(f"results/{dataset}/ingest_summary.tsv")
         outputs.append(DUPLICATES.format(dataset=dataset))
@@ -360,10 +327,10 @@ def get_final_outputs():
                 name=REPORT_FILES,
             )
             outputs.append(f"results/export/{dataset}/hf")
-        # Each rule's per-shard outputs, with a per-dataset output whose rule reads them.
-        for patterns, reader_output in per_shard:
+        # Each per-shard job's outputs, with the index that lists them.
+        for index in ("ingest", "captions", "phase1", "phase2"):
             outputs += per_shard_targets(
-                dataset, patterns, reader_output.format(dataset=dataset)
+                dataset, INDEXES[index].values(), shard_index(dataset, index)
             )
     for dataset in config["train_datasets"]:
         if config["h5_shuffle"]["chunks"] > 0:
@@ -389,28 +356,21 @@ def get_final_outputs():
                 name=["llava.json", "llava.md"],
             )
         outputs += per_shard_targets(
-            dataset,
-            [
-                "results/{dataset}/h5/phase1/{shard}.h5",
-                "results/{dataset}/h5/phase2/{shard}.h5",
-                "results/{dataset}/h5/images/{shard}",
-                SHARD_OUTPUTS["h5"],
-            ],
-            f"results/{dataset}/h5/metadata.json",
+            dataset, INDEXES["h5"].values(), shard_index(dataset, "h5")
         )
     return outputs
 
 
-def per_shard_targets(dataset, patterns, reader_output):
+def per_shard_targets(dataset, patterns, index):
     """The per-shard files (patterns: the outputs of a rule) that `all` lists for a
     dataset: those missing now, and none while the rule has written nothing yet and
-    reader_output is missing too.
+    its index is missing too.
 
-    An existing file needs no target: its job is in the DAG anyway, through the
-    per-dataset step that reads it, and reruns when stale. A missing one needs one unless
-    that step is certain to run and ask for it: reader_output, listed in `all` too, is
-    written by a step reading one of these outputs for every shard; while it is missing
-    that step runs, and every shard's job whose outputs are all missing runs with it.
+    An existing file needs no target: its job is in the DAG anyway, through the index
+    that lists it (which per-dataset steps in `all` read), and reruns when stale. A
+    missing one needs one unless the index is certain to be made and ask for it: while
+    the index is missing, it is made, and every shard's job whose outputs are all missing
+    runs with it.
     """
     shards = get_shard_ids(dataset)
     folders = {}
@@ -421,9 +381,7 @@ def per_shard_targets(dataset, patterns, reader_output):
                 folders[folder] = set(os.listdir(folder))
             except FileNotFoundError:
                 folders[folder] = None
-    if all(names is None for names in folders.values()) and not os.path.exists(
-        reader_output
-    ):
+    if all(names is None for names in folders.values()) and not os.path.exists(index):
         return []
     targets = []
     for pattern in patterns:
@@ -446,34 +404,21 @@ def model_param(key):
 
 
 def get_export_llava_inputs(wildcards):
-    """Each shard's phase-2 parquet and the image folder its h5 job wrote; the samples
-    duplicates.tsv names are left out."""
-    shards = get_shard_ids(wildcards.dataset)
+    """The phase-2 parquets and the image folders the h5 jobs wrote, through their
+    indexes; the samples duplicates.tsv names are left out."""
     return {
         "duplicates": DUPLICATES.format(dataset=wildcards.dataset),
-        "phase2": expand(
-            SHARD_OUTPUTS["phase2"],
-            dataset=wildcards.dataset,
-            shard=shards,
-        ),
-        "images": expand(
-            "results/{dataset}/h5/images/{shard}",
-            dataset=wildcards.dataset,
-            shard=shards,
-        ),
+        "phase2": shard_index(wildcards.dataset, "phase2"),
+        "h5": shard_index(wildcards.dataset, "h5"),
     }
 
 
 def get_export_hf_inputs(wildcards):
     """What the funnel counts (the card's counts; duplicates.tsv, whose samples are left
-    out, among them), the shards (images) and the prompts."""
+    out, among them; the ingest index lists the shards, i.e. the images) and the
+    prompts."""
     return {
         **get_funnel_inputs(wildcards),
-        "shards": expand(
-            SHARD_OUTPUTS["shard"],
-            dataset=wildcards.dataset,
-            shard=get_shard_ids(wildcards.dataset),
-        ),
         "caption_prompt": config["caption"]["prompt"],
         "phase1_prompt": config["attributes"]["phase1"]["prompt"],
         "phase2_prompt": config["attributes"]["phase2"]["prompt"],

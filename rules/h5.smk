@@ -6,9 +6,9 @@ rule h5:
         language_model=get_model_input("language_model"),
         vision_tower=get_model_input("vision_tower"),
     output:
-        phase1="results/{dataset}/h5/phase1/{shard}.h5",
-        phase2="results/{dataset}/h5/phase2/{shard}.h5",
-        images=directory("results/{dataset}/h5/images/{shard}"),
+        phase1=H5_FILES["phase1"],
+        phase2=H5_FILES["phase2"],
+        images=directory(H5_FILES["images"]),
         params=SHARD_OUTPUTS["h5"],
     log:
         "logs/h5/{dataset}/{shard}.log",
@@ -31,7 +31,7 @@ localrules:
 
 rule h5_index:
     input:
-        get_h5_params,
+        get_h5_index,
     output:
         metadata="results/{dataset}/h5/metadata.json",
         data_params="results/{dataset}/h5/data_params.json",
@@ -50,7 +50,7 @@ rule h5_index:
 
 rule h5_shuffle:
     input:
-        get_h5_phase_files,
+        get_h5_index,
     output:
         directory("results/{dataset}/h5/shuffled/{phase}"),
     log:

@@ -38,7 +38,34 @@ SHARD_OUTPUTS = {
     "phase2": "results/{dataset}/attributes/phase2/{shard}.parquet",
     "h5": "results/{dataset}/h5/shards/{shard}.json",
 }
+# The h5 job's other outputs (SHARD_OUTPUTS["h5"] is its json).
+H5_FILES = {
+    "phase1": "results/{dataset}/h5/phase1/{shard}.h5",
+    "phase2": "results/{dataset}/h5/phase2/{shard}.h5",
+    "images": "results/{dataset}/h5/images/{shard}",
+}
 DUPLICATES = "results/{dataset}/duplicates.tsv"
+
+# A dataset's per-dataset steps read its per-shard outputs through one index file per
+# per-shard job (a row per shard, a column per output): Snakemake then matches one file
+# per shard and job to its producer, instead of one per shard and reader (at 100,000
+# shards that matching is most of planning; benchmarks/dag_profile.py). The index's only
+# input is the file in its MARKER column, which the same job writes with the others.
+SHARD_INDEX = "results/{dataset}/index/{index}.tsv"
+INDEXES: dict[str, dict[str, str]] = {
+    "ingest": {"shard": SHARD_OUTPUTS["shard"], "stats": SHARD_OUTPUTS["stats"]},
+    "captions": {"captions": SHARD_OUTPUTS["captions"]},
+    "phase1": {"phase1": SHARD_OUTPUTS["phase1"]},
+    "phase2": {"phase2": SHARD_OUTPUTS["phase2"]},
+    "h5": {**{f"h5_{name}": path for name, path in H5_FILES.items()}, "h5": SHARD_OUTPUTS["h5"]},
+}
+MARKER = {
+    "ingest": "stats",
+    "captions": "captions",
+    "phase1": "phase1",
+    "phase2": "phase2",
+    "h5": "h5",
+}
 # Its columns, and why an image is listed there (vlmflow.duplicates finds them).
 DUPLICATE_COLUMNS = ("key", "shard", "reason", "detail")
 DUPLICATE_REASONS = ("duplicate", "leak")
@@ -437,3 +464,42 @@ def read_duplicates(path: str | Path) -> dict[tuple[str, str], str]:
             )
         out[(row["shard"], row["key"])] = row["reason"]
     return out
+
+
+class ShardIndexError(ValueError):
+    """An index file that names a missing file, or lacks the column asked for."""
+
+
+def write_shard_index(index: str, dataset: str, shards: Sequence[str], out_tsv: str | Path) -> int:
+    """Write ``dataset``'s index of the outputs of per-shard job ``index`` (a key of
+    INDEXES), one row per shard in ``shards`` order; every listed file must exist.
+    Returns the number of rows."""
+    columns = INDEXES[index]
+    rows = []
+    for shard in shards:
+        row = {name: path.format(dataset=dataset, shard=shard) for name, path in columns.items()}
+        missing = [path for path in row.values() if not Path(path).exists()]
+        if missing:
+            raise ShardIndexError(f"{out_tsv}: shard {shard}: {missing[0]} does not exist")
+        rows.append({"shard": shard, **row})
+    with atomic_open(out_tsv) as handle:
+        writer = csv.DictWriter(
+            handle, fieldnames=["shard", *columns], delimiter="\t", lineterminator="\n"
+        )
+        writer.writeheader()
+        writer.writerows(rows)
+    return len(rows)
+
+
+def read_shard_index(paths: str | Path | Sequence[str | Path], column: str) -> list[str]:
+    """The files in ``column`` of one or more index files, in shard order, file by file."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    files: list[str] = []
+    for path in paths:
+        with open(path, encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle, delimiter="\t")
+            if column not in (reader.fieldnames or ()):
+                raise ShardIndexError(f"{path}: no column {column!r} (has {reader.fieldnames})")
+            files += [row[column] for row in reader]
+    return files

@@ -74,8 +74,9 @@ GPU_RULES = {"caption", "attributes_phase1", "attributes_phase2", "evaluate"}
 TRAIN_RULES = {"train_phase1", "train_phase2"}
 SHARD_CHAIN = ["caption", "attributes_phase1", "attributes_phase2", "h5"]
 AGGREGATES = ["train_phase1", "train_phase2", "evaluate"]
-# Local rules that summarise outputs for the report: they run where Snakemake runs.
+# Local rules that index or summarise outputs: they run where Snakemake runs.
 REPORT_RULES = {
+    "shard_index",
     "loss_plot",
     "metrics_table",
     "metrics_page",

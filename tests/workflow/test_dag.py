@@ -42,6 +42,8 @@ ONE_SHARD_CHAIN = {
     "attributes_phase2": 1,
     "h5": 1,
     "h5_index": 1,
+    # The dataset's indexes of its captions, phase-1, phase-2 and h5 files.
+    "shard_index": 4,
     "train_phase1": 1,
     "train_phase2": 1,
     "evaluate": 1,

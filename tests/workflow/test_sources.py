@@ -133,6 +133,6 @@ def test_new_images_in_a_folder_run_only_the_new_shard(workdir: Path) -> None:
     output = dry.stdout + dry.stderr
     assert dry.returncode == 0, output[-3000:]
     # The table and COCO sources list their rows explicitly; only the folder grew.
-    assert job_counts(output) == {"ingest": 1, "ingest_summary": 1}
+    assert job_counts(output) == {"ingest": 1, "shard_index": 1, "ingest_summary": 1}
     [ingest] = job_outputs(output, "ingest")
     assert ingest.startswith("results/folder/shards/000001.tar")

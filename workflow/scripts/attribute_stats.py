@@ -1,11 +1,12 @@
 """Most frequent attributes and attributes per image of a dataset (see vlmflow.report)."""
 
 from vlmflow import report
+from vlmflow.contract import read_shard_index
 from vlmflow.logs import log_to
 
 with log_to(snakemake.log[0]) as log:
     stats = report.write_attribute_figures(
-        snakemake.input.phase2,
+        read_shard_index(snakemake.input.phase2, "phase2"),
         snakemake.wildcards.dataset,
         snakemake.params.top,
         snakemake.output.top,

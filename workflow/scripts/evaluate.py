@@ -1,7 +1,7 @@
 """Predict labels for one eval dataset and score them (see vlmflow.evaluate)."""
 
 from vlmflow import evaluate
-from vlmflow.contract import read_duplicates
+from vlmflow.contract import read_duplicates, read_shard_index
 from vlmflow.logs import log_to
 
 with log_to(snakemake.log[0]):
@@ -18,8 +18,8 @@ with log_to(snakemake.log[0]):
     )
     evaluate.run(
         model_dir=snakemake.input.model,
-        shard_tars=snakemake.input.shards,
-        phase2_parquets=snakemake.input.attributes,
+        shard_tars=read_shard_index(snakemake.input.shards, "shard"),
+        phase2_parquets=read_shard_index(snakemake.input.attributes, "phase2"),
         similarity_encoder=similarity_encoder,
         settings=settings,
         dataset=snakemake.wildcards.dataset,

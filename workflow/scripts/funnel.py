@@ -4,13 +4,14 @@ from vlmflow import contract, report
 from vlmflow.logs import log_to
 
 with log_to(snakemake.log[0]) as log:
+    inputs = snakemake.input
     funnels = contract.dataset_funnel(
-        snakemake.input.stats,
-        snakemake.input.captions,
-        snakemake.input.phase1,
-        snakemake.input.phase2,
-        snakemake.input.h5,
-        snakemake.input.duplicates,
+        contract.read_shard_index(inputs.stats, "stats"),
+        contract.read_shard_index(inputs.captions, "captions"),
+        contract.read_shard_index(inputs.phase1, "phase1"),
+        contract.read_shard_index(inputs.phase2, "phase2"),
+        contract.read_shard_index(inputs.h5, "h5"),  # none for an eval dataset
+        inputs.duplicates,
     )
     total = report.write_funnel_report(
         funnels, snakemake.wildcards.dataset, snakemake.output.page, snakemake.output.figure

@@ -9,15 +9,16 @@ import sys
 from pathlib import Path
 
 from vlmflow import train
+from vlmflow.contract import read_shard_index
 from vlmflow.logs import log_to
 
 with log_to(snakemake.log[0]):
+    settings = train.TrainSettings(**snakemake.params.settings)
     # Image paths inside results/D/h5/phaseN/S.h5 are relative to results/D/h5/images.
     sources = [
         train.H5Source(path=Path(h5), image_root=Path(h5).parent.parent / "images")
-        for h5 in snakemake.input.h5
+        for h5 in read_shard_index(snakemake.input.h5, f"h5_phase{settings.phase}")
     ]
-    settings = train.TrainSettings(**snakemake.params.settings)
     # How often to save a resumable checkpoint changes no result, so it is read from the
     # config here rather than made a param (editing it does not rerun training).
     every = snakemake.config["train"]["checkpoint_every"]
