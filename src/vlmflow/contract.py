@@ -11,6 +11,8 @@ Every stage records what became of each sample, so counting needs no image and n
 * h5: the shard's json (examples written per phase, samples discarded as too long);
 * duplicates.tsv: repeats across shards and leaks from train datasets.
 
+The per-dataset steps find a dataset's shard files through its indexes (SHARD_INDEX).
+
 The report's funnel, the exports' cards and ``vlmflow status`` all count here.
 """
 
@@ -46,6 +48,10 @@ H5_FILES = {
 }
 DUPLICATES = "results/{dataset}/duplicates.tsv"
 
+# Its columns, and why an image is listed there (vlmflow.duplicates finds them).
+DUPLICATE_COLUMNS = ("key", "shard", "reason", "detail")
+DUPLICATE_REASONS = ("duplicate", "leak")
+
 # A dataset's per-dataset steps read its per-shard outputs through one index file per
 # per-shard job (a row per shard, a column per output): Snakemake then matches one file
 # per shard and job to its producer, instead of one per shard and reader (at 100,000
@@ -66,9 +72,6 @@ MARKER = {
     "phase2": "phase2",
     "h5": "h5",
 }
-# Its columns, and why an image is listed there (vlmflow.duplicates finds them).
-DUPLICATE_COLUMNS = ("key", "shard", "reason", "detail")
-DUPLICATE_REASONS = ("duplicate", "leak")
 
 # Why ingest leaves a row out of its shard: every one, in the column order of the
 # ingest summary (vlmflow.ingest counts them in each shard's stats json).
