@@ -181,21 +181,18 @@ def get_index_shards(wildcards):
     return get_shard_ids(wildcards.dataset)
 
 
-def ingest_stats(dataset):
-    return shard_index(dataset, "ingest")
-
-
-def get_ingest_stats(wildcards):
-    return ingest_stats(wildcards.dataset)
+def get_ingest_index(wildcards):
+    return shard_index(wildcards.dataset, "ingest")
 
 
 def get_duplicates_inputs(wildcards):
-    """A dataset's stats files and, for an eval dataset, those of the train datasets."""
+    """A dataset's ingest index (its stats files) and, for an eval dataset, the train
+    datasets' ones."""
     train = []
     if wildcards.dataset not in config["train_datasets"]:
         for dataset in config["train_datasets"]:
-            train.append(ingest_stats(dataset))
-    return {"stats": get_ingest_stats(wildcards), "train_stats": train}
+            train.append(shard_index(dataset, "ingest"))
+    return {"stats": get_ingest_index(wildcards), "train_stats": train}
 
 
 def get_h5_index(wildcards):
@@ -217,7 +214,7 @@ def get_funnel_inputs(wildcards):
     """Every per-shard output a dataset's funnel counts; h5 ones for train datasets only."""
     in_h5 = wildcards.dataset in config["train_datasets"]
     return {
-        "stats": get_ingest_stats(wildcards),
+        "stats": get_ingest_index(wildcards),
         "captions": get_caption_index(wildcards),
         **get_attribute_indexes(wildcards),
         "h5": get_h5_index(wildcards) if in_h5 else [],

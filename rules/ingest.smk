@@ -25,7 +25,7 @@ localrules:
 
 rule ingest_summary:
     input:
-        get_ingest_stats,
+        get_ingest_index,
     output:
         report(
             "results/{dataset}/ingest_summary.tsv",
