@@ -34,7 +34,9 @@ localrules:
     all,
 
 
+# An input function, so that only a run that plans `all` lists the datasets' shards: a
+# Slurm job parses this file again and must not pay for that.
 rule all:
     default_target: True
     input:
-        get_final_outputs(),
+        get_final_outputs,

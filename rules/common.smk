@@ -10,6 +10,7 @@ from vlmflow.contract import (
     H5_FILES,
     INDEXES,
     MARKER,
+    PART_MANIFESTS,
     SHARD_INDEX,
     SHARD_OUTPUTS,
 )
@@ -23,7 +24,8 @@ validate(config, schema="../workflow/schemas/config.schema.yaml")
 
 wildcard_constraints:
     dataset=r"[A-Za-z0-9_-]+",
-    shard=r"\d{6}",
+    # NNNNNN, or TAG_NNNNNN for a URL list in parts (vlmflow.ingest.parts).
+    shard=r"(?:[A-Za-z0-9-]+_)?\d{6}",
     kind="|".join(DEMO_BUILDERS),
     phase="phase1|phase2",
     index="|".join(INDEXES),
@@ -51,10 +53,19 @@ _SOURCES = {}
 
 
 def get_source(dataset):
-    """The dataset's source (URL list, image folder, COCO, HF dataset or tars), read once."""
+    """The dataset's source (URL list, image folder, COCO, HF dataset or tars), made once.
+
+    Only the main process may read a URL list part to write its manifest; a job reads
+    its own shard's line (vlmflow.ingest.parts), so its start-up does not grow with the list.
+    """
     if dataset not in _SOURCES:
         try:
-            _SOURCES[dataset] = source_from_config(config["datasets"][dataset], dataset)
+            _SOURCES[dataset] = source_from_config(
+                config["datasets"][dataset],
+                dataset,
+                PART_MANIFESTS.format(dataset=dataset),
+                build=workflow.is_main_process,
+            )
         except IngestError as exc:
             raise ConfigError(f"config.datasets.{dataset}: {exc}") from None
     return _SOURCES[dataset]
@@ -63,28 +74,32 @@ def get_source(dataset):
 check_config()
 
 
+_SHARD_IDS = {}
+
+
 def get_shard_ids(dataset):
-    """Shard ids of a dataset: one per fixed range of rows of its source."""
-    return list(_shard_rows(dataset))
-
-
-_SHARD_ROWS = {}
-
-
-def _shard_rows(dataset):
-    if dataset not in _SHARD_ROWS:
-        shard_size = config["datasets"][dataset]["shard_size"]
-        ranges = get_source(dataset).shard_ranges(shard_size)
-        _SHARD_ROWS[dataset] = {
-            f"{number:06d}": rows for number, rows in enumerate(ranges)
-        }
-    return _SHARD_ROWS[dataset]
+    """Shard ids of a dataset (planning only: O(shards), from the part manifests)."""
+    if dataset not in _SHARD_IDS:
+        source = get_source(dataset)
+        try:
+            _SHARD_IDS[dataset] = source.shard_ids(config["datasets"][dataset]["shard_size"])
+        except IngestError as exc:
+            raise ConfigError(f"config.datasets.{dataset}: {exc}") from None
+        for note in source.removed_parts():
+            logger.warning(
+                f"config.datasets.{dataset}.url_list: {note}: its shards are left out of "
+                f"the dataset from now on (their files stay under results/{dataset}/; "
+                f"delete its manifest in {PART_MANIFESTS.format(dataset=dataset)}/ to "
+                "stop this warning)"
+            )
+    return _SHARD_IDS[dataset]
 
 
 def get_source_inputs(wildcards):
     # ancient: appending rows to a list (or images to a folder) must not make existing
     # shards stale; the shard's row range and a digest of its rows (params) decide instead.
-    return [ancient(path) for path in get_source(wildcards.dataset).inputs()]
+    source = get_source(wildcards.dataset)
+    return [ancient(path) for path in source.shard_inputs(wildcards.shard)]
 
 
 def get_source_params(wildcards):
@@ -94,9 +109,12 @@ def get_source_params(wildcards):
 
 
 def get_shard_rows(wildcards):
-    start, end = _shard_rows(wildcards.dataset)[wildcards.shard]
-    digest = get_source(wildcards.dataset).digest(start, end)
-    return {"start": start, "end": end, "digest": digest}
+    """The shard's rows and their digest: in a job, its own manifest line only."""
+    shard_size = config["datasets"][wildcards.dataset]["shard_size"]
+    try:
+        return get_source(wildcards.dataset).shard_rows(wildcards.shard, shard_size)
+    except IngestError as exc:
+        raise ConfigError(f"config.datasets.{wildcards.dataset}: {exc}") from None
 
 
 def get_ingest_settings(wildcards):
@@ -300,7 +318,7 @@ REPORT_FILES = [
 ]
 
 
-def get_final_outputs():
+def get_final_outputs(wildcards):
     """Every file of the data contract, so that a deleted one is made again.
 
     Per-shard files are listed although per-dataset steps read them all: Snakemake

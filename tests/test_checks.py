@@ -313,7 +313,7 @@ def test_check_config_names_the_key_and_the_value(monkeypatch: pytest.MonkeyPatc
     broken.append((config, "config.eval_datasets: dataset 'nowhere' is not defined"))
     config = repo_config()
     next(iter(config["datasets"].values()))["url_list"] = "data/missing.tsv"
-    broken.append((config, "url_list: file 'data/missing.tsv' does not exist"))
+    broken.append((config, "url_list: 'data/missing.tsv' does not exist"))
     config = repo_config()
     config["attributes"]["phase2"]["prompt"] = "config/prompts/gone.txt"
     broken.append((config, "config.attributes.phase2.prompt: file 'config/prompts/gone.txt'"))

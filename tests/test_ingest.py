@@ -249,17 +249,33 @@ def test_jsonl_digest_sees_fields_beyond_the_first_record(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize(
-    ("text", "message"),
+    ("name", "text", "reason"),
     [
-        ('{"url": "u", "caption": "c"}\n{"url": oops}\n', r"list.jsonl: line 2: not JSON"),
-        ('{"url": "u", "caption": "c"}\n["u", "c"]\n', r"line 2: expected a JSON object, got list"),
+        ("list.jsonl", '{"url": "U0", "caption": "c"}\n{"url": oops}\n{"url": "U2"}\n', "not JSON"),
+        (
+            "list.jsonl",
+            '{"url": "U0", "caption": "c"}\n["u", "c"]\n{"url": "U2"}\n',
+            "expected a JSON object, got list",
+        ),
+        ("list.tsv", "url\tcaption\nU0\tok\nhttp://a/2.jpg\nU2\tok\n", "1 fields, header has 2"),
+        ("list.csv", 'url,caption\nU0,ok\n"http://a/\udcff.jpg",x\nU2,ok\n', "not valid UTF-8"),
     ],
 )
-def test_bad_jsonl_names_file_and_line(tmp_path: Path, text: str, message: str) -> None:
-    path = tmp_path / "list.jsonl"
-    path.write_text(text, encoding="utf-8")
-    with pytest.raises(IngestError, match=message):
-        count_rows(path)
+def test_a_record_that_is_no_row_is_a_counted_failure_of_that_row(
+    tmp_path: Path, images: dict[str, Path], name: str, text: str, reason: str
+) -> None:
+    """A bad record fails its own row (``malformed_row``, naming the file and row); the
+    rows around it are ingested."""
+    path = tmp_path / name
+    good = text.replace("U0", images["rgb"].as_uri()).replace("U2", images["big"].as_uri())
+    # \udcff: a lone 0xff byte, which is no UTF-8.
+    path.write_bytes(good.encode("utf-8", errors="surrogateescape"))
+    assert count_rows(path) == 3
+    stats = run_shard(path, IngestSettings(), tmp_path / "out")
+    assert stats["ok"] == 2 and stats["failed"] == {"malformed_row": 1}
+    (failure,) = stats["failures"]
+    assert failure["row"] == 1
+    assert f"{path}: data row 1: {reason}" in failure["detail"]
 
 
 def test_count_rows_counts_records_not_lines(tmp_path: Path) -> None:
@@ -296,13 +312,6 @@ def test_read_rows_missing_column_names_file_and_column(
     assert str(path) in message
     assert repr(column) in message
     assert "'url'" in message and "'caption'" in message  # the columns present
-
-
-def test_read_rows_ragged_row_names_file_and_row(tmp_path: Path) -> None:
-    path = tmp_path / "bad.tsv"
-    path.write_text("url\tcaption\nhttp://a/1.jpg\tok\nhttp://a/2.jpg\n", encoding="utf-8")
-    with pytest.raises(IngestError, match=r"bad\.tsv: data row 1: 1 fields"):
-        read_rows(path, 0, 2, IngestSettings())
 
 
 def test_read_rows_beyond_end_is_an_error(tmp_path: Path) -> None:
@@ -517,14 +526,17 @@ def test_relative_file_urls_and_key_column(tmp_path: Path, images: dict[str, Pat
     assert meta["id"] == "../evil/one"  # the raw key is kept as an extra column
 
 
-def test_empty_key_cell_is_a_clear_error(tmp_path: Path, images: dict[str, Path]) -> None:
+def test_an_empty_key_cell_fails_its_row_only(tmp_path: Path, images: dict[str, Path]) -> None:
     rows: list[dict[str, Any]] = [
         {"url": images["rgb"].as_uri(), "caption": "c", "id": "a"},
         {"url": images["big"].as_uri(), "caption": "c", "id": None},
+        {"url": images["exif"].as_uri(), "caption": "c", "id": "c"},
     ]
     url_list = write_list(tmp_path / "list.tsv", rows)
-    with pytest.raises(IngestError, match=r"list\.tsv: data row 1: key column 'id' is empty"):
-        run_shard(url_list, IngestSettings(key_column="id"), tmp_path)
+    stats = run_shard(url_list, IngestSettings(key_column="id"), tmp_path)
+    assert reasons_by_row(stats) == {1: "missing_key"}
+    assert "key column 'id' is empty" in stats["failures"][0]["detail"]
+    assert set(read_tar(tmp_path / "shard.tar")) == {"a", "c"}
 
 
 def test_shard_range_uses_absolute_rows(tmp_path: Path, images: dict[str, Path]) -> None:
@@ -1085,14 +1097,15 @@ def test_bad_resize_mode_or_format_is_named(field: str, value: Any, message: str
 
 
 @pytest.mark.parametrize("suffix", [".tsv", ".csv", ".jsonl", ".parquet"])
-def test_shard_digest_equals_the_per_range_digest_and_follows_edits(
+def test_one_scan_gives_every_shards_digest_and_offset_and_follows_edits(
     tmp_path: Path, suffix: str
 ) -> None:
-    """Planning reads the list once for all shards' digests; they are the digests of the
-    rows themselves, and an edited list is read again."""
+    """Planning reads a list once for all shards: their digests are the digests of the
+    rows themselves, their offsets read the same rows as reading from the top, and an
+    edited list gives a new digest to exactly the edited shard."""
     import pandas as pd
 
-    from vlmflow.ingest import rows_digest, shard_digest, shard_ranges
+    from vlmflow.ingest import rows_digest, scan_shards
 
     path = tmp_path / f"urls{suffix}"
 
@@ -1100,23 +1113,29 @@ def test_shard_digest_equals_the_per_range_digest_and_follows_edits(
         frame = pd.DataFrame(
             {
                 "url": [f"https://example.org/{i}.jpg" for i in range(len(captions))],
-                "caption": captions,
+                # A quoted CSV caption spans two lines: offsets count bytes, not lines.
+                "caption": [f"{c}\nsecond line" if suffix == ".csv" else c for c in captions],
             }
         )
         if suffix == ".parquet":
             frame.to_parquet(path)
         elif suffix == ".jsonl":
-            frame.to_json(path, orient="records", lines=True)
+            frame.to_json(path, orient="records", lines=True, force_ascii=False)
         else:
             frame.to_csv(path, sep="\t" if suffix == ".tsv" else ",", index=False)
 
-    write([f"photo {i}" for i in range(23)])
-    ranges = shard_ranges(23, 5)
-    first = [shard_digest(path, a, b) for a, b in ranges]
-    assert first == [rows_digest(path, a, b) for a, b in ranges]
+    write([f"photo {i} ünïcode" for i in range(23)])
+    columns, scans = scan_shards(path, 5)
+    assert columns == ["url", "caption"]
+    assert [(s.start, s.end) for s in scans] == shard_ranges(23, 5)
+    first = [scan.digest for scan in scans]
+    assert first == [rows_digest(path, s.start, s.end) for s in scans]
     assert len(set(first)) == len(first)
-    write([f"photo {i}" if i != 7 else "edited" for i in range(23)])
-    second = [shard_digest(path, a, b) for a, b in ranges]
+    for scan in scans:
+        from_offset = read_rows(path, scan.start, scan.end, IngestSettings(), scan.offset)
+        assert from_offset == read_rows(path, scan.start, scan.end, IngestSettings())
+    write([f"photo {i} ünïcode" if i != 7 else "edited" for i in range(23)])
+    second = [scan.digest for scan in scan_shards(path, 5)[1]]
     assert [a != b for a, b in zip(first, second, strict=True)] == [
         False,
         True,

@@ -9,6 +9,7 @@ it, with the same message (vlmflow.h5 and vlmflow.attributes call the same funct
 
 from __future__ import annotations
 
+import glob
 import re
 import warnings
 from collections.abc import Callable
@@ -195,6 +196,13 @@ def check_ingest(settings: dict[str, Any]) -> list[str]:
     return [str(warning.message) for warning in caught]
 
 
+def _names_files(url_list: str) -> bool:
+    """Whether a url_list (a file, a folder of parts or a glob of them) exists."""
+    if glob.has_magic(url_list):
+        return any(Path(match).is_file() for match in glob.iglob(url_list))
+    return Path(url_list).is_file() or Path(url_list).is_dir()
+
+
 def check_config(config: dict[str, Any], demo_kinds: tuple[str, ...]) -> list[str]:
     """The config's values that the schema cannot check, relative to the working
     directory: datasets named by role exist, files exist, the ingest section, model
@@ -208,9 +216,10 @@ def check_config(config: dict[str, Any], demo_kinds: tuple[str, ...]) -> list[st
                     f"(defined: {', '.join(sorted(datasets))})"
                 )
     for name, dataset in datasets.items():
-        if "url_list" in dataset and not Path(dataset["url_list"]).is_file():
+        if "url_list" in dataset and not _names_files(dataset["url_list"]):
             raise ConfigError(
-                f"config.datasets.{name}.url_list: file {dataset['url_list']!r} does not exist"
+                f"config.datasets.{name}.url_list: {dataset['url_list']!r} does not exist "
+                "(give a list file, a folder of parts or a glob that matches parts)"
             )
     for key in ("caption", "attributes.phase1", "attributes.phase2"):
         section = config

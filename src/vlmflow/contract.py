@@ -47,6 +47,9 @@ H5_FILES = {
     "images": "results/{dataset}/h5/images/{shard}",
 }
 DUPLICATES = "results/{dataset}/duplicates.tsv"
+# Where planning keeps a URL list's part manifests (vlmflow.ingest.parts): written by the
+# workflow's main process, read by planning and by each ingest job for its own shard.
+PART_MANIFESTS = "results/{dataset}/parts"
 
 # Its columns, and why an image is listed there (vlmflow.duplicates finds them).
 DUPLICATE_COLUMNS = ("key", "shard", "reason", "detail")
@@ -76,6 +79,8 @@ MARKER = {
 # Why ingest leaves a row out of its shard: every one, in the column order of the
 # ingest summary (vlmflow.ingest counts them in each shard's stats json).
 FAILURE_REASONS = (
+    "malformed_row",
+    "missing_key",
     "missing_url",
     "invalid_url",
     "duplicate",

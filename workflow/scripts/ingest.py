@@ -1,19 +1,23 @@
 """Ingest one shard of a dataset's source into a WebDataset tar (see vlmflow.ingest.sources)."""
 
-from vlmflow.ingest import IngestSettings, ingest_source_shard, source_from_config
+from vlmflow.contract import PART_MANIFESTS
+from vlmflow.ingest import IngestSettings, ingest_shard, source_from_config
 from vlmflow.logs import log_to
 
 with log_to(snakemake.log[0]) as log:
     rows = snakemake.params.rows
-    source = source_from_config(snakemake.params.source, snakemake.wildcards.dataset)
-    stats = ingest_source_shard(
+    dataset = snakemake.wildcards.dataset
+    # build=False: a job reads its own shard's manifest line, never the whole list.
+    source = source_from_config(
+        snakemake.params.source, dataset, PART_MANIFESTS.format(dataset=dataset), build=False
+    )
+    stats = ingest_shard(
         source,
-        rows["start"],
-        rows["end"],
+        snakemake.wildcards.shard,
+        rows,
         IngestSettings(**snakemake.params.settings),
         snakemake.output.tar,
         snakemake.output.stats,
-        shard_id=snakemake.wildcards.shard,
     )
     log.info(
         "%s rows [%d, %d): %d in, %d ok, failed %s",

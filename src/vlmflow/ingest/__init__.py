@@ -1,6 +1,7 @@
 """Ingest stage: download the images of a URL list into WebDataset shards.
 
-A URL list (.tsv, .csv, .parquet or .jsonl) is cut into fixed row ranges ("shards"). Each shard
+A URL list (.tsv, .csv, .parquet or .jsonl; one file, or a folder or glob of parts) is cut
+into fixed row ranges ("shards"), each within one part. Each shard
 becomes one tar with ``{key}.jpg``, ``{key}.txt`` and ``{key}.json`` per downloaded image,
 plus a stats json that accounts for every input row: either it is in the tar ("ok") or it
 is listed under ``failures`` with a reason.
@@ -18,7 +19,8 @@ Conventions worth knowing:
 * Extra columns are copied into ``{key}.json``; an extra column whose name clashes with a
   field written by this stage (``key``, ``width``, ...) is stored as ``src_<name>``.
 
-The subpackage, in the order a row goes through it: ``lists`` (URL lists), ``sources``
+The subpackage, in the order a row goes through it: ``lists`` (URL lists), ``parts``
+(lists in parts, and the manifests planning reads instead of the lists), ``sources``
 (every kind of source, as rows), ``jobs`` (one per row), ``fetch`` (downloads, with
 ``deadlines``), ``images`` (decode, ``resize``, encode) and ``writer`` (the shard's tar and
 stats). Its public interface is what this module imports.
@@ -32,9 +34,10 @@ from vlmflow.ingest.lists import (
     resolve_url,
     rows_digest,
     sanitize_key,
-    shard_digest,
+    scan_shards,
     shard_ranges,
 )
+from vlmflow.ingest.parts import list_parts, split_shard_id
 from vlmflow.ingest.settings import (
     RESERVED_FIELDS,
     Failure,
@@ -45,6 +48,7 @@ from vlmflow.ingest.sources import (
     SOURCE_KINDS,
     Source,
     UrlListSource,
+    ingest_shard,
     ingest_source_shard,
     source_from_config,
 )
@@ -61,15 +65,18 @@ __all__ = [
     "UrlListSource",
     "cell",
     "count_rows",
+    "ingest_shard",
     "ingest_source_shard",
+    "list_parts",
     "plan_jobs",
     "read_rows",
     "resolve_url",
     "rows_digest",
     "sanitize_key",
-    "shard_digest",
+    "scan_shards",
     "shard_ranges",
     "source_from_config",
+    "split_shard_id",
     "write_shard",
     "write_tar_sample",
 ]

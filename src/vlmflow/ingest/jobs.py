@@ -1,6 +1,6 @@
 """One job per input row: its key, URL, caption and extra fields, and the failures
-decided before any download (missing URL, duplicate in the shard, a local file the list
-may not name)."""
+decided before any download (a record that is no row, missing URL or key, duplicate in
+the shard, a local file the list may not name)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from vlmflow.ingest.lists import resolve_url, sanitize_key
-from vlmflow.ingest.settings import RESERVED_FIELDS, Failure, IngestError, IngestSettings
+from vlmflow.ingest.lists import BadRow, Row, resolve_url, sanitize_key
+from vlmflow.ingest.settings import RESERVED_FIELDS, Failure, IngestSettings
 
 
 @dataclass(frozen=True)
@@ -26,17 +26,13 @@ class Job:
     data: bytes | None = None  # the image itself, for sources that carry it (no download)
 
 
-def _row_key(
-    row: dict[str, Any], url: str, path: Path, index: int, settings: IngestSettings
-) -> str:
+def _row_key(row: dict[str, Any], url: str, settings: IngestSettings) -> str | None:
+    """The row's key: its key column's (None when that cell is empty), or the URL's hash."""
     if settings.key_column is None:
         return hashlib.sha1(url.encode("utf-8")).hexdigest()[:16]
     raw = row[settings.key_column]
     if raw is None or not raw.strip():
-        raise IngestError(
-            f"{path}: data row {index}: key column {settings.key_column!r} is empty; "
-            "every row needs a key (or leave settings.key_column unset to hash the URL)"
-        )
+        return None
     return sanitize_key(raw.strip())
 
 
@@ -53,28 +49,32 @@ def _extra_columns(row: dict[str, Any], settings: IngestSettings) -> dict[str, A
 
 def plan_jobs(
     path: Path,
-    rows: list[dict[str, Any]],
+    rows: list[Row],
     start: int,
     settings: IngestSettings,
     image_root: str | Path | None = None,
 ) -> list[Job]:
-    """One job per row; duplicates and empty URLs are decided here, not downloaded."""
+    """One job per row; bad records, empty cells and duplicates are decided here, not
+    downloaded."""
     jobs: list[Job] = []
     seen_keys: dict[str, int] = {}
     seen_urls: dict[str, int] = {}
     for offset, row in enumerate(rows):
         index = start + offset
+        if isinstance(row, BadRow):
+            bad = Failure("malformed_row", f"{path}: data row {index}: {row.reason}")
+            jobs.append(Job(index, None, "", "", {}, bad))
+            continue
         cell = (row[settings.url_column] or "").strip()
         caption = row[settings.caption_column] or ""
         extra = _extra_columns(row, settings)
-        if not cell:
-            # A key column still gives the failure a key; a URL hash would be meaningless.
-            key = _row_key(row, cell, path, index, settings) if settings.key_column else None
-            missing = Failure("missing_url", f"column {settings.url_column!r} is empty")
-            jobs.append(Job(index, key, "", caption, extra, missing))
-            continue
         # Keys hash the URL as written, so moving the list folder keeps keys stable.
-        key = _row_key(row, cell, path, index, settings)
+        key = _row_key(row, cell, settings) if cell or settings.key_column else None
+        failure = _missing_cell(cell, key, settings)
+        if failure is not None:
+            jobs.append(Job(index, key, "", caption, extra, failure))
+            continue
+        assert key is not None
         url = resolve_url(cell, path, image_root)
         failure = _duplicate_of(key, url, seen_keys, seen_urls)
         if failure is None:
@@ -82,6 +82,19 @@ def plan_jobs(
             failure = _local_file_refused(cell, url, path, image_root, settings)
         jobs.append(Job(index, key, url, caption, extra, failure))
     return jobs
+
+
+def _missing_cell(cell: str, key: str | None, settings: IngestSettings) -> Failure | None:
+    """``missing_url`` or ``missing_key`` for a row without one, else None."""
+    if not cell:
+        return Failure("missing_url", f"column {settings.url_column!r} is empty")
+    if key is None:
+        return Failure(
+            "missing_key",
+            f"key column {settings.key_column!r} is empty; every row needs a key (or leave "
+            "key_column unset to hash the URL)",
+        )
+    return None
 
 
 def _local_file_refused(

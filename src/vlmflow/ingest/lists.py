@@ -1,17 +1,27 @@
-"""URL lists (.tsv, .csv, .parquet, .jsonl): rows, shard ranges, row digests, URLs, keys."""
+"""URL lists (.tsv, .csv, .parquet, .jsonl): rows, shard ranges, row digests, URLs, keys.
+
+A list is read as a stream of records, each with the byte offset it starts at (text
+formats), so that a part's shards can be found again without reading what comes before
+them: ``scan_shards`` reads a list once and gives every shard's row range, byte offset and
+digest; ``read_rows`` with an ``offset`` then reads only that shard's records. A record
+that is no row (a ragged CSV/TSV record, a JSON Lines line that is not a JSON object,
+bytes that are not UTF-8) is a ``BadRow``: it keeps its place in the row order and is
+counted as a failure of that row, not of the list. Blank lines are no rows.
+"""
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
-import functools
 import hashlib
 import itertools
 import json
 import re
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
@@ -23,9 +33,37 @@ SUPPORTED_SUFFIXES = (".tsv", ".csv", ".parquet", ".jsonl")
 
 
 MAX_KEY_LEN = 128
+# Rows per batch when a parquet list is read from end to end.
+PARQUET_BATCH_ROWS = 16_384
 
 
-def _check_list(url_list: str | Path) -> Path:
+@dataclass(frozen=True)
+class BadRow:
+    """A record that is no row: why (``reason``) and its text as read (for the digest)."""
+
+    reason: str
+    text: str = ""
+
+
+Row = dict[str, Any] | BadRow
+# (byte offset, record) of each record of a list, from the first one asked for.
+T = TypeVar("T")
+Records = Generator[tuple[int, T], None, None]
+
+
+@dataclass(frozen=True)
+class ShardScan:
+    """One shard of a list: rows [start, end), the byte offset of row ``start`` (text
+    formats; 0 for parquet) and the digest of its rows (``rows_digest``)."""
+
+    start: int
+    end: int
+    offset: int
+    digest: str
+
+
+def check_list(url_list: str | Path) -> Path:
+    """The list's path, if it is a file of a supported type."""
     path = Path(url_list)
     if path.suffix.lower() not in SUPPORTED_SUFFIXES:
         raise IngestError(
@@ -49,112 +87,178 @@ def cell(value: Any) -> str | None:
     return text if text != "" else None
 
 
-def _csv_records(path: Path) -> Generator[list[str], None, None]:
-    """Yield records (header first); errors name the file and the 0-based data row."""
-    dialect: dict[str, Any] = {"delimiter": ","}
+# --- text lists: records with their byte offsets ------------------------------------------
+
+
+class _Lines:
+    """The lines of a binary file as text for the csv module, with the byte offset reached
+    (``position``) and whether a line since ``bad`` was reset was not UTF-8."""
+
+    def __init__(self, handle: IO[bytes], position: int) -> None:
+        self.handle = handle
+        self.position = position
+        self.bad: str | None = None
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        raw = self.handle.readline()
+        if not raw:
+            raise StopIteration
+        if self.position == 0 and raw.startswith(codecs.BOM_UTF8):
+            # Spreadsheet exports often start with a BOM that would rename column 1.
+            self.position, raw = len(codecs.BOM_UTF8), raw[len(codecs.BOM_UTF8) :]
+        self.position += len(raw)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self.bad = f"not valid UTF-8: {exc.reason}"
+            return raw.decode("utf-8", errors="replace")
+
+
+def _csv_dialect(path: Path) -> dict[str, Any]:
     if path.suffix.lower() == ".tsv":
-        dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
-    data_rows = 0  # records yielded after the header, for error messages
-    try:
-        # utf-8-sig: spreadsheet exports often start with a BOM that would rename column 1.
-        with open(path, encoding="utf-8-sig", newline="") as handle:
-            reader = csv.reader(handle, **dialect)
-            header = next(reader, None)
-            if header is None:
+        return {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
+    return {"delimiter": ","}
+
+
+def _csv_records(path: Path, offset: int) -> Records[list[str] | BadRow]:
+    """(byte offset, fields) of each record from ``offset`` on; blank lines skipped."""
+    dialect = _csv_dialect(path)
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        lines = _Lines(handle, offset)
+        reader = csv.reader(lines, **dialect)
+        while True:
+            start, lines.bad = lines.position, None
+            record: list[str] | BadRow
+            try:
+                record = next(reader)
+            except StopIteration:
                 return
-            yield header
-            for record in reader:
-                yield record
-                data_rows += 1
-    except UnicodeDecodeError as exc:
-        raise IngestError(
-            f"{path}: not valid UTF-8 near data row {data_rows}: {exc.reason}"
-        ) from None
-    except csv.Error as exc:
-        raise IngestError(f"{path}: data row {data_rows}: malformed record: {exc}") from None
+            except csv.Error as exc:
+                record = BadRow(f"malformed record: {exc}")
+            if record == []:
+                continue
+            if lines.bad is not None:
+                text = record.text if isinstance(record, BadRow) else "\t".join(record)
+                record = BadRow(lines.bad, text)
+            yield start, record
 
 
-def _csv_header(path: Path, records: Iterator[list[str]]) -> list[str]:
-    header = next(records, None)
-    if header is None:
-        raise IngestError(f"{path}: empty file, expected a header row with column names")
+def _csv_header(path: Path) -> tuple[list[str], int]:
+    """The header's column names and the byte offset of the first data record."""
+    with contextlib.closing(_csv_records(path, 0)) as records:
+        first = next(records, None)
+        if first is None:
+            raise IngestError(f"{path}: empty file, expected a header row with column names")
+        second = next(records, None)
+    header = first[1]
+    if isinstance(header, BadRow):
+        raise IngestError(f"{path}: header row: {header.reason}")
     duplicates = sorted({name for name in header if header.count(name) > 1})
     if duplicates:
         raise IngestError(f"{path}: duplicate column names in header: {duplicates}")
-    return header
+    return header, (second[0] if second is not None else path.stat().st_size)
 
 
-def _read_slice(path: Path, start: int, end: int) -> tuple[list[str], list[dict[str, Any]]]:
-    """Columns and rows [start, end) of a checked URL list, cells normalised by cell."""
-    if start < 0 or end < start:
-        raise IngestError(f"{path}: invalid row range [{start}, {end})")
-    if path.suffix.lower() == ".parquet":
-        columns, rows = _parquet_slice(path, start, end)
-    elif path.suffix.lower() == ".jsonl":
-        with contextlib.closing(_jsonl_records(path)) as records:
-            first = next(records, None)
-            columns = list(first) if first is not None else []
-            rows = [
-                _jsonl_row(columns, record)
-                for record in itertools.islice(
-                    itertools.chain([first] if first is not None else [], records), start, end
-                )
-            ]
-    else:
-        # closing(): islice stops early, so close the generator (and its file) now, not at GC.
-        with contextlib.closing(_csv_records(path)) as records:
-            columns = _csv_header(path, records)
-            rows = [
-                _csv_row(path, columns, start + offset, record)
-                for offset, record in enumerate(itertools.islice(records, start, end))
-            ]
-    if len(rows) != end - start:
-        raise IngestError(
-            f"{path}: has only {start + len(rows)} data rows, rows [{start}, {end}) requested "
-            "(the list shrank since shards were planned?)"
+def _csv_row(columns: list[str], record: list[str] | BadRow) -> Row:
+    if isinstance(record, BadRow):
+        return record
+    if len(record) != len(columns):
+        return BadRow(
+            f"{len(record)} fields, header has {len(columns)} ({columns})", "\t".join(record)
         )
-    return columns, rows
+    return {name: cell(value) for name, value in zip(columns, record, strict=True)}
 
 
-def _jsonl_records(path: Path) -> Generator[dict[str, Any], None, None]:
-    """Yield the objects of a JSON Lines file (blank lines skipped); errors name the line."""
-    with open(path, encoding="utf-8") as handle:
-        try:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise IngestError(f"{path}: line {number}: not JSON: {exc.msg}") from None
-                if not isinstance(record, dict):
-                    raise IngestError(
-                        f"{path}: line {number}: expected a JSON object, got "
-                        f"{type(record).__name__}"
-                    )
-                yield record
-        except UnicodeDecodeError as exc:
-            raise IngestError(f"{path}: not valid UTF-8: {exc.reason}") from None
+def _jsonl_records(path: Path, offset: int) -> Records[dict[str, Any] | BadRow]:
+    """(byte offset, object) of each line from ``offset`` on; blank lines skipped."""
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        position = offset
+        for raw in handle:
+            start, position = position, position + len(raw)
+            line = raw.removeprefix(codecs.BOM_UTF8) if start == 0 else raw
+            if not line.strip():
+                continue
+            text = line.decode("utf-8", errors="replace").rstrip("\r\n")
+            try:
+                record = json.loads(line)
+            except UnicodeDecodeError as exc:
+                yield start, BadRow(f"not valid UTF-8: {exc.reason}", text)
+                continue
+            except json.JSONDecodeError as exc:
+                yield start, BadRow(f"not JSON: {exc.msg}", text)
+                continue
+            if not isinstance(record, dict):
+                yield start, BadRow(f"expected a JSON object, got {type(record).__name__}", text)
+                continue
+            yield start, record
 
 
-def _jsonl_row(columns: list[str], record: dict[str, Any]) -> dict[str, Any]:
+def _jsonl_columns(path: Path) -> list[str]:
+    """The fields of the first JSON object (a JSON Lines list's columns)."""
+    with contextlib.closing(_jsonl_records(path, 0)) as records:
+        for _, record in records:
+            if isinstance(record, dict):
+                return list(record)
+    return []
+
+
+def _jsonl_row(columns: list[str], record: dict[str, Any] | BadRow) -> Row:
+    if isinstance(record, BadRow):
+        return record
     row = {name: cell(record.get(name)) for name in columns}
     row.update({name: cell(value) for name, value in record.items() if name not in row})
     return row
 
 
-def _csv_row(path: Path, columns: list[str], index: int, record: list[str]) -> dict[str, Any]:
-    if len(record) != len(columns):
-        raise IngestError(
-            f"{path}: data row {index}: {len(record)} fields, header has {len(columns)} ({columns})"
-        )
-    return {name: cell(value) for name, value in zip(columns, record, strict=True)}
-
-
-def _parquet_slice(path: Path, start: int, end: int) -> tuple[list[str], list[dict[str, Any]]]:
+def _text_rows(path: Path, offset: int | None) -> tuple[list[str], Records[Row]]:
+    """Columns, and (byte offset, row) of each row from ``offset`` (default: the first)."""
     try:
-        parquet = pq.ParquetFile(path)
-        columns = list(parquet.schema_arrow.names)
+        if path.suffix.lower() == ".jsonl":
+            columns = _jsonl_columns(path)
+            objects = _jsonl_records(path, offset or 0)
+            return columns, ((at, _jsonl_row(columns, record)) for at, record in objects)
+        header, first = _csv_header(path)
+        records = _csv_records(path, first if offset is None else offset)
+        return header, ((at, _csv_row(header, record)) for at, record in records)
+    except OSError as exc:
+        raise IngestError(f"{path}: cannot read: {exc}") from None
+
+
+# --- parquet lists ------------------------------------------------------------------------
+
+
+def _parquet_file(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise IngestError(f"{path}: cannot read parquet: {exc}") from None
+
+
+def _parquet_rows(path: Path) -> tuple[list[str], Records[Row]]:
+    """Columns, and (0, row) of every row, read in batches (never the whole file)."""
+    parquet = _parquet_file(path)
+    columns = list(parquet.schema_arrow.names)
+
+    def rows() -> Records[Row]:
+        try:
+            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+                for record in batch.to_pylist():
+                    yield 0, {name: cell(value) for name, value in record.items()}
+        except (pa.ArrowException, OSError) as exc:
+            raise IngestError(f"{path}: cannot read parquet: {exc}") from None
+
+    return columns, rows()
+
+
+def _parquet_slice(path: Path, start: int, end: int) -> tuple[list[str], list[Row]]:
+    parquet = _parquet_file(path)
+    columns = list(parquet.schema_arrow.names)
+    try:
         tables: list[pa.Table] = []
         group_start = 0
         # Only read the row groups overlapping the range: lists can have millions of rows.
@@ -168,7 +272,7 @@ def _parquet_slice(path: Path, start: int, end: int) -> tuple[list[str], list[di
             group_start = group_end
     except (pa.ArrowException, OSError) as exc:
         raise IngestError(f"{path}: cannot read parquet: {exc}") from None
-    rows = [
+    rows: list[Row] = [
         {name: cell(value) for name, value in record.items()}
         for table in tables
         for record in table.to_pylist()
@@ -176,21 +280,74 @@ def _parquet_slice(path: Path, start: int, end: int) -> tuple[list[str], list[di
     return columns, rows
 
 
+# --- lists of any format ------------------------------------------------------------------
+
+
+def _is_parquet(path: Path) -> bool:
+    return path.suffix.lower() == ".parquet"
+
+
+def list_columns(url_list: str | Path) -> list[str]:
+    """A list's column names, read from its header (parquet: its schema) only."""
+    path = check_list(url_list)
+    if _is_parquet(path):
+        return list(_parquet_file(path).schema_arrow.names)
+    if path.suffix.lower() == ".jsonl":
+        return _jsonl_columns(path)
+    return _csv_header(path)[0]
+
+
+def _read_slice(
+    path: Path, start: int, end: int, offset: int | None = None
+) -> tuple[list[str], list[Row]]:
+    """Columns and rows [start, end) of a checked list; with ``offset`` (text formats: the
+    byte offset of row ``start``, from ``scan_shards``), nothing before it is read."""
+    if start < 0 or end < start:
+        raise IngestError(f"{path}: invalid row range [{start}, {end})")
+    if _is_parquet(path):
+        columns, rows = _parquet_slice(path, start, end)
+    else:
+        columns, records = _text_rows(path, offset)
+        skip = start if offset is None else 0
+        # closing(): islice stops early, so close the generator (and its file) now.
+        with contextlib.closing(records):
+            rows = [row for _, row in itertools.islice(records, skip, skip + end - start)]
+    if len(rows) != end - start:
+        raise IngestError(
+            f"{path}: has only {start + len(rows)} data rows, rows [{start}, {end}) requested "
+            "(the list shrank since shards were planned?)"
+        )
+    return columns, rows
+
+
 def count_rows(url_list: str | Path) -> int:
     """Number of data rows (header excluded); parquet is counted from its metadata."""
-    path = _check_list(url_list)
-    if path.suffix.lower() == ".parquet":
-        try:
-            return int(pq.ParquetFile(path).metadata.num_rows)
-        except (pa.ArrowException, OSError) as exc:
-            raise IngestError(f"{path}: cannot read parquet: {exc}") from None
-    if path.suffix.lower() == ".jsonl":
-        with contextlib.closing(_jsonl_records(path)) as json_records:
-            return sum(1 for _ in json_records)
-    with contextlib.closing(_csv_records(path)) as records:
-        _csv_header(path, records)
-        # Count records, not lines: a quoted CSV caption may span several lines.
+    path = check_list(url_list)
+    if _is_parquet(path):
+        return int(_parquet_file(path).metadata.num_rows)
+    # Count records, not lines: a quoted CSV caption may span several lines.
+    _, records = _text_rows(path, None)
+    with contextlib.closing(records):
         return sum(1 for _ in records)
+
+
+def scan_shards(url_list: str | Path, shard_size: int) -> tuple[list[str], list[ShardScan]]:
+    """Columns and every shard of ``shard_size`` rows, from one read of the list that
+    holds one shard's rows at a time."""
+    if shard_size < 1:
+        raise IngestError(f"shard_size must be >= 1, got {shard_size}")
+    path = check_list(url_list)
+    columns, records = _parquet_rows(path) if _is_parquet(path) else _text_rows(path, None)
+    shards: list[ShardScan] = []
+    with contextlib.closing(records):
+        while True:
+            batch = list(itertools.islice(records, shard_size))
+            if not batch:
+                break
+            start = shards[-1].end if shards else 0
+            rows = [row for _, row in batch]
+            shards.append(ShardScan(start, start + len(rows), batch[0][0], _digest(columns, rows)))
+    return columns, shards
 
 
 def shard_ranges(n_rows: int, shard_size: int) -> list[tuple[int, int]]:
@@ -202,33 +359,70 @@ def shard_ranges(n_rows: int, shard_size: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + shard_size, n_rows)) for lo in range(0, n_rows, shard_size)]
 
 
-def read_rows(
-    url_list: str | Path, start: int, end: int, settings: IngestSettings
-) -> list[dict[str, Any]]:
-    """Rows [start, end) as dicts of all columns; the configured columns must exist."""
-    path = _check_list(url_list)
-    columns, rows = _read_slice(path, start, end)
-    required = [
-        ("url_column", settings.url_column),
-        ("caption_column", settings.caption_column),
-        ("key_column", settings.key_column),
-    ]
-    for field, name in required:
+def check_columns(path: str | Path, columns: list[str], required: dict[str, str | None]) -> None:
+    """Every column ``required`` names ({setting or config key: column}) is in ``columns``."""
+    for field, name in required.items():
         if name is not None and name not in columns:
             raise IngestError(
-                f"{path}: column {name!r} (settings.{field}) not found; columns present: {columns}"
+                f"{path}: column {name!r} ({field}) not found; columns present: {columns}"
             )
+
+
+def read_rows(
+    url_list: str | Path,
+    start: int,
+    end: int,
+    settings: IngestSettings,
+    offset: int | None = None,
+) -> list[Row]:
+    """Rows [start, end) as dicts of all columns (or BadRow); the configured columns must
+    exist. ``offset``: see ``_read_slice``."""
+    path = check_list(url_list)
+    columns, rows = _read_slice(path, start, end, offset)
+    check_columns(
+        path,
+        columns,
+        {
+            "settings.url_column": settings.url_column,
+            "settings.caption_column": settings.caption_column,
+            "settings.key_column": settings.key_column,
+        },
+    )
     return rows
 
 
-def rows_digest(url_list: str | Path, start: int, end: int) -> str:
+def read_shard(url_list: str | Path, shard: ShardScan, settings: IngestSettings) -> list[Row]:
+    """A shard's rows, from its byte offset (``offset`` -1: from the top), checked against
+    its digest: a list edited since the shard was planned is an error, not other rows."""
+    path = check_list(url_list)
+    offset = shard.offset if shard.offset >= 0 else None
+    columns, rows = _read_slice(path, shard.start, shard.end, offset)
+    digest = _digest(columns, rows)
+    if digest != shard.digest:
+        raise IngestError(
+            f"{path}: rows [{shard.start}, {shard.end}) changed since the workflow planned "
+            f"them (digest {digest}, planned {shard.digest}); run snakemake again"
+        )
+    check_columns(
+        path,
+        columns,
+        {
+            "settings.url_column": settings.url_column,
+            "settings.caption_column": settings.caption_column,
+            "settings.key_column": settings.key_column,
+        },
+    )
+    return rows
+
+
+def rows_digest(url_list: str | Path, start: int, end: int, offset: int | None = None) -> str:
     """Digest of the column names and cells of rows [start, end) only."""
-    path = _check_list(url_list)
-    columns, rows = _read_slice(path, start, end)
+    path = check_list(url_list)
+    columns, rows = _read_slice(path, start, end, offset)
     return _digest(columns, rows)
 
 
-def _digest(columns: list[str], rows: list[dict[str, Any]]) -> str:
+def _digest(columns: list[str], rows: list[Row]) -> str:
     canonical = json.dumps(
         {"columns": columns, "rows": [_digest_cells(columns, row) for row in rows]},
         ensure_ascii=False,
@@ -237,38 +431,9 @@ def _digest(columns: list[str], rows: list[dict[str, Any]]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 
-def shard_digest(url_list: str | Path, start: int, end: int) -> str:
-    """``rows_digest`` of one shard, computed with all shards of its size in one pass.
-
-    Planning a DAG asks for every shard's digest; reading the list up to each shard
-    would cost rows x shards (a 10,000-shard list: hours). The digests of all shards of
-    the size ``end - start`` come from one read and are kept while the file is unchanged.
-    """
-    path = _check_list(url_list)
-    stat = path.stat()
-    digests = _digests_by_range(str(path), stat.st_size, stat.st_mtime_ns, end - start)
-    found = digests.get((start, end))
-    return found if found is not None else rows_digest(path, start, end)
-
-
-@functools.lru_cache(maxsize=8)
-def _digests_by_range(
-    path_name: str, size: int, mtime_ns: int, shard_size: int
-) -> dict[tuple[int, int], str]:
-    path = Path(path_name)
-    if shard_size < 1:
-        return {}
-    # One read of the whole list, cut into the ranges.
-    columns, rows = _read_slice(path, 0, count_rows(path))
-    return {
-        (start, min(start + shard_size, len(rows))): _digest(
-            columns, rows[start : start + shard_size]
-        )
-        for start in range(0, len(rows), shard_size)
-    }
-
-
-def _digest_cells(columns: list[str], row: dict[str, Any]) -> list[Any]:
+def _digest_cells(columns: list[str], row: Row) -> list[Any]:
+    if isinstance(row, BadRow):
+        return ["\x00bad row", row.reason, row.text]
     cells: list[Any] = [row[name] for name in columns]
     # Fields beyond the columns (later JSON Lines fields) count too; none in CSV/parquet,
     # whose digests therefore stay what they were.

@@ -37,12 +37,25 @@ from typing import Any
 
 from vlmflow.ingest.jobs import Job, plan_jobs
 from vlmflow.ingest.lists import (
+    ShardScan,
     cell,
+    check_columns,
     count_rows,
     read_rows,
+    read_shard,
+    rows_digest,
     sanitize_key,
-    shard_digest,
     shard_ranges,
+)
+from vlmflow.ingest.parts import (
+    SINGLE,
+    Manifest,
+    Part,
+    build_manifests,
+    list_parts,
+    manifest_for,
+    read_manifest,
+    split_shard_id,
 )
 from vlmflow.ingest.settings import RESERVED_FIELDS, Failure, IngestError, IngestSettings
 from vlmflow.ingest.writer import write_shard
@@ -105,6 +118,45 @@ class Source(ABC):
     def describe(self) -> str:
         return f"{self.kind}:{self.inputs()[0]}"
 
+    # Shards by id: NNNNNN, shard n being rows [n * shard_size, ...) (a source in parts
+    # overrides these).
+
+    def shard_ids(self, shard_size: int) -> list[str]:
+        return [f"{number:06d}" for number in range(len(self._ranges(shard_size)))]
+
+    def _ranges(self, shard_size: int) -> list[tuple[int, int]]:
+        memo = self._shard_ranges_by_size
+        if shard_size not in memo:
+            memo[shard_size] = self.shard_ranges(shard_size)
+        return memo[shard_size]
+
+    @functools.cached_property
+    def _shard_ranges_by_size(self) -> dict[int, list[tuple[int, int]]]:
+        return {}
+
+    def shard_rows(self, shard: str, shard_size: int) -> dict[str, Any]:
+        """A shard's params: its row range and the digest of its rows."""
+        ranges = self._ranges(shard_size)
+        tag, number = split_shard_id(shard)
+        if tag is not None or number >= len(ranges):
+            raise IngestError(f"{self.describe()}: no shard {shard} ({len(ranges)} shards)")
+        start, end = ranges[number]
+        return {"start": start, "end": end, "digest": self.digest(start, end)}
+
+    def shard_inputs(self, shard: str) -> list[str]:
+        """The files a shard reads (the ingest rule's inputs)."""
+        return self.inputs()
+
+    def shard_jobs(
+        self, shard: str, rows: dict[str, Any], settings: IngestSettings
+    ) -> tuple[str, list[Job]]:
+        """(where the rows come from, their jobs) of ``shard``, planned with ``rows``."""
+        return self.describe(), self.jobs(rows["start"], rows["end"], settings)
+
+    def removed_parts(self) -> list[str]:
+        """Parts of the source that earlier plans had and it no longer has."""
+        return []
+
 
 def _check_range(name: str, start: int, end: int, n_rows: int) -> None:
     if not 0 <= start <= end <= n_rows:
@@ -135,22 +187,146 @@ def _dedupe(jobs: list[Job]) -> list[Job]:
 
 @dataclass(frozen=True)
 class UrlListSource(Source):
+    """A URL list: one file, or a folder or glob of parts (vlmflow.ingest.parts).
+
+    ``manifests``: the folder of its part manifests (None: made in memory each time);
+    ``build``: whether a missing or stale manifest may be made here (the workflow's main
+    process) or is an error (a job: it must not read the whole list);
+    ``required``: (config key, column) pairs every part must have.
+    """
+
     path: Path
     image_root: Path | None = None
+    manifests: Path | None = None
+    build: bool = True
+    required: tuple[tuple[str, str | None], ...] = ()
     kind = "url_list"
 
+    @functools.cached_property
+    def parts(self) -> list[Part]:
+        return list_parts(self.path)
+
+    @property
+    def multipart(self) -> bool:
+        return self.parts[0].tag is not None
+
+    def _single(self) -> Path:
+        if self.multipart:
+            raise IngestError(f"{self.path}: a list in parts is read by shard id, not by rows")
+        return self.parts[0].path
+
     def count(self) -> int:
-        return count_rows(self.path)
+        return sum(count_rows(part.path) for part in self.parts)
 
     def digest(self, start: int, end: int) -> str:
-        return shard_digest(self.path, start, end)
+        return rows_digest(self._single(), start, end)
 
     def jobs(self, start: int, end: int, settings: IngestSettings) -> list[Job]:
-        rows = read_rows(self.path, start, end, settings)
-        return plan_jobs(self.path, rows, start, settings, self.image_root)
+        path = self._single()
+        rows = read_rows(path, start, end, settings)
+        return plan_jobs(path, rows, start, settings, self.image_root)
 
     def inputs(self) -> list[str]:
-        return [str(self.path)]
+        return [str(part.path) for part in self.parts]
+
+    # Shards: every id and digest from the manifests (planning); one shard's line alone
+    # (a job).
+
+    def _manifest_path(self, part: Part) -> Path | None:
+        return self.manifests / part.manifest_name if self.manifests else None
+
+    def _manifest(self, part: Part, shard_size: int, whole: bool = False) -> Manifest:
+        manifest = manifest_for(part.path, shard_size, self._manifest_path(part), self.build, whole)
+        check_columns(part.path, manifest.columns, dict(self.required))
+        return manifest
+
+    def _plan(self, shard_size: int) -> dict[str, tuple[Part, ShardScan]]:
+        """Every shard: its part and line; stale manifests are made first, in parallel."""
+        plans = self._plans
+        if shard_size not in plans:
+            if self.build and self.manifests is not None:
+                stale = [
+                    (part.path, path)
+                    for part in self.parts
+                    if (path := self._manifest_path(part)) is not None
+                    and not _is_current(path, part.path, shard_size)
+                ]
+                build_manifests(stale, shard_size)
+            plans[shard_size] = {
+                part.shard_id(number): (part, scan)
+                for part in self.parts
+                for number, scan in enumerate(self._manifest(part, shard_size, True).shards())
+            }
+        return plans[shard_size]
+
+    @functools.cached_property
+    def _plans(self) -> dict[int, dict[str, tuple[Part, ShardScan]]]:
+        return {}
+
+    def shard_ids(self, shard_size: int) -> list[str]:
+        return list(self._plan(shard_size))
+
+    def _shard(self, shard: str, shard_size: int) -> tuple[Part, ShardScan]:
+        if shard_size in self._plans:
+            if shard not in self._plans[shard_size]:
+                raise IngestError(f"{self.path}: no shard {shard}")
+            return self._plans[shard_size][shard]
+        tag, number = split_shard_id(shard)
+        part = self._part(tag)
+        return part, self._manifest(part, shard_size).shard(number)
+
+    def _part(self, tag: str | None) -> Part:
+        for part in self.parts:
+            if part.tag == tag:
+                return part
+        raise IngestError(f"{self.path}: no part has the shard tag {tag!r}")
+
+    def shard_rows(self, shard: str, shard_size: int) -> dict[str, Any]:
+        part, scan = self._shard(shard, shard_size)
+        rows = {"start": scan.start, "end": scan.end, "digest": scan.digest}
+        return {"part": part.path.name, **rows} if part.tag else rows
+
+    def shard_inputs(self, shard: str) -> list[str]:
+        return [str(self._part(split_shard_id(shard)[0]).path)]
+
+    def shard_jobs(
+        self, shard: str, rows: dict[str, Any], settings: IngestSettings
+    ) -> tuple[str, list[Job]]:
+        """The jobs of ``shard`` as planned (``rows``: its params), read from the byte
+        offset in its manifest; rows that changed since they were planned are an error."""
+        tag, number = split_shard_id(shard)
+        part = self._part(tag)
+        planned = ShardScan(rows["start"], rows["end"], -1, rows["digest"])
+        path = self._manifest_path(part)
+        manifest = read_manifest(path) if path is not None else None
+        if manifest is not None and number < manifest.shard_count:
+            line = manifest.shard(number)
+            if (line.start, line.end, line.digest) == (planned.start, planned.end, planned.digest):
+                planned = line
+        found = read_shard(part.path, planned, settings)
+        jobs = plan_jobs(part.path, found, planned.start, settings, self.image_root)
+        return f"{self.kind}:{part.path}", jobs
+
+    def removed_parts(self) -> list[str]:
+        """Parts whose manifest is here but which the list no longer has."""
+        if self.manifests is None or not self.multipart or not self.manifests.is_dir():
+            return []
+        names = {part.manifest_name for part in self.parts}
+        gone = []
+        for path in sorted(self.manifests.glob("*.tsv")):
+            if path.name not in names and path.name != f"{SINGLE}.tsv":
+                manifest = read_manifest(path)
+                if manifest is not None:
+                    gone.append(
+                        f"part {manifest.fields['part']} ({manifest.shard_count} shards, "
+                        f"{path.stem}_NNNNNN) is no longer in the list"
+                    )
+        return gone
+
+
+def _is_current(path: Path, part: Path, shard_size: int) -> bool:
+    found = read_manifest(path)
+    return found is not None and found.is_current(part, shard_size)
 
 
 # --------------------------------------------------------------------------- image folder
@@ -391,16 +567,16 @@ class HFDatasetSource(Source):
                 {name: cell(v) for name, v in record.items() if name not in skip}, set()
             )
             url = f"{self.root}#{row}"
+            key: str | None = None
             if self.key_column is not None:
                 raw = cell(record[self.key_column])
-                if raw is None or not raw.strip():
-                    raise IngestError(
-                        f"{self.root}: row {row}: key column {self.key_column!r} is empty"
-                    )
-                key: str | None = sanitize_key(raw.strip())
-            else:
-                key = hashlib.sha1(data).hexdigest()[:16] if data else None
-            if not data:
+                key = sanitize_key(raw.strip()) if raw is not None and raw.strip() else None
+            elif data:
+                key = hashlib.sha1(data).hexdigest()[:16]
+            if self.key_column is not None and key is None:
+                failure = Failure("missing_key", f"key column {self.key_column!r} is empty")
+                jobs.append(Job(row, None, url, caption, extra, failure))
+            elif not data:
                 failure = Failure("not_image", f"column {self.image_column!r} has no bytes")
                 jobs.append(Job(row, key, url, caption, extra, failure))
             else:
@@ -548,8 +724,14 @@ def _tar_job(tar: tarfile.TarFile, tar_path: Path, row: int, sample: _TarSample)
 # --------------------------------------------------------------------------- config
 
 
-def source_from_config(dataset: dict[str, Any], name: str = "dataset") -> Source:
-    """The source of one ``config.datasets`` entry (exactly one source key)."""
+def source_from_config(
+    dataset: dict[str, Any],
+    name: str = "dataset",
+    manifests: str | Path | None = None,
+    build: bool = True,
+) -> Source:
+    """The source of one ``config.datasets`` entry (exactly one source key); a URL list
+    keeps its part manifests in ``manifests`` and may make them if ``build``."""
     given = [kind for kind in SOURCE_KINDS if kind in dataset]
     if len(given) != 1:
         raise IngestError(
@@ -559,7 +741,21 @@ def source_from_config(dataset: dict[str, Any], name: str = "dataset") -> Source
     kind = given[0]
     if kind == "url_list":
         root = dataset.get("image_root")
-        return UrlListSource(Path(dataset["url_list"]), Path(root) if root else None)
+        required = tuple(
+            (f"datasets.{name}.{key}", dataset.get(key, default))
+            for key, default in (
+                ("url_column", "url"),
+                ("caption_column", "caption"),
+                ("key_column", None),
+            )
+        )
+        return UrlListSource(
+            Path(dataset["url_list"]),
+            Path(root) if root else None,
+            Path(manifests) if manifests is not None else None,
+            build,
+            required,
+        )
     if kind == "image_folder":
         return ImageFolderSource(Path(dataset["image_folder"]))
     if kind == "coco":
@@ -589,6 +785,20 @@ def ingest_source_shard(
     out_stats: str | Path,
     shard_id: str,
 ) -> dict[str, Any]:
-    """Ingest rows [start, end) of any source into a WebDataset tar; write the stats."""
+    """Ingest rows [start, end) of a one-file source into a WebDataset tar; write the stats."""
     jobs = source.jobs(start, end, settings)
     return write_shard(jobs, source.describe(), start, end, settings, out_tar, out_stats, shard_id)
+
+
+def ingest_shard(
+    source: Source,
+    shard: str,
+    rows: dict[str, Any],
+    settings: IngestSettings,
+    out_tar: str | Path,
+    out_stats: str | Path,
+) -> dict[str, Any]:
+    """Ingest the workflow's shard ``shard`` (``rows``: its params, ``Source.shard_rows``)
+    into a WebDataset tar; write the stats."""
+    where, jobs = source.shard_jobs(shard, rows, settings)
+    return write_shard(jobs, where, rows["start"], rows["end"], settings, out_tar, out_stats, shard)
