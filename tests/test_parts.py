@@ -143,8 +143,9 @@ def test_a_job_never_reads_a_whole_part(tmp_path: Path) -> None:
         source(tmp_path / "parts", manifests, build=False).shard_rows("a_000001", 3)
     # The same size and mtime as planned: the digest still catches the edit.
     os.utime(part, ns=(stat.st_atime_ns, int(planned.parts[0].path.stat().st_mtime_ns)))
-    with pytest.raises(IngestError, match=r"rows \[3, 6\) changed since the workflow planned"):
+    with pytest.raises(IngestError, match=r"rows \[3, 6\) changed since the workflow planned") as e:
         job.shard_jobs("a_000001", shard_rows, IngestSettings(key_column="key"))
+    assert str(e.value).endswith(f"run snakemake again after deleting {manifests / 'a.tsv'}")
 
 
 def test_a_column_missing_from_a_part_names_the_part_column_and_config_key(

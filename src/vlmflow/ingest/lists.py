@@ -37,6 +37,10 @@ MAX_KEY_LEN = 128
 PARQUET_BATCH_ROWS = 16_384
 
 
+class ListChangedError(IngestError):
+    """A shard's rows are no longer the rows its digest was planned from."""
+
+
 @dataclass(frozen=True)
 class BadRow:
     """A record that is no row: why (``reason``) and its text as read (for the digest)."""
@@ -401,7 +405,7 @@ def read_shard(url_list: str | Path, shard: ShardScan, settings: IngestSettings)
     columns, rows = _read_slice(path, shard.start, shard.end, offset)
     digest = _digest(columns, rows)
     if digest != shard.digest:
-        raise IngestError(
+        raise ListChangedError(
             f"{path}: rows [{shard.start}, {shard.end}) changed since the workflow planned "
             f"them (digest {digest}, planned {shard.digest}); run snakemake again"
         )

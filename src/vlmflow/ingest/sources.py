@@ -37,6 +37,7 @@ from typing import Any
 
 from vlmflow.ingest.jobs import Job, plan_jobs
 from vlmflow.ingest.lists import (
+    ListChangedError,
     ShardScan,
     cell,
     check_columns,
@@ -303,7 +304,13 @@ class UrlListSource(Source):
             line = manifest.shard(number)
             if (line.start, line.end, line.digest) == (planned.start, planned.end, planned.digest):
                 planned = line
-        found = read_shard(part.path, planned, settings)
+        try:
+            found = read_shard(part.path, planned, settings)
+        except ListChangedError as exc:
+            if manifest is None:
+                raise
+            # Edited in place with the same size and mtime: the manifest looks current.
+            raise ListChangedError(f"{exc} after deleting {path}") from None
         jobs = plan_jobs(part.path, found, planned.start, settings, self.image_root)
         return f"{self.kind}:{part.path}", jobs
 
