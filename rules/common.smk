@@ -81,8 +81,9 @@ def get_shard_ids(dataset):
     """Shard ids of a dataset (planning only: O(shards), from the part manifests)."""
     if dataset not in _SHARD_IDS:
         source = get_source(dataset)
+        shard_size = config["datasets"][dataset]["shard_size"]
         try:
-            _SHARD_IDS[dataset] = source.shard_ids(config["datasets"][dataset]["shard_size"])
+            _SHARD_IDS[dataset] = source.shard_ids(shard_size)
         except IngestError as exc:
             raise ConfigError(f"config.datasets.{dataset}: {exc}") from None
         for note in source.removed_parts():
