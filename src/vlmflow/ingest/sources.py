@@ -277,10 +277,14 @@ class UrlListSource(Source):
         return part, self._manifest(part, shard_size).shard(number)
 
     def _part(self, tag: str | None) -> Part:
-        for part in self.parts:
-            if part.tag == tag:
-                return part
-        raise IngestError(f"{self.path}: no part has the shard tag {tag!r}")
+        try:
+            return self._parts_by_tag[tag]
+        except KeyError:
+            raise IngestError(f"{self.path}: no part has the shard tag {tag!r}") from None
+
+    @functools.cached_property
+    def _parts_by_tag(self) -> dict[str | None, Part]:
+        return {part.tag: part for part in self.parts}
 
     def shard_rows(self, shard: str, shard_size: int) -> dict[str, Any]:
         part, scan = self._shard(shard, shard_size)
