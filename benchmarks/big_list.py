@@ -28,15 +28,17 @@ Measured in each copy, each as its own process:
 * one Slurm job's start-up. ``snakemake --profile profiles/slurm <shard tar>`` runs
   with fake ``sbatch``, ``squeue``, ``scontrol``, ``sacctmgr``, ``sinfo``, ``sacct`` and
   ``scancel`` first on PATH (those of benchmarks/slurm_arrays.py); once the fake sbatch
-  has recorded its arguments, that Snakemake is stopped and the job's command is read
-  from ``--wrap=``: the exact ``python -m snakemake ... --target-jobs ... --mode remote``
+  has recorded its arguments, that Snakemake is killed (as if it ran on: its temporary
+  folder, which the job waits for, stays) and the job's command is read from
+  ``--wrap=``: the exact ``python -m snakemake ... --target-jobs ... --mode remote``
   invocation the Slurm plugin submits (a single job: the target is one shard, so the
-  plugin sends no array; the first task of an array runs the same command). That
-  command then runs here with ``bash -c``, with SLURM_JOB_ID set and a fake ``srun``
-  first on PATH that drops its options and runs the rest, which is what the
-  slurm-jobstep executor inside the job calls (``srun -n1 --cpu-bind=q ...``). Timed:
-  wall and peak RSS of the whole job (the job's Snakemake, the jobstep's Snakemake and
-  the ingest script). The big list's job is its last shard (last part, last shard);
+  plugin sends no array; an array task runs the same command, with the other tasks'
+  commands appended for the jobstep to pick from, and without srun). That command then
+  runs here with ``bash -c``, with SLURM_JOB_ID set and a fake ``srun`` first on PATH
+  that drops its options and runs the rest, which is what the slurm-jobstep executor
+  inside the job calls (``srun -n1 --cpu-bind=q ...``). Timed: wall, CPU and peak RSS
+  of the whole job (the job's Snakemake, the jobstep's Snakemake and the ingest
+  script). The big list's job is its last shard (last part, last shard);
   the small list's is ``000000``. Each job runs ``--repeats`` times, small and big in
   turn, its outputs deleted before each run; the median is reported.
 
@@ -52,6 +54,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import resource
 import shlex
 import shutil
@@ -77,13 +80,14 @@ REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 DATASET = "big"
 SMALL_ROWS = 10_000
+# Caption words (space-separated).
 WORDS = (
     "a the red blue green small large old new wooden metal glass dog cat bird horse car "
     "bike house tree river mountain city street beach table chair lamp window door "
     "painting photo of on in with near under over at sunset morning winter summer"
-).split()
+)
 CAPTION_WORDS = 10
-# Parquet bytes per row of the generated lists (about 49 measured; with a margin), and
+# Parquet bytes per row of the generated lists (about 36 measured; with a margin), and
 # disk kept free beyond them.
 BYTES_PER_ROW = 64
 SPARE_DISK = 2 * 2**30
@@ -112,7 +116,7 @@ def part_name(index: int) -> str:
 def write_list(path: Path, first_row: int, rows: int, row_group: int, seed: int) -> None:
     """``rows`` rows (keys from ``first_row`` on), one row group in memory at a time."""
     schema = pa.schema([("key", pa.string()), ("url", pa.string()), ("caption", pa.string())])
-    vocabulary = pa.array(WORDS)
+    vocabulary = pa.array(WORDS.split())
     rng = np.random.default_rng(seed)
     with pq.ParquetWriter(path, schema) as writer:
         for start in range(first_row, first_row + rows, row_group):
@@ -121,7 +125,7 @@ def write_list(path: Path, first_row: int, rows: int, row_group: int, seed: int)
             )
             key = pc.utf8_lpad(numbers, width=12, padding="0")
             url = pc.binary_join_element_wise("http://127.0.0.1:9/img/", numbers, ".jpg", "")
-            picks = rng.integers(0, len(WORDS), size=(CAPTION_WORDS, len(numbers)))
+            picks = rng.integers(0, len(vocabulary), size=(CAPTION_WORDS, len(numbers)))
             words = [pc.take(vocabulary, pa.array(column)) for column in picks]
             caption = pc.binary_join_element_wise(*words, " ")
             writer.write_table(
@@ -274,12 +278,13 @@ def capture_job_command(root: Path, target: str) -> str:
                 log_text = (root / "submit.log").read_text(encoding="utf-8")
                 raise SystemExit(f"no sbatch call for {target}:\n{log_text[-4000:]}")
             time.sleep(0.1)
-        process.terminate()  # Snakemake cancels its job (fake scancel) and exits
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        # Killed, not stopped: a Snakemake told to stop waits for its job, and on its way
+        # out deletes its temporary folder, which the job waits for (--wait-for-files) as
+        # it would on a cluster, where the main Snakemake runs on.
+        process.kill()
+        process.wait()
+    for lock in (root / ".snakemake" / "locks").glob("*"):
+        lock.unlink()
     path = next((state / "spool").glob("*.args"))
     args = path.read_bytes().decode().split("\0")[:-1]
     if any(arg.startswith("--array") for arg in args):
@@ -337,6 +342,11 @@ class ListRun:
         return statistics.median(job.seconds for job in self.jobs)
 
     @property
+    def job_cpu_seconds(self) -> float:
+        assert self.jobs
+        return statistics.median(job.cpu_seconds for job in self.jobs)
+
+    @property
     def job_peak_mib(self) -> float:
         assert self.jobs
         return statistics.median(job.peak_mib for job in self.jobs)
@@ -367,6 +377,7 @@ def print_table(small: ListRun, big: ListRun) -> None:
         ]
     rows += [
         ("job start (median): wall s", small.job_seconds, big.job_seconds, ".2f"),
+        ("job start (median): CPU s", small.job_cpu_seconds, big.job_cpu_seconds, ".2f"),
         ("job start (median): peak MiB", small.job_peak_mib, big.job_peak_mib, ".0f"),
     ]
     width = max(len(row[0]) for row in rows)
@@ -437,7 +448,9 @@ def main() -> None:
             run.job_target = f"results/{DATASET}/shards/{shard}.tar"
             run.job_command = capture_job_command(run.root, run.job_target)
             run.jobs = []
-        print(f"\njob command ({big.label} list):\n{big.job_command}\n", flush=True)
+        # The resource settings are base64 words of about 40 characters each.
+        shown = re.sub(r"base64//\S+", "base64//...", big.job_command)
+        print(f"\njob command ({big.label} list; base64 values cut):\n{shown}\n", flush=True)
 
         for repeat in range(args.repeats):
             for run in (small, big):
@@ -447,13 +460,14 @@ def main() -> None:
                 run.jobs.append(job)
                 print(
                     f"job start {repeat + 1}/{args.repeats}, {run.label} list ({shard}): "
-                    f"{job.seconds:.2f} s, peak {job.peak_mib:.0f} MiB",
+                    f"{job.seconds:.2f} s (CPU {job.cpu_seconds:.2f} s), "
+                    f"peak {job.peak_mib:.0f} MiB",
                     flush=True,
                 )
 
         print_table(small, big)
-        rss = big.job_peak_mib - small.job_peak_mib
-        print(f"job start peak RSS big - small: {rss * 2**20 / 1e6:+.0f} MB (goal: <= 100 MB)")
+        rss = round((big.job_peak_mib - small.job_peak_mib) * 2**20 / 1e6)
+        print(f"job start peak RSS big - small: {rss:+d} MB (goal: <= 100 MB)")
         print(f"ratio job start big/small: {big.job_seconds / small.job_seconds:.2f}")
     finally:
         if args.keep:
