@@ -149,7 +149,7 @@ def test_answers_come_back_for_their_own_key_whatever_the_batching(
     source = tmp_path / "input.parquet"
     source.write_bytes(b"stands in for the phase's input file")
     for batch_size in (1, 3, 5):
-        answers = attributes._answers(
+        answers, _ = attributes._answers(
             keys,
             prompts,
             replace(settings, batch_size=batch_size),
@@ -205,7 +205,7 @@ def test_shared_prompt_prefix_is_computed_once_and_changes_no_answer(
     source = tmp_path / "input.parquet"
     source.write_bytes(b"stands in for the phase's input file")
     keys = [f"k{n}" for n in range(len(prompts))]
-    answers = attributes._answers(
+    answers, markers = attributes._answers(
         keys,
         prompts,
         replace(settings, batch_size=1),
@@ -216,6 +216,8 @@ def test_shared_prompt_prefix_is_computed_once_and_changes_no_answer(
     )
     assert calls == [1]
     assert [answers[key]["answer"] for key in keys] == alone
+    # The tokenizer's own special tokens come back with the answers, for parse_list.
+    assert {"<|begin_of_text|>", "<|eot_id|>"} <= set(markers)
 
 
 def test_generation_stops_on_end_of_turn(

@@ -18,6 +18,8 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from vlmflow.answers import unwrap
+
 __all__ = [
     "MergedAttribute",
     "ParseResult",
@@ -35,8 +37,9 @@ class ParseResult:
     """The usable items of one LLM answer.
 
     ``attributes`` are clean, deduplicated and in answer order.  ``failure`` is ``None``
-    when the answer gave at least one item, ``"empty_answer"`` when the answer was blank
-    and ``"no_items"`` when nothing survived cleaning.
+    when the answer gave at least one item, else why not: ``"empty_answer"`` (blank),
+    ``"refused"``, ``"truncated"``, ``"unparsed"`` (see :func:`parse_list`) or
+    ``"no_items"`` (nothing survived cleaning).
     """
 
     attributes: list[str]
@@ -143,8 +146,8 @@ _INLINE_NOTE = re.compile(r"(?:\bnotes?|\bexplanations?)\s*:", re.IGNORECASE)
 # "1. x", "1) x", "(1) x" (but not "3.5 inch"), and bullets: - * + and the Unicode ones.
 _BULLETS = r"[-*+\u2022\u00b7\u2013\u2014\u25aa\u25cf\u25e6]"
 _LIST_MARKER = re.compile(r"^(?:\(\d{1,3}\)|\d{1,3}\s*(?:\.(?!\d)|\))|" + _BULLETS + r")\s*")
-# "1. dog 2. cat 3. tree" on one line.
-_INLINE_NUMBER = re.compile(r"\s+(?=\(?\d{1,3}[.)]\s)")
+# "1. dog 2. cat 3. tree" or "• dog • cat" on one line.
+_INLINE_SPLIT = re.compile(r"\s+(?=\(?\d{1,3}[.)]\s)|\s+(?=[\u2022\u25cf\u25aa\u25e6]\s)")
 _DEFINITION_SPLIT = re.compile(r"\s*:\s+|\s+[-\u2013\u2014]\s+")
 _PARENTHESES = re.compile(r"\([^()]*\)|\[[^\[\]]*\]")
 _QUOTES = "\"'`\u201c\u201d\u2018\u2019\u00ab\u00bb"
@@ -152,7 +155,11 @@ _EDGE_PUNCTUATION = ".,;:!?" + _QUOTES
 _LEADING_FILLER = re.compile(r"^(?:(?:and|or|a|an|the)\s+)+")
 # Letters, digits, whitespace and the punctuation real phrases use ("t-shirt", "man's").
 _ALLOWED_CHAR = re.compile(r"[^\W_]|[\s\-'\u2019&/.]")
-_JUNK_ITEMS = frozenset({"etc", "and so on", "none", "n/a", "nothing", "no", "yes", "list"})
+_JUNK_ITEMS = frozenset(
+    {"etc", "and so on", "none", "n/a", "nothing", "no", "yes", "list"}
+    # A markdown table's header row: | object | attribute |
+    | {"object", "objects", "attribute", "attributes", "item", "items"}
+)
 # An answer that declines the task: a parse failure of its own ("refused"), raw kept.
 _REFUSAL = re.compile(
     r"^\s*(?:i'?m\s+sorry|i\s+am\s+sorry|sorry\b|i\s+(?:cannot|can't|can\s+not|am\s+unable"
@@ -234,7 +241,7 @@ def _raw_items(answer: str) -> list[str]:
             continue
         if listed and _is_commentary(line):
             continue
-        for part in _INLINE_NUMBER.split(line):
+        for part in _INLINE_SPLIT.split(line):
             part = part.strip()
             marked = bool(_LIST_MARKER.match(part))
             part = _LIST_MARKER.sub("", part)
@@ -246,7 +253,7 @@ def _raw_items(answer: str) -> list[str]:
             elif ":" in part:
                 # "Objects: dog, cat": keep what follows the label.
                 part = part.split(":", 1)[1]
-            items.extend(re.split(r"[,;]|\s+/\s+", part))
+            items.extend(re.split(r"[,;|]|\s+/\s+", part))
     return items
 
 
@@ -272,21 +279,41 @@ def _usable(item: str, max_words: int, stop_patterns: Sequence[re.Pattern[str]])
     return not any(pattern.search(item) for pattern in stop_patterns)
 
 
-def parse_list(answer: str, stop_words: Sequence[str] = (), max_words: int = 6) -> ParseResult:
+def parse_list(
+    answer: str,
+    stop_words: Sequence[str] = (),
+    max_words: int = 6,
+    special_tokens: Sequence[str] = (),
+) -> ParseResult:
     """Parse a free-form LLM answer into a clean list of short phrases.
 
-    Numbered (``1. x``, ``1) x``, ``(1) x``), bulleted (``- x``, ``* x``, ``• x``),
-    comma/semicolon-separated, newline-separated and mixed answers are accepted.  A
-    leading "Here is the list:" line, trailing notes, parenthesised remarks and markdown
-    emphasis are removed; items are lower-cased and stripped of quotes, leading articles
-    and edge punctuation.  Items that are too long (more than ``max_words`` words), empty,
-    without letters, containing non-printable characters or symbol noise, or containing a
-    stop word (whole-word match) are dropped, and duplicates keep their first occurrence.
+    The answer is first unwrapped (vlmflow.answers): special tokens (the tokenizer's own,
+    ``special_tokens``, and the common chat markers), role headers, reasoning blocks and
+    code fences go, and a JSON array or object, or a Python-style list, gives its strings.
+    Free text may be numbered (``1. x``, ``1) x``, ``(1) x``), bulleted (``- x``, ``* x``,
+    ``• x``), comma-, semicolon-, ``|``- or newline-separated, or mixed.  A leading "Here
+    is the list:" line, trailing notes, parenthesised remarks and markdown emphasis are
+    removed; items are lower-cased and stripped of quotes, leading articles and edge
+    punctuation.  Items that are too long (more than ``max_words`` words), empty, without
+    letters, containing non-printable characters or symbol noise, or containing a stop
+    word (whole-word match) are dropped, and duplicates keep their first occurrence.
+    An answer that gives no list with confidence is a failure, never a shorter list:
+    ``empty_answer``, ``refused``, ``truncated`` (cut off inside a reasoning block, code
+    fence or JSON array), ``unparsed`` (JSON that is not a list) or ``no_items``.
     """
     if not answer or not answer.strip():
         return ParseResult(attributes=[], failure="empty_answer")
-    if _REFUSAL.match(answer):
+    unwrapped = unwrap(answer, special_tokens)
+    if unwrapped.failure is not None:
+        return ParseResult(attributes=[], failure=unwrapped.failure)
+    if not unwrapped.text.strip() and unwrapped.items is None:
+        return ParseResult(attributes=[], failure="empty_answer")
+    if _REFUSAL.match(unwrapped.text) and unwrapped.items is None:
         return ParseResult(attributes=[], failure="refused")
+    if unwrapped.items is not None:
+        raw_items = [piece for item in unwrapped.items for piece in re.split(r"[,;|]", item)]
+    else:
+        raw_items = _raw_items(unwrapped.text)
     stop_patterns = [
         re.compile(r"(?<!\w)" + re.escape(" ".join(word.lower().split())) + r"(?!\w)")
         for word in stop_words
@@ -294,7 +321,7 @@ def parse_list(answer: str, stop_words: Sequence[str] = (), max_words: int = 6) 
     ]
     seen: set[str] = set()
     attributes: list[str] = []
-    for raw in _raw_items(answer):
+    for raw in raw_items:
         item = _clean_item(raw)
         if item in seen or not _usable(item, max_words, stop_patterns):
             continue

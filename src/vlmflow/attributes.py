@@ -95,6 +95,19 @@ class LLMSettings(GenerationSettings):
     max_seq_len: int | None = None
 
 
+def special_tokens(settings: LLMSettings) -> list[str]:
+    """The model's own special tokens, which the answer parser strips (vlmflow.answers)."""
+    if meta_llama.is_meta_checkpoint(settings.model):
+        return meta_llama.special_token_names()
+    return tokenizer_special_tokens(load_tokenizer(settings))
+
+
+def tokenizer_special_tokens(tokenizer: Any) -> list[str]:
+    added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+    own = {token.content for token in added if getattr(token, "special", False)}
+    return sorted(own | set(getattr(tokenizer, "all_special_tokens", [])))
+
+
 def load_tokenizer(settings: LLMSettings) -> Any:
     from transformers import AutoTokenizer
 
@@ -276,6 +289,7 @@ class Generator:
     lengths: list[int]
     context: int
     engine: str
+    special_tokens: list[str] = field(default_factory=list)  # for parse_list
 
     def too_long(self, index: int, max_new_tokens: int) -> bool:
         return self.lengths[index] + max_new_tokens > self.context
@@ -311,6 +325,7 @@ def _generator(
             llm.prompt_lengths(prompts),
             context,
             f"meta_llama torch {torch.__version__}",
+            meta_llama.special_token_names(),
         )
     tokenizer, model = load_llm(settings)
     rows = chat_ids(tokenizer, prompts)  # once: for the shared prefix and the batch order
@@ -322,7 +337,8 @@ def _generator(
 
     own = int(getattr(getattr(model, "config", None), "max_position_embeddings", 0) or 1 << 30)
     context = min(settings.max_seq_len or own, own)
-    return Generator(answer_hf, [len(ids) for ids in rows], context, hf_engine())
+    lengths = [len(ids) for ids in rows]
+    return Generator(answer_hf, lengths, context, hf_engine(), tokenizer_special_tokens(tokenizer))
 
 
 def _vllm_generator(
@@ -360,7 +376,10 @@ def _vllm_generator(
     own = int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
     context = min(options.max_model_len or own, settings.max_seq_len or own, own)
     engine_name = f"vllm {session.server.version}"
-    return Generator(answer_vllm, [len(r) for r in rows], context, engine_name)
+    lengths = [len(r) for r in rows]
+    return Generator(
+        answer_vllm, lengths, context, engine_name, tokenizer_special_tokens(tokenizer)
+    )
 
 
 def _answers(
@@ -372,9 +391,9 @@ def _answers(
     input_path: str | Path,
     out_parquet: str | Path,
     deployment: engine.Deployment | None = None,
-) -> dict[str, dict[str, Any]]:
-    """{key: {"answer", "failure", "engine"}} for every prompt; resumable (see
-    vlmflow.progress).
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """{key: {"answer", "failure", "engine"}} for every prompt, resumable (see
+    vlmflow.progress), and the model's special tokens (for parse_list).
 
     With a model-parallel Meta checkpoint every rank runs this in step; only rank 0
     writes the progress file.
@@ -385,7 +404,8 @@ def _answers(
         read_only=not distributed.rank_from_env().is_main,
     )
     if all(key in progress.done for key in keys):
-        return {key: progress.done[key] for key in keys}
+        markers = special_tokens(settings) if keys else []
+        return {key: progress.done[key] for key in keys}, markers
     seed = (settings.seed, phase, shard_id)
     with ExitStack() as stack:
         # Loaded only when there is work left: a finished or empty shard needs no model.
@@ -414,7 +434,7 @@ def _answers(
             desc=f"{phase} {shard_id}",
             order=order_by_length([generator.lengths[i] for i in fits], fits),
         )
-    return {**done, **too_long}
+    return {**done, **too_long}, generator.special_tokens
 
 
 def _too_long(
@@ -458,7 +478,7 @@ def run_phase1(
         phase1_prompt(settings.prompt, row["web_caption"], clean_vlm_caption(row["vlm_caption"]))
         for row in todo
     ]
-    answer_of = _answers(
+    answer_of, markers = _answers(
         [row["key"] for row in todo],
         prompts,
         settings,
@@ -480,7 +500,7 @@ def run_phase1(
             raw, attributes, failure = None, [], answer_of[row["key"]]["failure"]
         else:
             raw = answer_of[row["key"]]["answer"]
-            parsed = parse_list(raw, settings.stop_words, settings.max_words)
+            parsed = parse_list(raw, settings.stop_words, settings.max_words, markers)
             attributes, failure = parsed.attributes, parsed.failure
         out.append(
             {
@@ -510,7 +530,7 @@ def run_phase2(
     rows = read_parquet_rows(phase1_parquet)
     todo = [row for row in rows if row["failure"] is None and row["attributes"]]
     prompts = [phase2_prompt(settings.prompt, row["attributes"]) for row in todo]
-    answer_of = _answers(
+    answer_of, markers = _answers(
         [row["key"] for row in todo],
         prompts,
         settings,
@@ -537,7 +557,7 @@ def run_phase2(
             if raw is None:
                 phase2_failure = answer.get("failure") or "generation_error"
             else:
-                parsed = parse_list(raw, settings.stop_words, settings.max_words)
+                parsed = parse_list(raw, settings.stop_words, settings.max_words, markers)
                 phase2, phase2_failure = parsed.attributes, parsed.failure
         merged = merge_phases(phase1, phase2, stable_seed(settings.seed, row["key"]))
         if failure is None and not merged:

@@ -261,7 +261,9 @@ def write_parse_failures_page(
         table = "<p>No parse failures: every answer of both phases gave attributes.</p>"
     body = (
         "<p>Answers the parser got no attribute from (<code>empty_answer</code>, "
-        "<code>no_items</code>, <code>refused</code>) or that were never generated "
+        "<code>refused</code>, <code>truncated</code>: cut off inside a reasoning block, "
+        "code fence or JSON array; <code>unparsed</code>: JSON that holds no list; "
+        "<code>no_items</code>: nothing usable) or that were never generated "
         "(<code>generation_error</code>, with the error instead of an answer). A phase-1 "
         "failure drops the sample; after a phase-2 failure the sample keeps its phase-1 "
         f"attributes.</p>\n{table}"
