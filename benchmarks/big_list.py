@@ -73,10 +73,9 @@ import pyarrow.parquet as pq
 import yaml
 
 # Run as a script, this folder is on sys.path: the other benchmarks' helpers.
-from dag import HEADROOM_MIB, LOW_MEMORY_MIB, POLL_SECONDS, WORKFLOW_FILES, available_mib
+from dag import HEADROOM_MIB, LOW_MEMORY_MIB, POLL_SECONDS, available_mib, copy_workflow
 from slurm_arrays import SBATCH, STUB, STUB_BODIES
 
-REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 DATASET = "big"
 SMALL_ROWS = 10_000
@@ -146,12 +145,7 @@ def write_parts(folder: Path, rows: int, parts: int, row_group: int) -> None:
 def make_workdir(root: Path, url_list: str, shard_size: int) -> None:
     """A copy of the workflow whose one dataset (train and eval) is ``url_list``."""
     root.mkdir(parents=True)
-    for name in WORKFLOW_FILES:
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, root / name)
-        else:
-            shutil.copy(source, root / name)
+    copy_workflow(root)
     (root / "data").mkdir(exist_ok=True)
     config_path = root / "config" / "config.yaml"
     config = yaml.safe_load(config_path.read_text(encoding="utf-8"))

@@ -66,13 +66,18 @@ LOW_MEMORY_MIB = 512
 POLL_SECONDS = 0.05
 
 
-def make_workdir(root: Path, shards: int) -> None:
+def copy_workflow(root: Path) -> None:
+    """The workflow's files (WORKFLOW_FILES) copied into ``root``."""
     for name in WORKFLOW_FILES:
         source = REPO / name
         if source.is_dir():
             shutil.copytree(source, root / name)
         else:
             shutil.copy(source, root / name)
+
+
+def make_workdir(root: Path, shards: int) -> None:
+    copy_workflow(root)
     (root / "data").mkdir()
     with open(root / "data" / "urls.tsv", "w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle, delimiter="\t", lineterminator="\n")

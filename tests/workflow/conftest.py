@@ -65,6 +65,14 @@ def job_outputs(output: str, rule: str) -> list[str]:
     return outputs
 
 
+def assert_only_ingest_of(output: str, tar: str) -> None:
+    """A dry run's ``output`` plans one ingest job, of shard ``tar``, and the ingest
+    index and summary after it: nothing else."""
+    assert job_counts(output) == {"ingest": 1, "shard_index": 1, "ingest_summary": 1}
+    [ingest] = job_outputs(output, "ingest")
+    assert ingest.startswith(tar)
+
+
 def write_url_list(rows: list[dict[str, str]], images: Path, path: Path) -> None:
     """A URL list of ``file:`` URLs relative to the list's folder (local files a list may
     name by default), pointing at copies of the sample images."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.test_ingest import read_tar
 from tests.workflow.conftest import (
     REPO,
+    assert_only_ingest_of,
     job_counts,
-    job_outputs,
     load_config,
     make_workdir,
     read_rows,
@@ -99,12 +99,7 @@ def samples(workdir: Path, dataset: str) -> dict[str, dict[str, Any]]:
     """Every ingested sample of a dataset: caption, image bytes and source columns."""
     found: dict[str, dict[str, Any]] = {}
     for tar_path in sorted((workdir / "results" / dataset / "shards").glob("*.tar")):
-        with tarfile.open(tar_path) as tar:
-            for member in tar.getmembers():
-                key, ext = member.name.split(".", 1)
-                handle = tar.extractfile(member)
-                assert handle is not None
-                found.setdefault(key, {})[ext] = handle.read()
+        found.update(read_tar(tar_path))
     for sample in found.values():
         meta = json.loads(sample.pop("json"))
         sample["meta"] = {k: meta[k] for k in ("key", "caption", "width", "height")}
@@ -147,9 +142,7 @@ def test_a_new_part_runs_only_its_shards_and_a_removed_one_is_reported(workdir: 
         new.unlink()
     output = dry.stdout + dry.stderr
     assert dry.returncode == 0, output[-3000:]
-    assert job_counts(output) == {"ingest": 1, "shard_index": 1, "ingest_summary": 1}
-    [ingest] = job_outputs(output, "ingest")
-    assert ingest.startswith("results/tsv/shards/part-0a_000000.tar")
+    assert_only_ingest_of(output, "results/tsv/shards/part-0a_000000.tar")
     # Gone again: planning says so, and plans the shards that are left.
     dry = snakemake(workdir, "-n", *summaries())
     output = dry.stdout + dry.stderr
@@ -173,9 +166,7 @@ def test_an_edited_row_reruns_only_its_shard(workdir: Path) -> None:
         part.write_bytes(original)
     output = dry.stdout + dry.stderr
     assert dry.returncode == 0, output[-3000:]
-    assert job_counts(output) == {"ingest": 1, "shard_index": 1, "ingest_summary": 1}
-    [ingest] = job_outputs(output, "ingest")
-    assert ingest.startswith("results/parquet/shards/part-1_000001.tar")
+    assert_only_ingest_of(output, "results/parquet/shards/part-1_000001.tar")
     # The part as it was (a new mtime): its manifest is made again, and nothing reruns.
     dry = snakemake(workdir, "-n", *summaries())
     assert job_counts(dry.stdout + dry.stderr) == {}

@@ -66,8 +66,7 @@ class ShardScan:
     digest: str
 
 
-def check_list(url_list: str | Path) -> Path:
-    """The list's path, if it is a file of a supported type."""
+def _check_list(url_list: str | Path) -> Path:
     path = Path(url_list)
     if path.suffix.lower() not in SUPPORTED_SUFFIXES:
         raise IngestError(
@@ -293,16 +292,6 @@ def _is_parquet(path: Path) -> bool:
     return path.suffix.lower() == ".parquet"
 
 
-def list_columns(url_list: str | Path) -> list[str]:
-    """A list's column names, read from its header (parquet: its schema) only."""
-    path = check_list(url_list)
-    if _is_parquet(path):
-        return list(_parquet_file(path).schema_arrow.names)
-    if path.suffix.lower() == ".jsonl":
-        return _jsonl_columns(path)
-    return _csv_header(path)[0]
-
-
 def _read_slice(
     path: Path, start: int, end: int, offset: int | None = None
 ) -> tuple[list[str], list[Row]]:
@@ -328,7 +317,7 @@ def _read_slice(
 
 def count_rows(url_list: str | Path) -> int:
     """Number of data rows (header excluded); parquet is counted from its metadata."""
-    path = check_list(url_list)
+    path = _check_list(url_list)
     if _is_parquet(path):
         return int(_parquet_file(path).metadata.num_rows)
     # Count records, not lines: a quoted CSV caption may span several lines.
@@ -342,7 +331,7 @@ def scan_shards(url_list: str | Path, shard_size: int) -> tuple[list[str], list[
     holds one shard's rows at a time."""
     if shard_size < 1:
         raise IngestError(f"shard_size must be >= 1, got {shard_size}")
-    path = check_list(url_list)
+    path = _check_list(url_list)
     columns, records = _parquet_rows(path) if _is_parquet(path) else _text_rows(path, None)
     shards: list[ShardScan] = []
     with contextlib.closing(records):
@@ -391,7 +380,7 @@ def read_rows(
 ) -> list[Row]:
     """Rows [start, end) as dicts of all columns (or BadRow); the configured columns must
     exist. ``offset``: see ``_read_slice``."""
-    path = check_list(url_list)
+    path = _check_list(url_list)
     columns, rows = _read_slice(path, start, end, offset)
     check_columns(path, columns, _settings_columns(settings))
     return rows
@@ -400,7 +389,7 @@ def read_rows(
 def read_shard(url_list: str | Path, shard: ShardScan, settings: IngestSettings) -> list[Row]:
     """A shard's rows, from its byte offset (``offset`` -1: from the top), checked against
     its digest: a list edited since the shard was planned is an error, not other rows."""
-    path = check_list(url_list)
+    path = _check_list(url_list)
     offset = shard.offset if shard.offset >= 0 else None
     columns, rows = _read_slice(path, shard.start, shard.end, offset)
     digest = _digest(columns, rows)
@@ -413,10 +402,10 @@ def read_shard(url_list: str | Path, shard: ShardScan, settings: IngestSettings)
     return rows
 
 
-def rows_digest(url_list: str | Path, start: int, end: int, offset: int | None = None) -> str:
+def rows_digest(url_list: str | Path, start: int, end: int) -> str:
     """Digest of the column names and cells of rows [start, end) only."""
-    path = check_list(url_list)
-    columns, rows = _read_slice(path, start, end, offset)
+    path = _check_list(url_list)
+    columns, rows = _read_slice(path, start, end)
     return _digest(columns, rows)
 
 

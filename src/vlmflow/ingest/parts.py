@@ -149,13 +149,10 @@ class Manifest:
             return _parse_entry(self.path, handle.read(_ENTRY_LEN).decode("ascii"))
 
     def shards(self) -> tuple[ShardScan, ...]:
-        if self.scans is not None:
-            return self.scans
-        assert self.path is not None
-        with open(self.path, "rb") as handle:
-            handle.seek(self.entries_at)
-            lines = handle.read().decode("ascii").splitlines(keepends=True)
-        return tuple(_parse_entry(self.path, line) for line in lines)
+        """Every shard's line: of a manifest just made, or read whole."""
+        if self.scans is None:
+            raise ValueError(f"{self.path}: read without its shard lines (whole=False)")
+        return self.scans
 
     def is_current(self, part: Path, shard_size: int) -> bool:
         """Whether it describes ``part`` as it is now, cut into ``shard_size`` rows."""

@@ -325,7 +325,7 @@ class UrlListSource(Source):
         names = {part.manifest_name for part in self.parts}
         gone = []
         for path in sorted(self.manifests.glob("*.tsv")):
-            if path.name not in names and path.name != f"{SINGLE}.tsv":
+            if path.name not in names and path.stem != SINGLE:
                 manifest = read_manifest(path)
                 if manifest is not None:
                     gone.append(
