@@ -16,6 +16,7 @@ from vlmflow.contract import (
 )
 from vlmflow.checks import DEMO_MODEL, PACKAGED_ENCODER, ConfigError, check_models
 from vlmflow.checks import check_config as check_config_values
+from vlmflow.constrained import JSON_KEYS
 from vlmflow.demo_models import DEMO_BUILDERS, DEMO_OPTIONS
 from vlmflow.models import resolved_revision
 
@@ -163,7 +164,11 @@ def get_caption_settings(wildcards):
 
 
 def get_phase_settings(phase):
-    section = config["attributes"][phase]
+    section = dict(config["attributes"][phase])
+    if section["format"] == "text":
+        # Only json mode has these: text-mode params stay as they were before it.
+        for key in JSON_KEYS:
+            section.pop(key)
     return {
         **sampling_settings(section, "llm"),
         "stop_words": config["attributes"]["stop_words"],

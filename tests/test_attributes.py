@@ -45,6 +45,7 @@ class Recorder:
         prompts: list[str],
         settings: LLMSettings,
         prefix: attributes.SharedPrefix | None = None,
+        constraint: Any = None,
     ) -> list[str]:
         self.prompts += prompts
         self.batches += 1
@@ -53,7 +54,7 @@ class Recorder:
                 next(answer for text, answer in self.answers.items() if text in prompt)
                 for prompt in prompts
             ]
-        return self.real(tokenizer, model, prompts, settings, prefix)
+        return self.real(tokenizer, model, prompts, settings, prefix, constraint)
 
 
 class FakeTokenizer:

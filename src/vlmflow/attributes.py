@@ -23,7 +23,7 @@ from typing import IO, Any
 import pyarrow as pa
 import torch
 
-from vlmflow import distributed, engine, meta_llama
+from vlmflow import constrained, distributed, engine, meta_llama
 from vlmflow.attribute_text import (
     clean_vlm_caption,
     merge_phases,
@@ -93,6 +93,28 @@ class LLMSettings(GenerationSettings):
     # model's own context. A prompt that leaves no room for max_new_tokens fails as
     # "prompt_too_long" without being generated.
     max_seq_len: int | None = None
+    # "text": free answers, parsed; "json": answers constrained to a JSON array of at most
+    # max_items strings of at most max_item_chars characters (vlmflow.constrained).
+    format: str = "text"
+    max_items: int = 32
+    max_item_chars: int = 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.format not in constrained.FORMATS:
+            raise ValueError(f"format {self.format!r}: expected one of {constrained.FORMATS}")
+
+    def list_shape(self, phase: str) -> constrained.ListShape | None:
+        """The bounds answers are constrained to; None in text mode."""
+        if self.format != "json":
+            return None
+        return constrained.phase_shape(phase, self.max_items, self.max_item_chars)
+
+    def recorded(self) -> dict[str, Any]:
+        """The settings rows and progress files record (the prompt has its prompt_id); a
+        text-mode phase records no json-mode keys, as before json mode existed."""
+        hidden = {"prompt", *constrained.JSON_KEYS} if self.format == "text" else {"prompt"}
+        return {k: v for k, v in asdict(self).items() if k not in hidden}
 
 
 def special_tokens(settings: LLMSettings) -> list[str]:
@@ -201,8 +223,10 @@ def answer_batch(
     prompts: list[str],
     settings: LLMSettings,
     prefix: SharedPrefix | None = None,
+    constraint: constrained.HFConstraint | None = None,
 ) -> list[str]:
-    """Answer each prompt as a one-turn chat, in one generate call.
+    """Answer each prompt as a one-turn chat, in one generate call (constrained to a
+    JSON list by ``constraint``, see vlmflow.constrained).
 
     Without ``prefix`` the prompts are left-padded. With it, generation starts from a copy
     of the prefix's cache and only the rest of each prompt is computed: rows are laid out
@@ -215,6 +239,8 @@ def answer_batch(
         "eos_token_id": model.generation_config.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
+    if constraint is not None:
+        kwargs |= constraint.generate_kwargs()
     chats = [_chat(tokenizer, p) for p in prompts]
     if prefix is not None:
         rows = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in chats]
@@ -257,6 +283,15 @@ def _answer_after_prefix(
         )
     texts = tokenizer.batch_decode(output[:, size + width :], skip_special_tokens=True)
     return [t.strip() for t in texts]
+
+
+def json_needs_transformers(model: str, phase: str) -> str:
+    return (
+        f"config.attributes.{phase}.format: json constrains answers through transformers or "
+        f"vLLM; {model} is a Meta-format checkpoint (consolidated.NN.pth), which runs on "
+        "vlmflow.meta_llama without constraints: point models.llm at the model's "
+        "transformers folder, or use format: text"
+    )
 
 
 # A Meta-format checkpoint's context: Llama 3's 8192 tokens.
@@ -304,10 +339,14 @@ def _generator(
     deployment: engine.Deployment | None,
 ) -> Generator:
     """The answer function of ``settings.backend`` for ``prompts`` (a vLLM server is
-    started on ``stack``), the prompts' lengths and the context."""
+    started on ``stack``), the prompts' lengths and the context. ``seed`` is (config
+    seed, phase, shard id)."""
+    shape = settings.list_shape(seed[1])
     if settings.backend == "vllm":
-        return _vllm_generator(settings, prompts, keys, seed, stack, deployment)
+        return _vllm_generator(settings, prompts, keys, seed, stack, deployment, shape)
     if meta_llama.is_meta_checkpoint(settings.model):
+        if shape is not None:
+            raise ValueError(json_needs_transformers(settings.model, seed[1]))
         llm = load_meta_llm(settings)
         options: dict[str, Any] = {
             "max_new_tokens": settings.max_new_tokens,
@@ -330,10 +369,15 @@ def _generator(
     tokenizer, model = load_llm(settings)
     rows = chat_ids(tokenizer, prompts)  # once: for the shared prefix and the batch order
     prefix = shared_prefix(model, rows)
+    constraint = None
+    if shape is not None:
+        vocab = int(model.get_output_embeddings().weight.shape[0])
+        eos = model.generation_config.eos_token_id
+        constraint = constrained.hf_constraint(tokenizer, vocab, eos, shape)
 
     def answer_hf(indices: list[int]) -> list[str]:
         batch = [prompts[i] for i in indices]
-        return answer_batch(tokenizer, model, batch, settings, prefix=prefix)
+        return answer_batch(tokenizer, model, batch, settings, prefix, constraint)
 
     own = int(getattr(getattr(model, "config", None), "max_position_embeddings", 0) or 1 << 30)
     context = min(settings.max_seq_len or own, own)
@@ -348,8 +392,10 @@ def _vllm_generator(
     seed: tuple[Any, ...],
     stack: ExitStack,
     deployment: engine.Deployment | None,
+    shape: constrained.ListShape | None,
 ) -> Generator:
-    """Requests to a vLLM server: the HF path's chat-formatted token ids, one seed per key."""
+    """Requests to a vLLM server: the HF path's chat-formatted token ids, one seed per key
+    (constrained to ``shape`` by vLLM's structured outputs)."""
     if meta_llama.is_meta_checkpoint(settings.model):
         raise ValueError(
             f"{settings.model} is a Meta-format checkpoint, which the vllm backend cannot "
@@ -361,7 +407,7 @@ def _vllm_generator(
 
     tokenizer = load_tokenizer(settings)
     rows = chat_ids(tokenizer, prompts)
-    session = engine.open_session(settings, deployment, stack)
+    session = engine.open_session(settings, deployment, stack, shape)
     options = session.options
 
     def answer_vllm(indices: list[int]) -> list[str]:
@@ -398,9 +444,10 @@ def _answers(
     With a model-parallel Meta checkpoint every rank runs this in step; only rank 0
     writes the progress file.
     """
+    recorded = settings.recorded() | {"prompt": settings.prompt}
     progress = ProgressFile(
         progress_path(out_parquet),
-        fingerprint(phase, asdict(settings), shard_id, input_state(input_path)),
+        fingerprint(phase, recorded, shard_id, input_state(input_path)),
         read_only=not distributed.rank_from_env().is_main,
     )
     if all(key in progress.done for key in keys):
@@ -605,7 +652,7 @@ def _write_output(out_parquet: str | Path, rows: list[dict[str, Any]], schema: p
 
 def _settings_json(settings: LLMSettings) -> str:
     """The settings a row was made with (the prompt is identified by prompt_id)."""
-    return json.dumps({k: v for k, v in asdict(settings).items() if k != "prompt"}, sort_keys=True)
+    return json.dumps(settings.recorded(), sort_keys=True)
 
 
 def _count(rows: list[dict[str, Any]], shard_id: str, phase: str) -> dict[str, int]:

@@ -93,12 +93,16 @@ def check_models(config: dict[str, Any], checked_by_jobs: Callable[[str], bool])
 
 
 def check_llm_backend(config: dict[str, Any], llm_folder: str) -> None:
-    """A Meta-format checkpoint runs on its fairscale path only: not on vLLM."""
+    """A Meta-format checkpoint runs on its fairscale path only: not on vLLM, and without
+    constrained answers."""
+    from vlmflow.attributes import json_needs_transformers
     from vlmflow.meta_llama import is_meta_checkpoint
 
     if not is_meta_checkpoint(llm_folder):
         return
     for phase in ("phase1", "phase2"):
+        if config["attributes"][phase].get("format") == "json":
+            raise ConfigError(json_needs_transformers(repr(config["models"]["llm"]), phase))
         if config["attributes"][phase].get("backend") == "vllm":
             raise ConfigError(
                 f"config.attributes.{phase}.backend: vllm cannot load "
@@ -203,6 +207,28 @@ def _names_files(url_list: str) -> bool:
     return Path(url_list).is_file() or Path(url_list).is_dir()
 
 
+def check_answer_formats(attributes: dict[str, Any]) -> list[str]:
+    """A json-mode phase whose max_new_tokens cannot hold its longest allowed answer: such
+    answers are cut and counted as truncated."""
+    from vlmflow.constrained import phase_shape
+
+    warnings = []
+    for phase in ("phase1", "phase2"):
+        section = attributes[phase]
+        if section.get("format") != "json":
+            continue
+        longest = phase_shape(phase, section["max_items"], section["max_item_chars"]).max_tokens()
+        if section["max_new_tokens"] < longest:
+            warnings.append(
+                f"config.attributes.{phase}.max_new_tokens: {section['max_new_tokens']} "
+                f"tokens can cut a JSON list of max_items = {section['max_items']} items of "
+                f"max_item_chars = {section['max_item_chars']} characters (up to {longest} "
+                "tokens); a cut answer counts as truncated. Raise max_new_tokens to "
+                f"{longest} or lower the bounds"
+            )
+    return warnings
+
+
 def check_config(config: dict[str, Any], demo_kinds: tuple[str, ...]) -> list[str]:
     """The config's values that the schema cannot check, relative to the working
     directory: datasets named by role exist, files exist, the ingest section, model
@@ -227,7 +253,7 @@ def check_config(config: dict[str, Any], demo_kinds: tuple[str, ...]) -> list[st
             section = section[part]
         if not Path(section["prompt"]).is_file():
             raise ConfigError(f"config.{key}.prompt: file {section['prompt']!r} does not exist")
-    warnings = check_ingest(config["ingest"])
+    warnings = check_ingest(config["ingest"]) + check_answer_formats(config["attributes"])
     for key, reference in config["models"].items():
         if key != "trust_remote_code":
             check_model_reference(key, reference, demo_kinds)

@@ -35,6 +35,7 @@ from typing import IO, Any, TypeVar
 
 import requests
 
+from vlmflow.constrained import ListShape, request_fields, server_args
 from vlmflow.models import GenerationSettings, cached_file, split_revision
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,8 @@ class Sampling:
     top_p: float
     stop_token_ids: tuple[int, ...] = ()
     logit_bias: dict[str, float] = field(default_factory=dict)
+    # What constrains the answer (vlmflow.constrained.request_fields); empty: nothing.
+    constraint: dict[str, Any] = field(default_factory=dict)
 
     def body(self, seed: int) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -115,7 +118,7 @@ class Sampling:
             body["stop_token_ids"] = list(self.stop_token_ids)
         if self.logit_bias:
             body["logit_bias"] = self.logit_bias
-        return body
+        return body | self.constraint
 
 
 def generation_defaults(reference: str) -> tuple[tuple[int, ...], dict[str, float]]:
@@ -165,9 +168,10 @@ def server_command(
     trust_remote_code: bool,
     seed: int,
     port: int,
+    extra: Sequence[str] = (),
 ) -> list[str]:
-    """The server's command line: ``command`` (split as a shell would, never run by one)
-    and the model and engine settings."""
+    """The server's command line: ``command`` (split as a shell would, never run by one),
+    the model and engine settings and ``extra`` options."""
     name, revision = split_revision(model)
     args = [*shlex.split(command), "--model", name]
     if revision is not None:
@@ -201,7 +205,7 @@ def server_command(
         args += ["--max-num-seqs", str(engine.max_num_seqs)]
     if trust_remote_code:
         args.append("--trust-remote-code")
-    return args
+    return [*args, *extra]
 
 
 # A Python exception's line ("RuntimeError: ...", "pydantic ... ValidationError: ..."),
@@ -305,11 +309,12 @@ def serve(
     trust_remote_code: bool,
     seed: int,
     log_path: str | Path,
+    extra: Sequence[str] = (),
 ) -> Iterator[Server]:
     """Start a vLLM server for ``model``, wait until it answers, stop it on exit (its
     whole process group, also when the job is stopped by SIGTERM)."""
     port = free_port()
-    args = server_command(command, model, engine, dtype, trust_remote_code, seed, port)
+    args = server_command(command, model, engine, dtype, trust_remote_code, seed, port, extra)
     log_file = Path(log_path)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     log.info("starting the vLLM server: %s (log: %s)", shlex.join(args), log_file)
@@ -349,9 +354,13 @@ class Session:
 
 
 def open_session(
-    settings: GenerationSettings, deployment: Deployment | None, stack: ExitStack
+    settings: GenerationSettings,
+    deployment: Deployment | None,
+    stack: ExitStack,
+    shape: ListShape | None = None,
 ) -> Session:
-    """Start the server for a stage's ``settings`` on ``stack`` (stopped when it closes)."""
+    """Start the server for a stage's ``settings`` on ``stack`` (stopped when it closes);
+    with ``shape``, every answer is constrained to that JSON list (vlmflow.constrained)."""
     options = EngineSettings(**settings.engine)
     place = deployment or Deployment()
     server = stack.enter_context(
@@ -363,6 +372,7 @@ def open_session(
             trust_remote_code=settings.trust_remote_code,
             seed=settings.seed,
             log_path=place.log_path,
+            extra=server_args() if shape is not None else (),
         )
     )
     stops, bias = generation_defaults(settings.model)
@@ -373,6 +383,7 @@ def open_session(
         settings.top_p,
         stops,
         bias,
+        request_fields(shape) if shape is not None else {},
     )
     return Session(server, options, sampling)
 
