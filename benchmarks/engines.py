@@ -6,11 +6,14 @@ prompts of its captions, greedy, the same maximum of new tokens. The models are 
 miniatures of LLaVA-1.5 (llava-hf) and Llama-3-8B-Instruct (vlmflow.miniatures: real
 shapes and conventions, widths and depths shrunk; vLLM's CPU attention needs their head
 dimension of 32); the attribute stage's Llama is built without the miniature's list bias,
-so that its greedy answers are text. Start-up (loading the HF model, or starting the vLLM
-server until it answers) is timed inside each run and taken out of the steady state.
+so that its greedy answers are text; it also runs in json mode (vlmflow.constrained:
+answers constrained to a JSON list, xgrammar on both backends). Start-up (loading the HF
+model, or starting the vLLM server until it answers) is timed inside each run and taken
+out of the steady state.
 Prints items/s, output tokens/s and start-up seconds per stage and backend, how many
-outputs are equal, and last ``ratio vllm/hf: X.XX`` (output tokens/s in steady state,
-both stages together).
+outputs are equal, each backend's json/text ratio of the attribute stage's tokens/s, and
+last ``ratio vllm/hf: X.XX`` (output tokens/s in steady state, caption and free-text
+attribute stages together).
 
     .venv/bin/python benchmarks/engines.py [--items 64] [--new-tokens 32]
     .venv/bin/python benchmarks/engines.py --gpu   # an 8B-shaped random Llama, bf16
@@ -42,6 +45,9 @@ PIN = "be" * 20
 VLM = f"llava-hf/llava-1.5-7b-hf@{PIN}"
 LLM = f"meta-llama/Meta-Llama-3-8B-Instruct@{PIN}"
 PHASE1 = read_prompt(REPO / "config" / "prompts" / "attributes_phase1.txt")
+PHASE1_JSON = read_prompt(REPO / "config" / "prompts" / "attributes_phase1_json.txt")
+# json mode: bounds whose longest list 42 new tokens hold (vlmflow.checks).
+JSON_MODE = {"prompt": PHASE1_JSON, "format": "json", "max_items": 4, "max_item_chars": 6}
 
 
 @dataclass
@@ -151,7 +157,7 @@ def attribute_stage(
     captions, out = work / "captions.parquet", work / "phase1.parquet"
     write_rows_parquet(captions, rows, CAPTION_SCHEMA)
     return measure(
-        "attributes",
+        "attributes" if settings.format == "text" else "attr-json",
         settings.backend,
         items,
         settings.model,
@@ -242,13 +248,20 @@ def main() -> None:
             phase1, backend=backend, engine=engine_settings if backend == "vllm" else {}
         )
         measures.append(attribute_stage(options, work / f"a-{backend}", args.items, deployment))
+        json_mode = replace(options, max_new_tokens=max(args.new_tokens, 42), **JSON_MODE)
+        measures.append(attribute_stage(json_mode, work / f"j-{backend}", args.items, deployment))
     print("\n".join(table(measures)))
     for stage in dict.fromkeys(m.stage for m in measures):
         hf, vllm = (m for m in measures if m.stage == stage)
         same = sum(a == b for a, b in zip(hf.outputs, vllm.outputs, strict=True))
         print(f"{stage}: {same} of {len(hf.outputs)} greedy outputs equal")
-    tokens = {b: sum(m.tokens for m in measures if m.backend == b) for b in ("hf", "vllm")}
-    seconds = {b: sum(m.steady_s for m in measures if m.backend == b) for b in ("hf", "vllm")}
+    by = {(m.stage, m.backend): m for m in measures}
+    for backend in ("hf", "vllm"):
+        ratio = by["attr-json", backend].tokens_per_s / by["attributes", backend].tokens_per_s
+        print(f"{backend} json/text: {ratio:.2f}")
+    free = [m for m in measures if m.stage != "attr-json"]
+    tokens = {b: sum(m.tokens for m in free if m.backend == b) for b in ("hf", "vllm")}
+    seconds = {b: sum(m.steady_s for m in free if m.backend == b) for b in ("hf", "vllm")}
     print(
         f"ratio vllm/hf: {(tokens['vllm'] / seconds['vllm']) / (tokens['hf'] / seconds['hf']):.2f}"
     )

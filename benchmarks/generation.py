@@ -7,9 +7,12 @@ sequential baseline: one generate call per image or prompt, as a per-item loop d
 once with the batch size asked for, greedy, the same inputs; the attribute stage also as
 it runs (batched, every batch starting from the cache of the prompts' shared head, which
 the stage computes once per shard; the script checks that this changes no answer).
-Prints images or prompts per second and output tokens per second; the last line is
-``ratio batched/sequential: X.XX`` (items/s, both stages together, as the stages run vs
-one at a time).
+Prints images or prompts per second and output tokens per second; then the attribute
+stage in json mode (vlmflow.constrained: every answer constrained to a JSON list by
+xgrammar) against free text on the same prompts, both as the stage runs them and sampled
+as the demo config samples, in generated tokens per second. The last lines are ``ratio
+batched/sequential: X.XX`` (items/s, both stages together, as the stages run vs one at a
+time) and ``ratio json/text: X.XX`` (tokens/s).
 
     .venv/bin/python benchmarks/generation.py [--items 64] [--batch-size 16]
 """
@@ -29,6 +32,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from vlmflow import constrained
 from vlmflow.attribute_text import phase1_prompt
 from vlmflow.attributes import (
     LLMSettings,
@@ -174,6 +178,7 @@ def main() -> None:
         again = [answer_items_after_prefix(order[i : i + 8]) for i in range(0, 16, 8)]
         if same != again:
             raise SystemExit("the shared-prefix cache changed an answer")
+        formats = json_against_text(tokenizer, lm, llm_tokens, prompts, args.batch_size)
 
     print(
         f"\n{args.items} items per stage, greedy, at most {args.max_new_tokens} new tokens,"
@@ -195,7 +200,68 @@ def main() -> None:
     )
     batched = sum(args.items / by_size[args.batch_size][0] for by_size in results.values())
     print(f"batched without the prefix cache: {sequential / batched:.2f}x")
+    print(f"\nattribute stage, sampled (T 0.6, top-p 0.7), at most {JSON_TOKENS} new tokens")
+    print(f"{'format':<7} {'items/s':>8} {'tokens/s':>9} {'tokens/item':>11}")
+    for name, (items, tokens) in formats.items():
+        print(f"{name:<7} {items:>8.1f} {tokens:>9.1f} {tokens / items:>11.1f}")
     print(f"ratio batched/sequential: {sequential / staged:.2f}")
+    print(f"ratio json/text: {formats['json'][1] / formats['text'][1]:.2f}")
+
+
+# The demo config's phase-1 answer length, and json bounds whose longest list fits it.
+JSON_TOKENS = 48
+JSON_SHAPE = {"max_items": 4, "max_item_chars": 6}
+
+
+def json_against_text(
+    tokenizer: Any, lm: Any, counter: GenerateCounter, prompts: list[str], batch_size: int
+) -> dict[str, tuple[float, float]]:
+    """Items/s and tokens/s of the attribute stage's batches (shared-prefix cache, length
+    order) in text and in json mode, each with its own prompt template, sampled."""
+    folder = Path(__file__).resolve().parents[1] / "config/prompts"
+    results = {}
+    for name in constrained.FORMATS:
+        suffix = "_json" if name == "json" else ""
+        template = (folder / f"attributes_phase1{suffix}.txt").read_text()
+        settings = LLMSettings(
+            model="demo",
+            prompt=template,
+            max_new_tokens=JSON_TOKENS,
+            temperature=0.6,
+            top_p=0.7,
+            format=name,
+            **JSON_SHAPE,
+        )
+        items = [phase1_prompt(template, *pair) for pair in captions(len(prompts))]
+        run = stage_batches(tokenizer, lm, items, settings)
+        order = length_order(tokenizer, items)
+        torch.manual_seed(0)
+        results[name] = timed(run, order, batch_size, counter)
+        if name == "json" and not all(
+            isinstance(json.loads(answer), list) for answer in run(order[:batch_size])
+        ):
+            raise SystemExit("a json-mode answer is not a JSON array")
+    return results
+
+
+def stage_batches(
+    tokenizer: Any, lm: Any, items: list[str], settings: LLMSettings
+) -> Callable[[list[int]], list[str]]:
+    """The attribute stage's answer function for ``items``: the shared-prefix cache and,
+    in json mode, the grammar, both made once."""
+    prefix = shared_prefix(lm, chat_ids(tokenizer, items))
+    shape = settings.list_shape("phase1")
+    constraint = None
+    if shape is not None:
+        vocab = int(lm.get_output_embeddings().weight.shape[0])
+        eos = lm.generation_config.eos_token_id
+        constraint = constrained.hf_constraint(tokenizer, vocab, eos, shape)
+
+    def run(indices: list[int]) -> list[str]:
+        batch = [items[i] for i in indices]
+        return answer_batch(tokenizer, lm, batch, settings, prefix, constraint)
+
+    return run
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ QWEN = f"Qwen/Qwen2-VL-7B-Instruct@{PIN}"
 INTERNVL = f"OpenGVLab/InternVL3-8B-hf@{PIN}"
 PHASE1 = read_prompt(REPO / "config" / "prompts" / "attributes_phase1.txt")
 PHASE2 = read_prompt(REPO / "config" / "prompts" / "attributes_phase2.txt")
+PHASE1_JSON = read_prompt(REPO / "config" / "prompts" / "attributes_phase1_json.txt")
+PHASE2_JSON = read_prompt(REPO / "config" / "prompts" / "attributes_phase2_json.txt")
 # InternVL's 12 tiles + thumbnail are 3,328 image tokens.
 ENGINE = {"max_model_len": 4096}
 
@@ -156,33 +158,66 @@ def write_captions(path: Path) -> Path:
     return path
 
 
-def test_both_attribute_phases_through_vllm_equal_the_hf_backend(llm: str, tmp_path: Path) -> None:
+def write_phase1(path: Path) -> Path:
+    lists = [["red car", "car", "street"], [], ["dog", "green grass"], ["cat", "sofa"], ["boat"]]
+    rows = [
+        {
+            "key": f"k{i:03d}",
+            "web_caption": "w",
+            "vlm_caption": "v",
+            "raw_answer": "raw",
+            "attributes": items,
+            "model": "llm",
+            "prompt_id": "p",
+            "failure": None if items else "no_items",
+        }
+        for i, items in enumerate(lists)
+    ]
+    write_rows_parquet(path, rows, attributes.PHASE1_SCHEMA)
+    return path
+
+
+@pytest.mark.parametrize("answer_format", ["text", "json"])
+def test_both_attribute_phases_through_vllm_equal_the_hf_backend(
+    llm: str, tmp_path: Path, answer_format: str
+) -> None:
+    json_mode = answer_format == "json"
+    phase1_prompt, phase2_prompt = (PHASE1_JSON, PHASE2_JSON) if json_mode else (PHASE1, PHASE2)
     captions_path = write_captions(tmp_path / "captions.parquet")
     results = {}
     for backend in ("hf", "vllm"):
         settings = attributes.LLMSettings(
             model=llm,
-            prompt=PHASE1,
-            max_new_tokens=16,
+            prompt=phase1_prompt,
+            # json: room for the longest list the bounds allow (3 items of 8 characters).
+            max_new_tokens=40 if json_mode else 16,
             do_sample=False,
             batch_size=2,
             dtype="float32",
             backend=backend,
             engine=ENGINE if backend == "vllm" else {},
+            format=answer_format,
+            max_items=3,
+            max_item_chars=8,
         )
         phase1 = tmp_path / f"phase1-{backend}.parquet"
         phase2 = tmp_path / f"phase2-{backend}.parquet"
         place = deployment(tmp_path)
         attributes.run_phase1(captions_path, phase1, settings, "000000", place)
-        # Phase 2 reads the same (HF) phase-1 rows with either backend.
-        source = tmp_path / "phase1-hf.parquet"
-        attributes.run_phase2(source, phase2, replace(settings, prompt=PHASE2), "000000", place)
+        # Phase 2 reads the same phase-1 rows with either backend, lists a real model gives.
+        source = write_phase1(tmp_path / "phase1.parquet")
+        phase2_settings = replace(settings, prompt=phase2_prompt)
+        attributes.run_phase2(source, phase2, phase2_settings, "000000", place)
         results[backend] = (captions(phase1), captions(phase2))
     for hf, vllm in zip(results["hf"], results["vllm"], strict=True):
         assert [r["raw_answer"] for r in vllm] == [r["raw_answer"] for r in hf]
         assert [r["failure"] for r in vllm] == [r["failure"] for r in hf]
     answers = [r["raw_answer"] for r in results["hf"][0] if r["failure"] != "caption_failed"]
     assert len(answers) == 4 and all(len(a) > 5 for a in answers)  # text, not an early stop
+    phase2_answers = [r["raw_answer"] for r in results["hf"][1] if r["raw_answer"] is not None]
+    assert len(phase2_answers) == 4 and len(set(phase2_answers)) > 1
+    if json_mode:
+        assert all(isinstance(json.loads(a), list) for a in answers + phase2_answers)
     assert results["vllm"][0][2]["failure"] == "caption_failed"  # counted, never sent
     assert results["vllm"][0][0]["engine"].startswith("vllm ")
 

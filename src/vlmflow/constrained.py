@@ -124,30 +124,38 @@ class JsonListProcessor:
         self.stops = stops
         self.matchers: list[Any] = []
         self.bitmask: Any = None
+        self.batch: Any = None  # xgrammar.BatchGrammarMatcher
         self.started = False
+
+    def _live(self) -> list[int]:
+        return [row for row, matcher in enumerate(self.matchers) if not matcher.is_terminated()]
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import xgrammar
 
-        rows = input_ids.shape[0]
         if not self.matchers:
+            rows = input_ids.shape[0]
             self.matchers = [
                 xgrammar.GrammarMatcher(self.compiled, override_stop_tokens=self.stops)
                 for _ in range(rows)
             ]
             vocab = self.compiled.tokenizer_info.vocab_size
             self.bitmask = xgrammar.allocate_token_bitmask(rows, vocab)
+            self.batch = xgrammar.BatchGrammarMatcher()
         if self.started:
-            for row, matcher in enumerate(self.matchers):
-                if matcher.is_terminated():
-                    continue
-                token = int(input_ids[row, -1])
-                if not matcher.accept_token(token):
-                    raise RuntimeError(f"row {row}: the JSON grammar rejects token {token}")
+            live = self._live()
+            tokens = input_ids[:, -1].tolist()
+            accepted = xgrammar.BatchGrammarMatcher.batch_accept_token(
+                [self.matchers[row] for row in live], [tokens[row] for row in live]
+            )
+            for row, ok in zip(live, accepted, strict=True):
+                if not ok:
+                    raise RuntimeError(f"row {row}: the JSON grammar rejects token {tokens[row]}")
         self.started = True
-        for row, matcher in enumerate(self.matchers):
-            if not matcher.is_terminated():
-                matcher.fill_next_token_bitmask(self.bitmask, row)
+        live = self._live()
+        if live:
+            matchers = [self.matchers[row] for row in live]
+            self.batch.batch_fill_next_token_bitmask(matchers, self.bitmask, live)
         if scores.device.type in ("cpu", "cuda"):
             xgrammar.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device))
             return scores

@@ -518,6 +518,54 @@ def test_report_shows_every_category_with_its_items_and_needs_no_network(
     assert SCREENSHOT.read_bytes().startswith(b"\x89PNG")
 
 
+def switch_to_json(config: dict[str, Any], phase: str) -> None:
+    """A phase in json mode as a user switches it: the json prompt, and bounds whose
+    longest list max_new_tokens holds (no planning warning)."""
+    section = config["attributes"][phase]
+    section["prompt"] = f"config/prompts/attributes_{phase}_json.txt"
+    section |= {"format": "json", "max_items": 4, "max_item_chars": 6}
+    section["max_new_tokens"] = max(section["max_new_tokens"], 42)
+
+
+@pytest.mark.parametrize("phase", ["phase1", "phase2"])
+def test_switching_one_phase_to_json_reruns_that_phase_and_what_depends_on_it(
+    workdir: Path, phase: str
+) -> None:
+    with edited(workdir / "config" / "config.yaml"):
+        config = load_config(workdir)
+        switch_to_json(config, phase)
+        save_config(workdir, config)
+        dry = snakemake(workdir, "-n", "all")
+    output = dry.stdout + dry.stderr
+    assert dry.returncode == 0, output[-4000:]
+    assert "can cut a JSON list" not in output
+    counts = job_counts(output)
+    assert "caption" not in counts and "ingest" not in counts
+    assert counts.get("attributes_phase1", 0) == (3 if phase == "phase1" else 0)
+    assert counts["attributes_phase2"] == 3  # both train shards and the eval shard
+    assert counts["h5"] == 2 and counts["train_phase1"] == counts["evaluate"] == 1
+
+
+def test_json_mode_runs_end_to_end_and_a_rerun_has_nothing_to_do(workdir: Path) -> None:
+    config = load_config(workdir)
+    for phase in ("phase1", "phase2"):
+        switch_to_json(config, phase)
+    save_config(workdir, config)
+    run = snakemake(workdir, "all")
+    assert run.returncode == 0, run.stderr[-4000:]
+    for dataset, shards in ((TRAIN, TRAIN_SHARDS), (EVAL, ["000000"])):
+        for shard in shards:
+            for phase in ("phase1", "phase2"):
+                path = workdir / f"results/{dataset}/attributes/{phase}/{shard}.parquet"
+                rows = pq.read_table(path).to_pylist()
+                answers = [row["raw_answer"] for row in rows if row["raw_answer"] is not None]
+                assert answers and all(isinstance(json.loads(a), list) for a in answers)
+                assert {json.loads(row["settings"])["format"] for row in rows} == {"json"}
+    assert (workdir / "results/eval/metrics.tsv").is_file()
+    again = snakemake(workdir, "-n", "all")
+    assert job_counts(again.stdout + again.stderr) == {}
+
+
 def test_slurm_profile_dry_run_needs_no_cluster_and_asks_gpus_for_model_rules(
     workdir: Path,
 ) -> None:

@@ -1,4 +1,4 @@
-"""The whole DAG with captions and both attribute phases on the vLLM backend."""
+"""The whole DAG with captions and both attribute phases (in json mode) on the vLLM backend."""
 
 from __future__ import annotations
 
@@ -37,6 +37,17 @@ def vllm_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
         config["attributes"]["phase2"],
     ):
         section |= {"backend": "vllm", "engine": engine, "dtype": "float32"}
+    # Both attribute phases in json mode: vLLM's structured outputs (the text mode's rows
+    # equal the HF backend's in tests/test_vllm.py).
+    for phase in ("phase1", "phase2"):
+        section = config["attributes"][phase]
+        section |= {
+            "prompt": f"config/prompts/attributes_{phase}_json.txt",
+            "format": "json",
+            "max_items": 4,
+            "max_item_chars": 6,
+            "max_new_tokens": 42,
+        }
     config["vllm"] = {"command": f"{PYTHON} -m vllm.entrypoints.openai.api_server"}
     save_config(workdir, config)
     env = {"HF_HUB_CACHE": str(cache), "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -57,6 +68,9 @@ def test_every_generation_stage_on_vllm_runs_end_to_end_and_a_rerun_does_nothing
         engines = {row["engine"] for row in rows if row["engine"] is not None}
         assert engines and all(name.startswith("vllm ") for name in engines), (stage, engines)
         assert all(json.loads(row["settings"])["backend"] == "vllm" for row in rows)
+        if stage != "captions":
+            answers = [row["raw_answer"] for row in rows if row["raw_answer"] is not None]
+            assert answers and all(isinstance(json.loads(a), list) for a in answers), stage
     assert (workdir / "logs" / "caption" / "photos" / "000000.vllm.log").is_file()
     assert (results / "eval" / "metrics.tsv").is_file()
     again = run_snakemake(workdir, "-n", "all", env=env)
