@@ -64,7 +64,7 @@ def write_captions(path: Path) -> Path:
     return path
 
 
-def test_the_schema_takes_short_plain_strings_within_the_bounds() -> None:
+def test_the_json_schema_takes_short_plain_strings_within_the_bounds() -> None:
     schema = constrained.phase_shape("phase1", 3, 8).schema()
     jsonschema.validate(["red car", "car"], schema)
     for answer in ([], ["a", "b", "c", "d"], ["nine char"], ['say "x"'], ["a\\b"], ["a\nb"], [""]):
@@ -104,7 +104,7 @@ def test_every_json_mode_answer_is_an_array_within_the_bounds(
             jsonschema.validate(json.loads(row["raw_answer"]), schema.schema() | {"minItems": 0})
 
 
-def test_constrained_greedy_answers_do_not_depend_on_batching_or_the_prefix_cache(
+def test_json_greedy_answers_do_not_depend_on_batching_or_the_prefix_cache(
     demo_models: dict[str, str],
 ) -> None:
     settings = json_settings(demo_models["lm"], do_sample=False)
@@ -129,7 +129,7 @@ def test_constrained_greedy_answers_do_not_depend_on_batching_or_the_prefix_cach
     assert not any(answer.startswith("[") for answer in free)  # the constraint did it
 
 
-def test_an_array_cut_by_max_new_tokens_is_counted_as_truncated(
+def test_a_json_array_cut_by_max_new_tokens_is_counted_as_truncated(
     demo_models: dict[str, str], tmp_path: Path
 ) -> None:
     settings = json_settings(demo_models["llm"], max_new_tokens=6)
@@ -148,7 +148,7 @@ def test_text_mode_records_and_fingerprints_no_json_keys() -> None:
         LLMSettings(model="m", prompt="p", format="yaml")
 
 
-def test_bounds_that_max_new_tokens_cannot_hold_are_named_at_planning() -> None:
+def test_json_bounds_that_max_new_tokens_cannot_hold_are_named_at_planning() -> None:
     phase = {"format": "json", "max_items": 8, "max_item_chars": 20, "max_new_tokens": 64}
     warnings = checks.check_answer_formats({"phase1": phase, "phase2": {"format": "text"}})
     [warning] = warnings
