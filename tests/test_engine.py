@@ -4,6 +4,8 @@ line, the requests' sampling, the model's generation defaults, a dead engine's r
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,43 @@ def test_a_deployment_logs_beside_the_job_and_defaults_to_the_engine_env() -> No
     assert place.log_path == "logs/caption/d/000001.vllm.log"
     place = engine.deployment_of({"vllm": {"command": "vllm serve"}}, "x.log")
     assert place.command == "vllm serve"
+
+
+def test_a_window_keeps_its_width_in_flight_and_yields_answers_as_they_arrive() -> None:
+    lock = threading.Lock()
+    state = {"in_flight": 0, "most": 0, "started": 0}
+
+    def one(index: int) -> list[int]:
+        with lock:
+            state["in_flight"] += 1
+            state["started"] += 1
+            state["most"] = max(state["most"], state["in_flight"])
+        time.sleep(0.002 * (index % 5))  # answers arrive out of order
+        with lock:
+            state["in_flight"] -= 1
+        if index == 7:
+            raise engine.RequestError("vLLM answered 400")
+        return [index, index]
+
+    results = dict(engine.in_window(one, list(range(40)), width=6))
+    assert sorted(results) == list(range(40))
+    assert isinstance(results.pop(7), engine.RequestError)  # that sample's failure, not the job's
+    assert all(ids == [i, i] for i, ids in results.items())
+    assert state["most"] == 6  # always refilled to the window, never above it
+
+    # Leaving early sends nothing more than what was in flight.
+    state["started"] = 0
+    stream = engine.in_window(one, list(range(1000)), width=4)
+    next(stream)
+    stream.close()
+    time.sleep(0.05)
+    assert state["started"] <= 5
+
+
+def test_the_window_is_the_servers_max_num_seqs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    args = engine.server_command("vllm serve", "m", engine.EngineSettings(), "auto", False, 0, 1)
+    assert args[args.index("--max-num-seqs") + 1] == str(engine.CPU_WINDOW)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert engine.window_of(engine.EngineSettings()) == engine.GPU_WINDOW
+    assert engine.window_of(engine.EngineSettings(max_num_seqs=32)) == 32

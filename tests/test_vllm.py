@@ -278,7 +278,9 @@ def test_a_shard_stopped_mid_way_resumes_to_the_same_rows(tmp_path: Path) -> Non
         "max_new_tokens": 32,
         "batch_size": 2,
         "backend": "vllm",
-        "engine": ENGINE,
+        # A window of 4: rows reach the progress file 4 at a time, so the job is stopped
+        # with part of the shard saved.
+        "engine": {**ENGINE, "max_num_seqs": 4},
     }
     whole = tmp_path / "whole.parquet"
     caption.run(shard, whole, CaptionSettings(**options), "000000", deployment(tmp_path))

@@ -14,7 +14,7 @@ import copy
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +40,7 @@ from vlmflow.progress import (
     input_state,
     progress_path,
     run_batches,
+    run_stream,
 )
 from vlmflow.prompts import prompt_id
 
@@ -315,16 +316,23 @@ def load_meta_llm(settings: LLMSettings) -> meta_llama.MetaLlama:
     )
 
 
+# Prompt indices in, (index, answer or the error of that prompt) out as answers arrive.
+AnswerStream = Callable[[list[int]], Iterator[tuple[int, str | BaseException]]]
+
+
 @dataclass(frozen=True)
 class Generator:
-    """A loaded model's answer function (prompt indices in, answers out), each prompt's
-    token count, the context, and the engine that answers (recorded in every row)."""
+    """A loaded model's answer function: ``answer`` (prompt indices in, answers out, a
+    batch at a time) or ``stream`` (an engine's window of requests); each prompt's token
+    count, the context, and the engine that answers (recorded in every row)."""
 
-    answer: Callable[[list[int]], list[str]]
+    answer: Callable[[list[int]], list[str]] | None
     lengths: list[int]
     context: int
     engine: str
     special_tokens: list[str] = field(default_factory=list)  # for parse_list
+    stream: AnswerStream | None = None
+    window: int = 1  # stream: requests in flight, and rows saved to the progress file at once
 
     def too_long(self, index: int, max_new_tokens: int) -> bool:
         return self.lengths[index] + max_new_tokens > self.context
@@ -410,11 +418,15 @@ def _vllm_generator(
     session = engine.open_session(settings, deployment, stack, shape)
     options = session.options
 
-    def answer_vllm(indices: list[int]) -> list[str]:
-        seeds = [stable_seed(*seed, keys[i]) for i in indices]
-        batch = [rows[i] for i in indices]
-        ids = engine.completions(session.server, batch, seeds, session.sampling, options)
-        return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    def answers_vllm(indices: list[int]) -> Iterator[tuple[int, str | BaseException]]:
+        def seed_of(index: int) -> int:
+            return stable_seed(*seed, keys[index])
+
+        for index, ids in engine.stream_completions(session, rows.__getitem__, seed_of, indices):
+            if isinstance(ids, BaseException):
+                yield index, ids
+            else:
+                yield index, str(tokenizer.decode(ids, skip_special_tokens=True)).strip()
 
     config = AutoConfig.from_pretrained(
         **pretrained(settings.model, trust_remote_code=settings.trust_remote_code)
@@ -424,7 +436,13 @@ def _vllm_generator(
     engine_name = f"vllm {session.server.version}"
     lengths = [len(r) for r in rows]
     return Generator(
-        answer_vllm, lengths, context, engine_name, tokenizer_special_tokens(tokenizer)
+        None,
+        lengths,
+        context,
+        engine_name,
+        tokenizer_special_tokens(tokenizer),
+        stream=answers_vllm,
+        window=session.window,
     )
 
 
@@ -460,27 +478,34 @@ def _answers(
         too_long = _too_long(generator, keys, settings, phase, shard_id)
         fits = [i for i in range(len(keys)) if keys[i] not in too_long]
 
-        def run_batch(indices: list[int]) -> list[dict[str, Any]]:
-            texts = generator.answer(indices)
-            return [
-                {"key": keys[i], "answer": text, "failure": None, "engine": generator.engine}
-                for i, text in zip(indices, texts, strict=True)
-            ]
+        def answered(index: int, text: str) -> dict[str, Any]:
+            return {"key": keys[index], "answer": text, "failure": None, "engine": generator.engine}
 
         def failed_row(index: int, error: BaseException) -> dict[str, Any]:
             failure = f"generation_error: {error}"
             return {"key": keys[index], "answer": None, "failure": failure, "engine": None}
 
-        done = run_batches(
-            keys,
-            settings.batch_size,
-            run_batch,
-            failed_row,
-            progress,
-            seed=seed,
-            desc=f"{phase} {shard_id}",
-            order=order_by_length([generator.lengths[i] for i in fits], fits),
-        )
+        order = order_by_length([generator.lengths[i] for i in fits], fits)
+        desc = f"{phase} {shard_id}"
+        if generator.stream is not None:
+            stream = generator.stream
+
+            def rows(indices: list[int]) -> Iterator[tuple[int, dict[str, Any] | BaseException]]:
+                for index, text in stream(indices):
+                    yield index, text if isinstance(text, BaseException) else answered(index, text)
+
+            done = run_stream(keys, rows, failed_row, progress, desc, order, generator.window)
+        else:
+            answer = generator.answer
+            assert answer is not None
+
+            def run_batch(indices: list[int]) -> list[dict[str, Any]]:
+                texts = answer(indices)
+                return [answered(i, text) for i, text in zip(indices, texts, strict=True)]
+
+            done = run_batches(
+                keys, settings.batch_size, run_batch, failed_row, progress, seed, desc, order
+            )
     return {**done, **too_long}, generator.special_tokens
 
 

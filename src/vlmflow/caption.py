@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +28,14 @@ import torch
 from vlmflow import engine, internvl_chat
 from vlmflow.io import stable_seed, write_rows_parquet
 from vlmflow.models import GenerationSettings, hf_engine, is_hub_id, pretrained, split_revision
-from vlmflow.progress import ProgressFile, fingerprint, input_state, progress_path, run_batches
+from vlmflow.progress import (
+    ProgressFile,
+    fingerprint,
+    input_state,
+    progress_path,
+    run_batches,
+    run_stream,
+)
 from vlmflow.prompts import prompt_id
 from vlmflow.shards import Sample, iter_samples
 
@@ -265,27 +272,35 @@ def run(
             # does not take) is an error of the job, never a failure of the samples.
             captioner = _captioner(settings, samples, shard_id, stack, deployment)
 
-        def run_batch(indices: list[int]) -> list[dict[str, Any]]:
-            assert captioner is not None
-            captions = captioner.caption(indices)
-            return [
-                row(samples[i], text, None, captioner.engine)
-                for i, text in zip(indices, captions, strict=True)
-            ]
-
         # HF: one seed per batch, from the shard and the batch's first key; vLLM: one per
         # key. Either way a shard's captions depend neither on other shards nor on where
         # an earlier attempt was stopped.
-        done = run_batches(
-            keys,
-            settings.batch_size,
-            run_batch,
-            failed_row,
-            progress,
-            seed=(settings.seed, "caption", shard_id),
-            desc=f"caption {shard_id}",
-            order=batch_order(samples),
-        )
+        desc, order = f"caption {shard_id}", batch_order(samples)
+        if captioner is not None and captioner.stream is not None:
+            stream = captioner.stream
+            by = captioner.engine
+
+            def arriving(indices: list[int]) -> Iterator[tuple[int, Any]]:
+                for i, text in stream(indices):
+                    failed = isinstance(text, BaseException)
+                    yield i, text if failed else row(samples[i], str(text), None, by)
+
+            window = captioner.window
+            done = run_stream(keys, arriving, failed_row, progress, desc, order, window)
+        else:
+
+            def run_batch(indices: list[int]) -> list[dict[str, Any]]:
+                assert captioner is not None and captioner.caption is not None
+                captions = captioner.caption(indices)
+                return [
+                    row(samples[i], text, None, captioner.engine)
+                    for i, text in zip(indices, captions, strict=True)
+                ]
+
+            seed = (settings.seed, "caption", shard_id)
+            done = run_batches(
+                keys, settings.batch_size, run_batch, failed_row, progress, seed, desc, order
+            )
     rows = [done[key] for key in keys]
     write_rows_parquet(out_parquet, rows, CAPTION_SCHEMA)
     progress.remove()
@@ -297,10 +312,14 @@ def run(
 
 @dataclass(frozen=True)
 class Captioner:
-    """Captions of samples by index, and the engine that writes them."""
+    """Captions of samples by index, a batch at a time (``caption``) or as an engine's
+    window of requests answers (``stream``: (index, caption or that sample's error)), and
+    the engine that writes them."""
 
-    caption: Callable[[list[int]], list[str]]
+    caption: Callable[[list[int]], list[str]] | None
     engine: str
+    stream: Callable[[list[int]], Iterator[tuple[int, str | BaseException]]] | None = None
+    window: int = 1  # stream: requests in flight, and rows saved to the progress file at once
 
 
 def _captioner(
@@ -343,15 +362,23 @@ def _vllm_captioner(
     )
     session = engine.open_session(settings, deployment, stack)
 
-    def caption(indices: list[int]) -> list[str]:
-        images = [(samples[i].image_data, IMAGE_FORMATS[samples[i].image_ext]) for i in indices]
-        seeds = [stable_seed(settings.seed, "caption", shard_id, samples[i].key) for i in indices]
-        ids = engine.chat_with_images(
-            session.server, images, settings.prompt, seeds, session.sampling, session.options
-        )
-        return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    def image_of(index: int) -> tuple[bytes, str]:
+        return samples[index].image_data, IMAGE_FORMATS[samples[index].image_ext]
 
-    return Captioner(caption, f"vllm {session.server.version}")
+    def seed_of(index: int) -> int:
+        return stable_seed(settings.seed, "caption", shard_id, samples[index].key)
+
+    def captions(indices: list[int]) -> Iterator[tuple[int, str | BaseException]]:
+        answers = engine.stream_chat_with_images(
+            session, image_of, settings.prompt, seed_of, indices
+        )
+        for index, ids in answers:
+            if isinstance(ids, BaseException):
+                yield index, ids
+            else:
+                yield index, str(tokenizer.decode(ids, skip_special_tokens=True)).strip()
+
+    return Captioner(None, f"vllm {session.server.version}", captions, session.window)
 
 
 # Data-URL media types of the shard members' image formats.

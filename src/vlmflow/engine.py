@@ -17,6 +17,7 @@ with each request, and the answer's token ids are decoded here as the HF path de
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,7 +82,8 @@ class EngineSettings:
     # None: the model's own context.
     max_model_len: int | None = None
     gpu_memory_utilization: float = 0.9
-    # Requests in flight at once (vLLM batches them); None: the stage's batch_size.
+    # Requests in flight at once, refilled as answers arrive (vLLM batches them; its
+    # --max-num-seqs); None: GPU_WINDOW with a GPU, CPU_WINDOW without.
     max_num_seqs: int | None = None
     # How often a failed request is sent again before it counts as a failed sample.
     retries: int = 2
@@ -139,6 +141,16 @@ def generation_defaults(reference: str) -> tuple[tuple[int, ...], dict[str, floa
             )
         bias[str(tokens[0])] = float(value)
     return stops, bias
+
+
+# Requests in flight without engine.max_num_seqs: vLLM's own default on a GPU; on a CPU,
+# what benchmarks/engines.py measured best.
+GPU_WINDOW = 256
+CPU_WINDOW = 64
+
+
+def window_of(options: EngineSettings) -> int:
+    return options.max_num_seqs or (GPU_WINDOW if visible_gpus() else CPU_WINDOW)
 
 
 def visible_gpus() -> int:
@@ -201,8 +213,7 @@ def server_command(
         # its sampled token; CPU generators cannot rewind ("CPU Generator does not use
         # offset"), so on a CPU every prompt is prefilled whole.
         args.append("--no-enable-chunked-prefill")
-    if engine.max_num_seqs is not None:
-        args += ["--max-num-seqs", str(engine.max_num_seqs)]
+    args += ["--max-num-seqs", str(window_of(engine))]
     if trust_remote_code:
         args.append("--trust-remote-code")
     return [*args, *extra]
@@ -245,12 +256,17 @@ def _after_prefix(line: str) -> str:
 class Server:
     """A running vLLM server (see ``serve``)."""
 
-    def __init__(self, process: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
+    def __init__(
+        self, process: subprocess.Popen[bytes], url: str, log_path: Path, connections: int = 10
+    ) -> None:
         self.process = process
         self.url = url
         self.log_path = log_path
         self.version = ""
         self.http = requests.Session()
+        # One kept-alive connection per request in flight.
+        adapter = requests.adapters.HTTPAdapter(pool_maxsize=connections)
+        self.http.mount("http://", adapter)
 
     def check_alive(self) -> None:
         code = self.process.poll()
@@ -333,7 +349,7 @@ def serve(
             f"vllm.command {command!r}: {args[0]} not found; build the engine's environment "
             "with `make setup-vllm`, or point vllm.command at your vLLM installation"
         ) from None
-    server = Server(process, f"http://127.0.0.1:{port}", log_file)
+    server = Server(process, f"http://127.0.0.1:{port}", log_file, window_of(engine))
     try:
         started = time.monotonic()
         server.wait_ready(engine.startup_timeout_s)
@@ -351,6 +367,19 @@ class Session:
     server: Server
     options: EngineSettings
     sampling: Sampling
+
+    @property
+    def window(self) -> int:
+        return window_of(self.options)
+
+    def request(self, path: str, body: dict[str, Any]) -> list[int]:
+        """One request's answer token ids, retried (``with_retries``)."""
+        timeout = self.options.request_timeout_s
+        return with_retries(
+            lambda: _token_ids(self.server.post(path, body, timeout)),
+            self.server,
+            self.options.retries,
+        )
 
 
 def open_session(
@@ -414,52 +443,74 @@ def with_retries(call: Callable[[], T], server: Server, retries: int) -> T:
     raise AssertionError("unreachable")
 
 
-def completions(
-    server: Server,
-    prompts: Sequence[list[int]],
-    seeds: Sequence[int],
-    sampling: Sampling,
-    engine: EngineSettings,
-) -> list[list[int]]:
-    """The answer token ids of every prompt (token ids), all requests in flight at once."""
+def in_window(
+    one: Callable[[int], list[int]], indices: Sequence[int], width: int
+) -> Iterator[tuple[int, list[int] | RequestError]]:
+    """``(index, one(index))`` for every index as its answer arrives, with up to ``width``
+    requests in flight, each finished one replaced by the next at once (the engine
+    batches whatever is in flight, continuously). A request that still fails after its
+    retries comes back as its RequestError; an EngineError (the server died) ends the
+    stream. Leaving the stream early cancels the requests not yet sent."""
+    queue = iter(indices)
+    pending: dict[Future[list[int]], int] = {}
+    pool = ThreadPoolExecutor(max_workers=max(1, width))
+    try:
+        for index in itertools.islice(queue, width):
+            pending[pool.submit(one, index)] = index
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                index = pending.pop(future)
+                following = next(queue, None)
+                if following is not None:
+                    pending[pool.submit(one, following)] = following
+                try:
+                    yield index, future.result()
+                except RequestError as error:
+                    yield index, error
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def stream_completions(
+    session: Session,
+    prompt_of: Callable[[int], list[int]],
+    seed_of: Callable[[int], int],
+    indices: Sequence[int],
+) -> Iterator[tuple[int, list[int] | RequestError]]:
+    """The answer token ids of each prompt (token ids), as they arrive (``in_window``)."""
 
     def one(index: int) -> list[int]:
-        body = sampling.body(seeds[index]) | {"prompt": list(prompts[index])}
-        return with_retries(
-            lambda: _token_ids(server.post("/v1/completions", body, engine.request_timeout_s)),
-            server,
-            engine.retries,
-        )
+        body = session.sampling.body(seed_of(index)) | {"prompt": list(prompt_of(index))}
+        return session.request("/v1/completions", body)
 
-    return _all(one, len(prompts))
+    return in_window(one, indices, session.window)
 
 
-def chat_with_images(
-    server: Server,
-    images: Sequence[tuple[bytes, str]],
+def stream_chat_with_images(
+    session: Session,
+    image_of: Callable[[int], tuple[bytes, str]],
     prompt: str,
-    seeds: Sequence[int],
-    sampling: Sampling,
-    engine: EngineSettings,
-) -> list[list[int]]:
+    seed_of: Callable[[int], int],
+    indices: Sequence[int],
+) -> Iterator[tuple[int, list[int] | RequestError]]:
     """The answer token ids for each image ((bytes, format)) under one user turn of the
-    image then ``prompt``, rendered by the model's chat template on the server."""
+    image then ``prompt``, rendered by the model's chat template on the server, as they
+    arrive (``in_window``)."""
 
     def one(index: int) -> list[int]:
-        data, image_format = images[index]
+        data, image_format = image_of(index)
         url = f"data:image/{image_format};base64,{base64.b64encode(data).decode('ascii')}"
         content = [
             {"type": "image_url", "image_url": {"url": url}},
             {"type": "text", "text": prompt},
         ]
-        body = sampling.body(seeds[index]) | {"messages": [{"role": "user", "content": content}]}
-        return with_retries(
-            lambda: _token_ids(server.post("/v1/chat/completions", body, engine.request_timeout_s)),
-            server,
-            engine.retries,
-        )
+        body = session.sampling.body(seed_of(index)) | {
+            "messages": [{"role": "user", "content": content}]
+        }
+        return session.request("/v1/chat/completions", body)
 
-    return _all(one, len(images))
+    return in_window(one, indices, session.window)
 
 
 def _token_ids(answer: dict[str, Any]) -> list[int]:
@@ -468,10 +519,3 @@ def _token_ids(answer: dict[str, Any]) -> list[int]:
     if ids is None:
         raise RequestError("the vLLM server returned no token_ids (vLLM >= 0.10 is needed)")
     return [int(i) for i in ids]
-
-
-def _all(one: Callable[[int], list[int]], count: int) -> list[list[int]]:
-    if count == 0:
-        return []
-    with ThreadPoolExecutor(max_workers=min(count, 64)) as pool:
-        return list(pool.map(one, range(count)))

@@ -202,6 +202,65 @@ def run_batches(
     return {keys[i]: progress.done[keys[i]] for i in order}
 
 
+def run_stream(
+    keys: Sequence[str],
+    stream: Callable[[list[int]], Iterator[tuple[int, dict[str, Any] | BaseException]]],
+    failed_row: Callable[[int, BaseException], dict[str, Any]],
+    progress: ProgressFile,
+    desc: str,
+    order: Sequence[int] | None = None,
+    chunk: int = 64,
+) -> dict[str, dict[str, Any]]:
+    """Rows for every key, computing only the keys not already in ``progress``, from
+    ``stream(indices)``, which yields ``(index, row or the error of that sample)`` in the
+    order answers arrive (an engine's window of requests, see vlmflow.engine.in_window).
+    Rows reach the progress file in chunks of ``chunk``; each sample is seeded by its own
+    key, so a resumed shard gets the same rows. Raises ``Interrupted`` (after saving what
+    arrived) on SIGTERM.
+    """
+    order = list(range(len(keys))) if order is None else list(order)
+    todo = [i for i in order if keys[i] not in progress.done]
+    arrived: list[dict[str, Any]] = []
+    results = stream(todo)
+    try:
+        with sigterm_raises():
+            bar = progress_bar(results, desc=desc, unit="sample", total=len(todo))
+            for index, result in bar:
+                if isinstance(result, BaseException):
+                    log.warning("sample %s failed: %s", keys[index], result)
+                    result = failed_row(index, result)
+                arrived.append(result)
+                if len(arrived) >= chunk:
+                    progress.add(arrived)
+                    progress.flush()
+                    arrived = []
+    except Interrupted:
+        progress.add(arrived)
+        progress.flush()
+        log.warning(
+            "%s: stopped by SIGTERM with %d of %d samples done; progress saved to %s",
+            desc,
+            len(progress.done),
+            len(keys),
+            progress.path,
+        )
+        raise
+    finally:
+        close = getattr(results, "close", None)
+        if close is not None:  # a generator left early: its requests not sent are cancelled
+            close()
+    progress.add(arrived)
+    progress.flush()
+    log.info(
+        "%s: %d samples computed, %d keys resumed from %s",
+        desc,
+        len(todo),
+        progress.resumed,
+        progress.path,
+    )
+    return {keys[i]: progress.done[keys[i]] for i in order}
+
+
 def _run_or_split(
     batch: list[int],
     keys: Sequence[str],
