@@ -9,11 +9,15 @@ dimension of 32); the attribute stage's Llama is built without the miniature's l
 so that its greedy answers are text; it also runs in json mode (vlmflow.constrained:
 answers constrained to a JSON list, xgrammar on both backends). Start-up (loading the HF
 model, or starting the vLLM server until it answers) is timed inside each run and taken
-out of the steady state.
-Prints items/s, output tokens/s and start-up seconds per stage and backend, how many
-outputs are equal, each backend's json/text ratio of the attribute stage's tokens/s, and
-last ``ratio vllm/hf: X.XX`` (output tokens/s in steady state, caption and free-text
-attribute stages together).
+out of the steady state. The vLLM backend keeps a window of requests in flight
+(vlmflow.engine.in_window); the floor it is measured against is the same phase-1 prompts
+(the same token ids) through vLLM's offline ``LLM.generate`` in the engine's environment
+(benchmarks/vllm_offline.py), with the same engine settings.
+Prints items/s, output tokens/s and start-up seconds per stage and backend (and offline),
+how many outputs are equal, each backend's json/text ratio of the attribute stage's
+tokens/s, ``ratio server/offline: X.XX`` (the attribute stage's tokens/s through the
+server against the offline floor) and last ``ratio vllm/hf: X.XX`` (output tokens/s in
+steady state, caption and free-text attribute stages together).
 
     .venv/bin/python benchmarks/engines.py [--items 64] [--new-tokens 32]
     .venv/bin/python benchmarks/engines.py --gpu   # an 8B-shaped random Llama, bf16
@@ -25,7 +29,10 @@ with Llama-3-8B's configuration in bf16 instead of the miniatures.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shlex
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -35,6 +42,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from vlmflow import attributes, caption, engine, miniatures
+from vlmflow.attribute_text import clean_vlm_caption, phase1_prompt
 from vlmflow.caption import CAPTION_SCHEMA, CaptionSettings
 from vlmflow.io import write_rows_parquet
 from vlmflow.prompts import read_prompt
@@ -136,11 +144,10 @@ def caption_stage(
     )
 
 
-def attribute_stage(
-    settings: attributes.LLMSettings, work: Path, items: int, deployment: engine.Deployment
-) -> Measure:
+def caption_rows(items: int) -> list[dict[str, Any]]:
+    """Phase 1's input: web and VLM captions of varied words."""
     words = ["red", "car", "tree", "dog", "cat", "sofa", "field", "river", "bench", "sky"]
-    rows = [
+    return [
         {
             "key": f"k{n:05d}",
             "web_caption": " ".join(words[(n + i) % len(words)] for i in range(4)),
@@ -153,9 +160,14 @@ def attribute_stage(
         }
         for n in range(items)
     ]
+
+
+def attribute_stage(
+    settings: attributes.LLMSettings, work: Path, items: int, deployment: engine.Deployment
+) -> Measure:
     work.mkdir(parents=True, exist_ok=True)
     captions, out = work / "captions.parquet", work / "phase1.parquet"
-    write_rows_parquet(captions, rows, CAPTION_SCHEMA)
+    write_rows_parquet(captions, caption_rows(items), CAPTION_SCHEMA)
     return measure(
         "attributes" if settings.format == "text" else "attr-json",
         settings.backend,
@@ -163,6 +175,53 @@ def attribute_stage(
         settings.model,
         out,
         lambda: attributes.run_phase1(captions, out, settings, "0", deployment),
+    )
+
+
+def offline_floor(settings: attributes.LLMSettings, work: Path, items: int, python: str) -> Measure:
+    """The phase-1 prompts of ``attribute_stage`` (the same token ids) through vLLM's
+    offline ``LLM.generate`` in the engine's environment (benchmarks/vllm_offline.py),
+    with the server's engine settings; start-up timed apart."""
+    tokenizer = attributes.load_tokenizer(settings)
+    prompts = [
+        phase1_prompt(settings.prompt, row["web_caption"], clean_vlm_caption(row["vlm_caption"]))
+        for row in caption_rows(items)
+    ]
+    stops, bias = engine.generation_defaults(settings.model)
+    options = engine.EngineSettings(**settings.engine)
+    spec = {
+        "model": settings.model,
+        "dtype": settings.dtype,
+        "max_model_len": options.max_model_len,
+        "max_num_seqs": engine.window_of(options),
+        "seed": settings.seed,
+        "prompts": attributes.chat_ids(tokenizer, prompts),
+        "max_tokens": settings.max_new_tokens,
+        "stop_token_ids": list(stops),
+        "logit_bias": bias,
+        # As the server runs on a CPU (vlmflow.engine.server_command).
+        "chunked_prefill": engine.visible_gpus() > 0,
+    }
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
+    script = str(REPO / "benchmarks" / "vllm_offline.py")
+    log = work / "offline.log"
+    with open(log, "w", encoding="utf-8") as handle:
+        done = subprocess.run(
+            [python, script, str(work / "spec.json"), str(work / "out.json")],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
+    if done.returncode:
+        raise SystemExit(f"vLLM's offline run failed (log: {log}): {engine.last_line(log)}")
+    result = json.loads((work / "out.json").read_text(encoding="utf-8"))
+    texts = [
+        str(tokenizer.decode(ids, skip_special_tokens=True)).strip() for ids in result["answers"]
+    ]
+    tokens = token_count(settings.model, texts)
+    return Measure(
+        "attributes", "offline", items, result["startup_s"], result["seconds"], tokens, texts
     )
 
 
@@ -250,18 +309,24 @@ def main() -> None:
         measures.append(attribute_stage(options, work / f"a-{backend}", args.items, deployment))
         json_mode = replace(options, max_new_tokens=max(args.new_tokens, 42), **JSON_MODE)
         measures.append(attribute_stage(json_mode, work / f"j-{backend}", args.items, deployment))
-    print("\n".join(table(measures)))
-    for stage in dict.fromkeys(m.stage for m in measures):
-        hf, vllm = (m for m in measures if m.stage == stage)
-        same = sum(a == b for a, b in zip(hf.outputs, vllm.outputs, strict=True))
-        print(f"{stage}: {same} of {len(hf.outputs)} greedy outputs equal")
-    by = {(m.stage, m.backend): m for m in measures}
+    served = replace(phase1, backend="vllm", engine=engine_settings)
+    python = shlex.split(args.vllm_command)[0]
+    floor = offline_floor(served, work / "offline", args.items, python)
+    print("\n".join(table([*measures, floor])))
+    by = {(m.stage, m.backend): m for m in [*measures, floor]}
+    for stage, other in [(m.stage, m.backend) for m in [*measures, floor] if m.backend != "hf"]:
+        hf, them = by[stage, "hf" if other == "vllm" else "vllm"], by[stage, other]
+        same = sum(a == b for a, b in zip(hf.outputs, them.outputs, strict=True))
+        against = "hf" if other == "vllm" else "the vllm server"
+        print(f"{stage} {other}: {same} of {len(hf.outputs)} greedy outputs equal {against}'s")
     for backend in ("hf", "vllm"):
         ratio = by["attr-json", backend].tokens_per_s / by["attributes", backend].tokens_per_s
         print(f"{backend} json/text: {ratio:.2f}")
     free = [m for m in measures if m.stage != "attr-json"]
     tokens = {b: sum(m.tokens for m in free if m.backend == b) for b in ("hf", "vllm")}
     seconds = {b: sum(m.steady_s for m in free if m.backend == b) for b in ("hf", "vllm")}
+    server = by["attributes", "vllm"].tokens_per_s
+    print(f"ratio server/offline: {server / floor.tokens_per_s:.2f}")
     print(
         f"ratio vllm/hf: {(tokens['vllm'] / seconds['vllm']) / (tokens['hf'] / seconds['hf']):.2f}"
     )
