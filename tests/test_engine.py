@@ -141,3 +141,28 @@ def test_the_window_is_the_servers_max_num_seqs(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     assert engine.window_of(engine.EngineSettings()) == engine.GPU_WINDOW
     assert engine.window_of(engine.EngineSettings(max_num_seqs=32)) == 32
+
+
+def test_a_cpu_job_sizes_the_engines_kv_cache_from_its_own_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    assert engine.server_environment(16000, gpus=0)["VLLM_CPU_KVCACHE_SPACE"] == "7"
+    assert engine.server_environment(None, gpus=0)["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert "VLLM_CPU_KVCACHE_SPACE" not in engine.server_environment(16000, gpus=1)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")  # the user's own choice stands
+    assert engine.server_environment(16000, gpus=0)["VLLM_CPU_KVCACHE_SPACE"] == "3"
+    place = engine.deployment_of({}, "logs/caption/d/000000.log", memory_mb=16000)
+    assert place.memory_mb == 16000
+
+
+def test_a_model_that_fits_one_gpu_runs_data_parallel_over_the_jobs_gpus() -> None:
+    gib = 1 << 30
+    auto = engine.EngineSettings()
+    # 16 GB of 8B bf16 weights on 80 GB GPUs: one GPU each, 4 copies.
+    assert engine.parallel_sizes(auto, 4, 16 * gib, 80 * gib) == (1, 4)
+    # 140 GB of 70B weights: 4 GPUs hold it (2 would not, at 60 % of each), 2 copies on 8.
+    assert engine.parallel_sizes(auto, 8, 140 * gib, 80 * gib) == (4, 2)
+    assert engine.parallel_sizes(auto, 4, None, 80 * gib) == (4, 1)  # size unknown: all
+    assert engine.parallel_sizes(engine.EngineSettings(tensor_parallel_size=2), 8, 1, 1) == (2, 4)
+    assert engine.parallel_sizes(auto, 0, 16 * gib, None) == (1, 1)

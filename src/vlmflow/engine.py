@@ -64,20 +64,44 @@ class Deployment:
 
     command: str = DEFAULT_COMMAND
     log_path: str = "vllm.log"
+    # The job's memory (the profile's mem_mb): on a CPU node it sizes the engine's KV
+    # cache; None: the job's memory is not known.
+    memory_mb: int | None = None
 
 
-def deployment_of(config: dict[str, Any], job_log: str | Path) -> Deployment:
+def deployment_of(
+    config: dict[str, Any], job_log: str | Path, memory_mb: int | None = None
+) -> Deployment:
     """A rule's deployment: the config's ``vllm.command``, the server's log beside the
-    job's (``X.log`` -> ``X.vllm.log``)."""
+    job's (``X.log`` -> ``X.vllm.log``), the job's memory (its ``mem_mb`` resource)."""
     command = config.get("vllm", {}).get("command", DEFAULT_COMMAND)
-    return Deployment(command=command, log_path=str(Path(job_log).with_suffix(".vllm.log")))
+    log_path = str(Path(job_log).with_suffix(".vllm.log"))
+    return Deployment(command=command, log_path=log_path, memory_mb=memory_mb)
+
+
+# On a CPU, vLLM takes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB) or else reserves a
+# share of the whole machine (gpu_memory_utilization of its memory), which a second job on
+# the node cannot get. The job gives it this share of its own memory instead.
+CPU_KV_CACHE_SHARE = 0.5
+
+
+def server_environment(memory_mb: int | None, gpus: int) -> dict[str, str]:
+    """The server's environment: the job's, plus on a CPU a KV cache sized from the job's
+    memory (half of it, at least 1 GiB; 1 GiB when the job's memory is not known), unless
+    the job's environment sets VLLM_CPU_KVCACHE_SPACE itself."""
+    env = dict(os.environ)
+    if gpus == 0 and "VLLM_CPU_KVCACHE_SPACE" not in env:
+        gib = max(1, int((memory_mb or 0) * CPU_KV_CACHE_SHARE / 1024))
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(gib)
+    return env
 
 
 @dataclass(frozen=True)
 class EngineSettings:
     """How the vLLM server is started (``caption.engine``, ``attributes.phaseN.engine``)."""
 
-    # None: as many GPUs as the job sees (1 without a GPU).
+    # None: the fewest of the job's GPUs that hold the model, the others serving more copies
+    # of it (data parallel); 1 without a GPU (vlmflow.engine.parallel_sizes).
     tensor_parallel_size: int | None = None
     # None: the model's own context.
     max_model_len: int | None = None
@@ -166,6 +190,51 @@ def visible_gpus() -> int:
         return 0
 
 
+# The share of a GPU's memory the weights may take (the rest: KV cache, activations).
+WEIGHTS_SHARE = 0.6
+
+
+def parallel_sizes(
+    options: EngineSettings, gpus: int, weights: int | None, gpu_memory: int | None
+) -> tuple[int, int]:
+    """(tensor parallel, data parallel) over a job's ``gpus``: ``tensor_parallel_size``
+    when the config sets it, else the fewest GPUs (a divisor of ``gpus``) whose memory
+    holds the weights (``weights`` bytes in WEIGHTS_SHARE of each GPU's ``gpu_memory``),
+    all of them when either size is unknown. The GPUs left over serve more copies of the
+    model, each with its share of the requests (vLLM's --data-parallel-size)."""
+    if gpus <= 1:
+        return options.tensor_parallel_size or 1, 1
+    tensor = options.tensor_parallel_size
+    if tensor is None:
+        tensor = gpus
+        if weights is not None and gpu_memory is not None:
+            fits = [n for n in range(1, gpus + 1) if gpus % n == 0]
+            tensor = next((n for n in fits if weights <= n * gpu_memory * WEIGHTS_SHARE), gpus)
+    return tensor, max(1, gpus // tensor)
+
+
+def weight_bytes(model: str) -> int | None:
+    """The size of a model's safetensors weights where they are on this machine."""
+    index = cached_file(model, "model.safetensors.index.json")
+    if index is not None:
+        total = json.loads(index.read_text(encoding="utf-8")).get("metadata", {}).get("total_size")
+        return int(total) if total else None
+    single = cached_file(model, "model.safetensors")
+    return single.stat().st_size if single is not None else None
+
+
+def gpu_bytes() -> int | None:
+    """The memory of this job's first GPU; None without one."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return int(torch.cuda.get_device_properties(0).total_memory)
+    except ImportError:
+        pass
+    return None
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -189,7 +258,7 @@ def server_command(
     if revision is not None:
         args += ["--revision", revision]
     gpus = visible_gpus()
-    tensor_parallel = engine.tensor_parallel_size or max(gpus, 1)
+    tensor_parallel, data_parallel = parallel_sizes(engine, gpus, weight_bytes(model), gpu_bytes())
     args += [
         "--host",
         "127.0.0.1",
@@ -214,6 +283,8 @@ def server_command(
         # offset"), so on a CPU every prompt is prefilled whole.
         args.append("--no-enable-chunked-prefill")
     args += ["--max-num-seqs", str(window_of(engine))]
+    if data_parallel > 1:
+        args += ["--data-parallel-size", str(data_parallel)]
     if trust_remote_code:
         args.append("--trust-remote-code")
     return [*args, *extra]
@@ -326,6 +397,7 @@ def serve(
     seed: int,
     log_path: str | Path,
     extra: Sequence[str] = (),
+    memory_mb: int | None = None,
 ) -> Iterator[Server]:
     """Start a vLLM server for ``model``, wait until it answers, stop it on exit (its
     whole process group, also when the job is stopped by SIGTERM)."""
@@ -333,11 +405,18 @@ def serve(
     args = server_command(command, model, engine, dtype, trust_remote_code, seed, port, extra)
     log_file = Path(log_path)
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    log.info("starting the vLLM server: %s (log: %s)", shlex.join(args), log_file)
+    env = server_environment(memory_mb, visible_gpus())
+    log.info(
+        "starting the vLLM server: %s (log: %s; CPU KV cache: %s GiB)",
+        shlex.join(args),
+        log_file,
+        env.get("VLLM_CPU_KVCACHE_SPACE", "-"),
+    )
     handle: IO[bytes] = open(log_file, "ab")  # noqa: SIM115 - closed below
     try:
         process = subprocess.Popen(
             args,
+            env=env,
             stdout=handle,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -402,6 +481,7 @@ def open_session(
             seed=settings.seed,
             log_path=place.log_path,
             extra=server_args() if shape is not None else (),
+            memory_mb=place.memory_mb,
         )
     )
     stops, bias = generation_defaults(settings.model)

@@ -26,7 +26,9 @@ with log_to(snakemake.log[0]):
         out_path=snakemake.output[0],
         settings=settings,
         shard_id=snakemake.wildcards.shard,
-        deployment=deployment_of(snakemake.config, snakemake.log[0]),
+        deployment=deployment_of(
+            snakemake.config, snakemake.log[0], snakemake.resources.get("mem_mb")
+        ),
     )
     # log_to points stderr at the rule's log file; launched processes write there too.
     attributes.launch(job, snakemake.resources.get("mpi"), sys.stderr)

@@ -14,5 +14,5 @@ with log_to(snakemake.log[0]):
         snakemake.output[0],
         settings,
         snakemake.wildcards.shard,
-        deployment_of(snakemake.config, snakemake.log[0]),
+        deployment_of(snakemake.config, snakemake.log[0], snakemake.resources.get("mem_mb")),
     )
