@@ -19,6 +19,7 @@ from vlmflow.models import (
     cached_file,
     in_hub_cache,
     is_hub_id,
+    llava_hub_name,
     pretrained,
     resolved_revision,
     split_revision,
@@ -263,7 +264,7 @@ def test_the_llava_miniature_keeps_the_hub_weight_names_and_loads_every_weight(
     loaded = model.state_dict()
     assert len(loaded) == len(saved)
     for name, tensor in loaded.items():
-        assert torch.equal(tensor, saved[miniatures.hub_name(name)]), name
+        assert torch.equal(tensor, saved[llava_hub_name(name)]), name
     processor = AutoProcessor.from_pretrained(folder)
     conversation = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}

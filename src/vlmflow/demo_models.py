@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlmflow.io import atomic_dir
-from vlmflow.models import IMAGE
+from vlmflow.models import IMAGE, save_llava_weights
 
 if TYPE_CHECKING:
     import torch
@@ -192,6 +192,7 @@ def build_demo_vlm(
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        save_llava_weights(model, tmp)  # the hub's names, which vLLM reads too
 
 
 def build_demo_internvl(

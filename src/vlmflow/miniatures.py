@@ -25,7 +25,7 @@ from typing import Any
 
 from vlmflow.demo_models import demo_corpus_lines
 from vlmflow.io import atomic_dir
-from vlmflow.models import COMMIT, is_hub_id, split_revision
+from vlmflow.models import COMMIT, is_hub_id, save_llava_weights, split_revision
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,6 @@ def build_llava15_hf(out_dir: str | Path, seed: int) -> None:
     checkpoint's names (``vision_tower.vision_model.*``, ``language_model.model.*``), as
     vLLM and older loaders read them."""
     import torch
-    from safetensors.torch import save_file
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -256,25 +255,7 @@ def build_llava15_hf(out_dir: str | Path, seed: int) -> None:
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        weights = {
-            hub_name(name): tensor.contiguous() for name, tensor in model.state_dict().items()
-        }
-        for old in tmp.glob("model*.safetensors*"):
-            old.unlink()
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-
-
-def hub_name(name: str) -> str:
-    """A LLaVA weight's name in the hub checkpoints (transformers 5 saves another layout)."""
-    for new, old in (
-        ("model.vision_tower.", "vision_tower.vision_model."),
-        ("model.multi_modal_projector.", "multi_modal_projector."),
-        ("model.language_model.", "language_model.model."),
-        ("lm_head.", "language_model.lm_head."),
-    ):
-        if name.startswith(new):
-            return old + name[len(new) :]
-    return name
+        save_llava_weights(model, tmp)
 
 
 def build_clip(out_dir: str | Path, seed: int, image_size: int = 336, layers: int = 8) -> None:

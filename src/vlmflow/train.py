@@ -45,7 +45,13 @@ from vlmflow.io import (
     write_json,
 )
 from vlmflow.logs import progress_bar
-from vlmflow.models import IMAGE, num_image_tokens, pad_token_id, pretrained
+from vlmflow.models import (
+    IMAGE,
+    num_image_tokens,
+    pad_token_id,
+    pretrained,
+    save_llava_weights,
+)
 from vlmflow.progress import Interrupted
 from vlmflow.vision import black_image, load_image, processor_side, vision_model
 
@@ -947,6 +953,8 @@ class PhaseTrainer:
     def _save(self, full_state: dict[str, Any] | None) -> None:
         with atomic_dir(self.out_dir) as tmp:
             self.model.save_pretrained(tmp, state_dict=full_state)
+            # The hub's LLaVA names: transformers and vLLM both load the trained model.
+            save_llava_weights(self.model, tmp, full_state)
             self.processor.save_pretrained(tmp)
             with open(tmp / "metrics.jsonl", "w", encoding="utf-8") as handle:
                 for entry in self.history:
