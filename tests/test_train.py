@@ -24,7 +24,7 @@ from vlmflow import h5, h5_layout, train, vision
 from vlmflow.attributes import PHASE1_SCHEMA, PHASE2_SCHEMA
 from vlmflow.h5 import H5Settings, TokenIds, pack
 from vlmflow.io import read_json, write_rows_parquet
-from vlmflow.models import IMAGE
+from vlmflow.models import IMAGE, save_llava_weights
 from vlmflow.progress import Interrupted
 from vlmflow.train import H5Source, TrainSettings
 
@@ -305,9 +305,10 @@ def test_phase1_trains_the_projector_only(
 ) -> None:
     folder, _ = phase1_model
     fresh, _ = train.build_llava(demo_models["vision"], demo_models["lm"], PHASE1)
-    # Keys as save_pretrained writes them.
+    # Keys as the train stage writes them (the hub's LLaVA names).
     fresh_folder = folder.parent / "fresh"
     fresh.save_pretrained(fresh_folder)
+    save_llava_weights(fresh, fresh_folder)
     before, after = _weights(fresh_folder), _weights(folder)
     assert before.keys() == after.keys()
     changed = {name for name in before if not torch.equal(before[name], after[name])}

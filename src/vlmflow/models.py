@@ -222,8 +222,16 @@ def save_llava_weights(model: Any, folder: Path, state_dict: dict[str, Any] | No
     state = model.state_dict() if state_dict is None else state_dict
     for old in folder.glob("model*.safetensors*"):
         old.unlink()
-    weights = {llava_hub_name(name): tensor.contiguous() for name, tensor in state.items()}
+    weights = {llava_hub_name(name): _own_storage(tensor) for name, tensor in state.items()}
     save_torch_state_dict(weights, folder, max_shard_size="5GB", metadata={"format": "pt"})
+
+
+def _own_storage(tensor: Any) -> Any:
+    """``tensor`` itself when it spans its whole storage, else a copy: safetensors
+    refuses views into a larger buffer (as FSDP's gathered weights can be)."""
+    tensor = tensor.contiguous()
+    whole = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    return tensor if whole and tensor.storage_offset() == 0 else tensor.clone()
 
 
 def packaged_minilm_path() -> str:
