@@ -38,7 +38,7 @@ def vllm_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
             "format": "json",
             "max_items": 4,
             "max_item_chars": 6,
-            "max_new_tokens": 42,
+            "max_new_tokens": 120,
         }
     save_config(workdir, config)
     run = run_snakemake(workdir, "all", *OVERLAY, env=NO_ENGINE_VARIABLES, timeout=2400)
