@@ -42,6 +42,10 @@ RUN_BY: dict[str, tuple[str, str]] = {
     "grep -ho": ("tests/workflow/test_presets.py", 'readme.split("grep -ho", 1)'),
     "vlmflow miniatures": ("tests/workflow/test_presets.py", '[VLMFLOW, "miniatures"'),
     "pytest -m presets": ("pyproject.toml", "presets:"),
+    "snakemake --profile profiles/local all --configfile config/vllm.yaml": (
+        "tests/workflow/test_vllm_dag.py",
+        'OVERLAY = ("--configfile", "config/vllm.yaml")',
+    ),
 }
 
 

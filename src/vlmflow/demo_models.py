@@ -96,6 +96,10 @@ def train_demo_tokenizer(
     )
 
 
+# The demo LMs' attention head size: the smallest vLLM's CPU attention takes.
+DEMO_HEAD_DIM = 32
+
+
 def tiny_llama_config(
     tokenizer: Any,
     hidden_size: int,
@@ -105,9 +109,10 @@ def tiny_llama_config(
     context: int = 2048,
     architectures: list[str] | None = None,
 ) -> Any:
-    """The demo LMs' Llama config: 4 heads over 2 KV heads, untied embeddings, the
-    tokenizer's special ids; generation stops on ``stop_ids`` (default: ``</s>`` and the
-    end-of-turn token)."""
+    """The demo LMs' Llama config: 4 heads of 32 dimensions over 2 KV heads (vLLM's CPU
+    attention takes head sizes of 32 and more, so the demo runs on either backend),
+    untied embeddings, the tokenizer's special ids; generation stops on ``stop_ids``
+    (default: ``</s>`` and the end-of-turn token)."""
     from transformers import LlamaConfig
 
     if stop_ids is None:
@@ -119,6 +124,7 @@ def tiny_llama_config(
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
+        head_dim=DEMO_HEAD_DIM,
         max_position_embeddings=context,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=stop_ids,

@@ -24,11 +24,12 @@ def snakemake(
     *args: str,
     profile: str = "profiles/local",
     timeout: int = 1200,
-    env: dict[str, str] | None = None,
+    env: dict[str, str | None] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run Snakemake in ``workdir`` with a profile of the repo (and ``env`` added to the
-    environment); output is captured."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
+    environment, a None value removing that variable); output is captured."""
+    merged = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
+    env = {name: value for name, value in merged.items() if isinstance(value, str)}
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     return subprocess.run(
         [SNAKEMAKE, "--profile", profile, *args],

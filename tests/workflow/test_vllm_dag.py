@@ -1,4 +1,6 @@
-"""The whole DAG with captions and both attribute phases (in json mode) on the vLLM backend."""
+"""The demo DAG with every generating stage on the vLLM backend, as the README runs it:
+``snakemake --profile profiles/local all --configfile config/vllm.yaml``, with no engine
+variable in the environment; then vLLM serves the model the DAG trained."""
 
 from __future__ import annotations
 
@@ -10,56 +12,43 @@ import pytest
 
 from tests.workflow.conftest import REPO, job_counts, load_config, make_workdir, save_config
 from tests.workflow.conftest import snakemake as run_snakemake
-from vlmflow.miniatures import install
+from vlmflow import caption, engine
+from vlmflow.caption import CaptionSettings
 
 pytestmark = [pytest.mark.workflow, pytest.mark.vllm]
 
-PIN = "7a" * 20
-VLM = f"llava-hf/llava-1.5-7b-hf@{PIN}"
-LLM = f"meta-llama/Meta-Llama-3-8B-Instruct@{PIN}"
-PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+OVERLAY = ("--configfile", "config/vllm.yaml")
+# Nothing the user would not have: the engine sizes itself from the job's resources.
+NO_ENGINE_VARIABLES = {"VLLM_CPU_KVCACHE_SPACE": None}
 
 
 @pytest.fixture(scope="module")
-def vllm_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str], str]:
-    cache = tmp_path_factory.mktemp("hub")
-    for reference in (VLM, LLM):
-        install(reference, cache)
+def vllm_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     workdir = make_workdir(tmp_path_factory.mktemp("vllm"))
+    # The engine's environment where `make setup-vllm` puts it in a clone.
+    (workdir / ".venv-vllm").symlink_to(REPO / ".venv-vllm")
     config = load_config(workdir)
     for dataset in config["datasets"].values():
         dataset["shard_size"] = 16  # one shard each: every server start costs ~30 s here
-    config["models"] |= {"vlm": VLM, "llm": LLM}
-    engine = {"max_model_len": 2048}
-    for section in (
-        config["caption"],
-        config["attributes"]["phase1"],
-        config["attributes"]["phase2"],
-    ):
-        section |= {"backend": "vllm", "engine": engine, "dtype": "float32"}
     # Both attribute phases in json mode: vLLM's structured outputs (the text mode's rows
     # equal the HF backend's in tests/test_vllm.py).
     for phase in ("phase1", "phase2"):
-        section = config["attributes"][phase]
-        section |= {
+        config["attributes"][phase] |= {
             "prompt": f"config/prompts/attributes_{phase}_json.txt",
             "format": "json",
             "max_items": 4,
             "max_item_chars": 6,
-            "max_new_tokens": 42,
+            "max_new_tokens": 120,
         }
-    config["vllm"] = {"command": f"{PYTHON} -m vllm.entrypoints.openai.api_server"}
     save_config(workdir, config)
-    env = {"HF_HUB_CACHE": str(cache), "VLLM_CPU_KVCACHE_SPACE": "1"}
-    # One job at a time: two CPU engines on two cores would fight over them.
-    run = run_snakemake(workdir, "all", "--cores", "1", env=env, timeout=2400)
-    return workdir, env, run.stdout + run.stderr if run.returncode else ""
+    run = run_snakemake(workdir, "all", *OVERLAY, env=NO_ENGINE_VARIABLES, timeout=2400)
+    return workdir, run.stdout + run.stderr if run.returncode else ""
 
 
-def test_every_generation_stage_on_vllm_runs_end_to_end_and_a_rerun_does_nothing(
-    vllm_run: tuple[Path, dict[str, str], str],
+def test_the_demo_on_vllm_runs_end_to_end_and_a_rerun_does_nothing(
+    vllm_run: tuple[Path, str],
 ) -> None:
-    workdir, env, failure = vllm_run
+    workdir, failure = vllm_run
     assert not failure, failure[-6000:]
     results = workdir / "results"
     for stage in ("captions", "attributes/phase1", "attributes/phase2"):
@@ -71,7 +60,35 @@ def test_every_generation_stage_on_vllm_runs_end_to_end_and_a_rerun_does_nothing
         if stage != "captions":
             answers = [row["raw_answer"] for row in rows if row["raw_answer"] is not None]
             assert answers and all(isinstance(json.loads(a), list) for a in answers), stage
-    assert (workdir / "logs" / "caption" / "photos" / "000000.vllm.log").is_file()
+    log = (workdir / "logs" / "caption" / "photos" / "000000.log").read_text(encoding="utf-8")
+    assert "CPU KV cache: 1 GiB" in log  # from the job's mem_mb, not 90 % of the machine
     assert (results / "eval" / "metrics.tsv").is_file()
-    again = run_snakemake(workdir, "-n", "all", env=env)
+    again = run_snakemake(workdir, "-n", "all", *OVERLAY, env=NO_ENGINE_VARIABLES)
     assert again.returncode == 0 and job_counts(again.stdout) == {}, again.stdout[-3000:]
+
+
+def test_vllm_serves_the_model_the_dag_trained(vllm_run: tuple[Path, str], tmp_path: Path) -> None:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    workdir, failure = vllm_run
+    assert not failure, failure[-6000:]
+    trained = workdir / "results" / "train" / "phase2"
+    AutoModelForImageTextToText.from_pretrained(trained)
+    AutoProcessor.from_pretrained(trained)
+    settings = CaptionSettings(
+        model=str(trained),
+        prompt="List the objects and attributes in the image.",
+        max_new_tokens=8,
+        do_sample=False,
+        backend="vllm",
+    )
+    python = REPO / ".venv-vllm" / "bin" / "python"
+    place = engine.Deployment(
+        f"{python} -m vllm.entrypoints.openai.api_server", str(tmp_path / "vllm.log"), 2000
+    )
+    out = tmp_path / "captions.parquet"
+    shard = workdir / "results" / "photos_eval" / "shards" / "000000.tar"
+    counts = caption.run(shard, out, settings, "000000", place)
+    assert counts["failed"] == 0 and counts["ok"] == 8
+    rows = pq.read_table(out).to_pylist()
+    assert all(row["engine"].startswith("vllm ") for row in rows)
