@@ -187,10 +187,19 @@ def test_preset_runs_end_to_end_on_its_miniatures(
     data_params = json.loads((results / "photos" / "h5" / "data_params.json").read_text())
     assert data_params["num_patches"] == expected.num_patches
     assert data_params["settings"]["max_seq_len"] == expected.max_seq_len
+    own_budget = any(
+        "max_seq_len" in (yaml.safe_load((run.workdir / path).read_text()).get("h5") or {})
+        for path in preset_files(expected.config_files)
+    )
     for phase in ("phase1", "phase2"):
         totals = data_params["totals"][phase]
         assert totals["n_examples"] > 0, totals
-        assert totals["discarded_too_long"] == 0, totals
+        if own_budget:
+            assert totals["discarded_too_long"] == 0, totals
+        else:
+            # The demo's 128 tokens and the demo LLM's noise labels, whose length varies:
+            # most samples fit (a budget that overflows would discard most or all).
+            assert totals["discarded_too_long"] < totals["n_examples"] / 4, totals
     check_image_slots(results / "photos" / "h5", data_params)
 
     # The trained model reads images at the tower's size and answers the eval.
