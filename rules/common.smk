@@ -17,7 +17,7 @@ from vlmflow.contract import (
 from vlmflow.checks import DEMO_MODEL, PACKAGED_ENCODER, ConfigError, check_models
 from vlmflow.checks import check_config as check_config_values
 from vlmflow.constrained import JSON_KEYS
-from vlmflow.demo_models import DEMO_BUILDERS, DEMO_OPTIONS
+from vlmflow.demo_models import DEMO_BUILDERS, DEMO_OPTIONS, DEMO_VERSION
 from vlmflow.models import resolved_revision
 
 validate(config, schema="../workflow/schemas/config.schema.yaml")

@@ -16,5 +16,6 @@ rule demo_model:
     params:
         seed=config["seed"],
         settings=get_demo_model_settings,
+        version=DEMO_VERSION,
     script:
         "../workflow/scripts/demo_model.py"

@@ -98,6 +98,9 @@ def train_demo_tokenizer(
 
 # The demo LMs' attention head size: the smallest vLLM's CPU attention takes.
 DEMO_HEAD_DIM = 32
+# What the demo models are, beyond their settings: a param of rule demo_model, so a new
+# version rebuilds them (2: heads of 32 and the hub's LLaVA weight names, for vLLM).
+DEMO_VERSION = 2
 
 
 def tiny_llama_config(
