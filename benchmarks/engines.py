@@ -201,6 +201,7 @@ def offline_floor(settings: attributes.LLMSettings, work: Path, items: int, pyth
         "logit_bias": bias,
         # As the server runs on a CPU (vlmflow.engine.server_command).
         "chunked_prefill": engine.visible_gpus() > 0,
+        "enforce_eager": engine.visible_gpus() == 0,
     }
     work.mkdir(parents=True, exist_ok=True)
     (work / "spec.json").write_text(json.dumps(spec), encoding="utf-8")

@@ -30,6 +30,7 @@ def main() -> None:
         max_num_seqs=spec["max_num_seqs"],
         seed=spec["seed"],
         enable_chunked_prefill=spec["chunked_prefill"],
+        enforce_eager=spec["enforce_eager"],
     )
     startup = time.perf_counter() - started
     sampling = SamplingParams(

@@ -39,13 +39,14 @@ def test_the_server_command_carries_the_pinned_revision_and_the_engine_settings(
     assert args[args.index("--dtype") + 1] == "bfloat16"
     assert "--trust-remote-code" in args
     assert "--no-enable-chunked-prefill" not in args  # GPUs rewind seeded generators
+    assert "--enforce-eager" not in args
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     cpu = engine.server_command(
         "vllm serve", "/models/x", engine.EngineSettings(), "auto", False, 0, 1
     )
     assert "--revision" not in cpu and "--trust-remote-code" not in cpu
     assert cpu[cpu.index("--tensor-parallel-size") + 1] == "1"
-    assert "--no-enable-chunked-prefill" in cpu
+    assert "--no-enable-chunked-prefill" in cpu and "--enforce-eager" in cpu
 
 
 def test_greedy_requests_drop_the_sampling_parameters() -> None:
