@@ -327,8 +327,8 @@ def stage_batches(
 def xgrammar_constraint(tokenizer: Any, lm: Any, settings: LLMSettings) -> Any:
     """The stage's own constraint (vlmflow.constrained: xgrammar, batched matchers)."""
     shape = settings.list_shape("phase1")
-    vocab = int(lm.get_output_embeddings().weight.shape[0])
-    return constrained.hf_constraint(tokenizer, vocab, lm.generation_config.eos_token_id, shape)
+    assert shape is not None
+    return constrained.hf_constraint(tokenizer, lm, shape)
 
 
 class ProcessorConstraint:

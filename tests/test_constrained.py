@@ -122,10 +122,7 @@ def test_json_greedy_answers_do_not_depend_on_batching_or_the_prefix_cache(
     tokenizer, model = attributes.load_llm(settings)
     shape = settings.list_shape("phase1")
     assert shape is not None
-    vocab = model.get_output_embeddings().weight.shape[0]
-    constraint = constrained.hf_constraint(
-        tokenizer, vocab, model.generation_config.eos_token_id, shape
-    )
+    constraint = constrained.hf_constraint(tokenizer, model, shape)
     prompts = [phase1_prompt(PHASE1_JSON, web, vlm) for web, vlm in CAPTIONS]
     prefix = attributes.shared_prefix(model, attributes.chat_ids(tokenizer, prompts))
     assert prefix is not None

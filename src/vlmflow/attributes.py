@@ -377,11 +377,7 @@ def _generator(
     tokenizer, model = load_llm(settings)
     rows = chat_ids(tokenizer, prompts)  # once: for the shared prefix and the batch order
     prefix = shared_prefix(model, rows)
-    constraint = None
-    if shape is not None:
-        vocab = int(model.get_output_embeddings().weight.shape[0])
-        eos = model.generation_config.eos_token_id
-        constraint = constrained.hf_constraint(tokenizer, vocab, eos, shape)
+    constraint = None if shape is None else constrained.hf_constraint(tokenizer, model, shape)
 
     def answer_hf(indices: list[int]) -> list[str]:
         batch = [prompts[i] for i in indices]

@@ -100,18 +100,17 @@ class HFConstraint:
         return {"logits_processor": LogitsProcessorList([processor]), "eos_token_id": self.stops}
 
 
-def hf_constraint(
-    tokenizer: Any, vocab_size: int, generation_eos: int | Sequence[int] | None, shape: ListShape
-) -> HFConstraint:
-    """``shape``'s grammar for a transformers model (``vocab_size``: the model's rows,
-    which may exceed the tokenizer's; ``generation_eos``: generation_config's stop ids)."""
+def hf_constraint(tokenizer: Any, model: Any, shape: ListShape) -> HFConstraint:
+    """``shape``'s grammar for a transformers ``model``: over its output rows (which may
+    exceed the tokenizer's vocabulary), ending on its generation_config's stop ids."""
     import xgrammar
 
+    vocab_size = int(model.get_output_embeddings().weight.shape[0])
     info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
     compiled = xgrammar.GrammarCompiler(info).compile_json_schema(
         json.dumps(shape.schema()), any_whitespace=False, separators=SEPARATORS
     )
-    return HFConstraint(compiled, stop_ids(tokenizer, generation_eos))
+    return HFConstraint(compiled, stop_ids(tokenizer, model.generation_config.eos_token_id))
 
 
 class JsonListProcessor:
