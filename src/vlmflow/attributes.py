@@ -414,15 +414,12 @@ def _vllm_generator(
     session = engine.open_session(settings, deployment, stack, shape)
     options = session.options
 
-    def answers_vllm(indices: list[int]) -> Iterator[tuple[int, str | BaseException]]:
-        def seed_of(index: int) -> int:
-            return stable_seed(*seed, keys[index])
+    def seed_of(index: int) -> int:
+        return stable_seed(*seed, keys[index])
 
-        for index, ids in engine.stream_completions(session, rows.__getitem__, seed_of, indices):
-            if isinstance(ids, BaseException):
-                yield index, ids
-            else:
-                yield index, str(tokenizer.decode(ids, skip_special_tokens=True)).strip()
+    def answers_vllm(indices: list[int]) -> Iterator[tuple[int, str | BaseException]]:
+        answers = engine.stream_completions(session, rows.__getitem__, seed_of, indices)
+        return engine.decoded(answers, tokenizer)
 
     config = AutoConfig.from_pretrained(
         **pretrained(settings.model, trust_remote_code=settings.trust_remote_code)
@@ -484,13 +481,8 @@ def _answers(
         order = order_by_length([generator.lengths[i] for i in fits], fits)
         desc = f"{phase} {shard_id}"
         if generator.stream is not None:
-            stream = generator.stream
-
-            def rows(indices: list[int]) -> Iterator[tuple[int, dict[str, Any] | BaseException]]:
-                for index, text in stream(indices):
-                    yield index, text if isinstance(text, BaseException) else answered(index, text)
-
-            done = run_stream(keys, rows, failed_row, progress, desc, order, generator.window)
+            stream, window = generator.stream, generator.window
+            done = run_stream(keys, stream, answered, failed_row, progress, desc, order, window)
         else:
             answer = generator.answer
             assert answer is not None

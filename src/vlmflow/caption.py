@@ -277,16 +277,12 @@ def run(
         # an earlier attempt was stopped.
         desc, order = f"caption {shard_id}", batch_order(samples)
         if captioner is not None and captioner.stream is not None:
-            stream = captioner.stream
-            by = captioner.engine
+            stream, window, by = captioner.stream, captioner.window, captioner.engine
 
-            def arriving(indices: list[int]) -> Iterator[tuple[int, Any]]:
-                for i, text in stream(indices):
-                    failed = isinstance(text, BaseException)
-                    yield i, text if failed else row(samples[i], str(text), None, by)
+            def captioned(index: int, text: str) -> dict[str, Any]:
+                return row(samples[index], text, None, by)
 
-            window = captioner.window
-            done = run_stream(keys, arriving, failed_row, progress, desc, order, window)
+            done = run_stream(keys, stream, captioned, failed_row, progress, desc, order, window)
         else:
 
             def run_batch(indices: list[int]) -> list[dict[str, Any]]:
@@ -372,11 +368,7 @@ def _vllm_captioner(
         answers = engine.stream_chat_with_images(
             session, image_of, settings.prompt, seed_of, indices
         )
-        for index, ids in answers:
-            if isinstance(ids, BaseException):
-                yield index, ids
-            else:
-                yield index, str(tokenizer.decode(ids, skip_special_tokens=True)).strip()
+        return engine.decoded(answers, tokenizer)
 
     return Captioner(None, f"vllm {session.server.version}", captions, session.window)
 

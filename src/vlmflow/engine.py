@@ -595,6 +595,18 @@ def stream_chat_with_images(
     return in_window(one, indices, session.window)
 
 
+def decoded(
+    answers: Iterator[tuple[int, list[int] | RequestError]], tokenizer: Any
+) -> Iterator[tuple[int, str | RequestError]]:
+    """Each answer's text, decoded as the HF backend decodes (special tokens skipped,
+    stripped); a failed request passes as it is."""
+    for index, ids in answers:
+        if isinstance(ids, RequestError):
+            yield index, ids
+        else:
+            yield index, str(tokenizer.decode(ids, skip_special_tokens=True)).strip()
+
+
 def _token_ids(answer: dict[str, Any]) -> list[int]:
     choice = answer["choices"][0]
     ids = choice.get("token_ids")

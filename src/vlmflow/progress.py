@@ -204,7 +204,8 @@ def run_batches(
 
 def run_stream(
     keys: Sequence[str],
-    stream: Callable[[list[int]], Iterator[tuple[int, dict[str, Any] | BaseException]]],
+    stream: Callable[[list[int]], Iterator[tuple[int, Any]]],
+    make_row: Callable[[int, Any], dict[str, Any]],
     failed_row: Callable[[int, BaseException], dict[str, Any]],
     progress: ProgressFile,
     desc: str,
@@ -212,8 +213,9 @@ def run_stream(
     chunk: int = 64,
 ) -> dict[str, dict[str, Any]]:
     """Rows for every key, computing only the keys not already in ``progress``, from
-    ``stream(indices)``, which yields ``(index, row or the error of that sample)`` in the
-    order answers arrive (an engine's window of requests, see vlmflow.engine.in_window).
+    ``stream(indices)``, which yields ``(index, answer or the error of that sample)`` in
+    the order answers arrive (an engine's window of requests, see
+    vlmflow.engine.in_window); ``make_row(index, answer)`` makes an answer's row.
     Rows reach the progress file in chunks of ``chunk``; each sample is seeded by its own
     key, so a resumed shard gets the same rows. Raises ``Interrupted`` (after saving what
     arrived) on SIGTERM.
@@ -228,8 +230,9 @@ def run_stream(
             for index, result in bar:
                 if isinstance(result, BaseException):
                     log.warning("sample %s failed: %s", keys[index], result)
-                    result = failed_row(index, result)
-                arrived.append(result)
+                    arrived.append(failed_row(index, result))
+                else:
+                    arrived.append(make_row(index, result))
                 if len(arrived) >= chunk:
                     progress.add(arrived)
                     progress.flush()
