@@ -533,6 +533,10 @@ def switch_to_json(config: dict[str, Any], phase: str) -> None:
 def test_switching_one_phase_to_json_reruns_that_phase_and_what_depends_on_it(
     workdir: Path, phase: str
 ) -> None:
+    # From a finished text-mode run (a no-op after the module's full run; selected alone,
+    # e.g. with -k json, this test makes it).
+    done = snakemake(workdir, "all")
+    assert done.returncode == 0, done.stderr[-4000:]
     with edited(workdir / "config" / "config.yaml"):
         config = load_config(workdir)
         switch_to_json(config, phase)
