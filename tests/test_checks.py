@@ -214,8 +214,12 @@ def test_a_captioner_no_route_can_run_is_refused_with_the_alternatives(tmp_path:
     message = str(error.value)
     assert message.startswith("config.models.vlm: 'OpenGVLab/InternVL-Chat-V1-5'")
     assert INTERNLM2_ERROR in message and "InternVL3-8B-hf" in message
-    with pytest.raises(ConfigError, match="trust_remote_code: true"):
-        checks.check_vlm("chat", v15, trust_remote_code=False)
+    assert "caption.backend: vllm" in message
+    # vLLM runs the family with its own implementation: routed there, not refused.
+    checks.check_vlm("OpenGVLab/InternVL-Chat-V1-5", v15, trust_remote_code=True, backend="vllm")
+    for backend in ("hf", "vllm"):
+        with pytest.raises(ConfigError, match="trust_remote_code: true"):
+            checks.check_vlm("chat", v15, trust_remote_code=False, backend=backend)
     bert = write_config(tmp_path / "bert", {"architectures": ["BertModel"], "model_type": "bert"})
     with pytest.raises(ConfigError, match=r"BertModel, which the caption stage cannot load"):
         checks.check_vlm("bert", bert, trust_remote_code=False)

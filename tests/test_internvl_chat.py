@@ -231,3 +231,54 @@ def test_greedy_batch_chat_equals_one_chat_per_image(mini_chat: str, shard_tar: 
         start += count
     assert batched == one_by_one
     assert any(answer for answer in batched)
+
+
+def test_v15_miniature_has_the_published_layout(tmp_path: Path) -> None:
+    """InternVL-Chat-V1.5 in miniature: the published config.json fields and weight names
+    (what vLLM's InternVLChatModel and InternLM2 load), InternLM2's tokenizer class as
+    remote code, and stops at the end of the chat turn."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = tmp_path / "v15"
+    internvl_chat.build_mini_internvl_chat_v15(folder, 0)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    assert type(config.vision_config).__name__ == "InternVisionConfig"
+    assert type(config.llm_config).__name__ == "InternLM2Config"
+    assert (config.template, config.ps_version, config.max_dynamic_patch) == (
+        "internlm2-chat",
+        "v2",
+        12,
+    )
+    assert config.use_thumbnail and config.dynamic_image_size
+    llm, vision = config.llm_config, config.vision_config
+    with safe_open(str(folder / "model.safetensors"), "pt") as weights:
+        names = set(weights.keys())
+        qkv = weights.get_slice("language_model.model.layers.0.attention.wqkv.weight")
+        head_dim = llm.hidden_size // llm.num_attention_heads
+        rows = (llm.num_attention_heads + 2 * llm.num_key_value_heads) * head_dim
+        assert qkv.get_shape() == [rows, llm.hidden_size]
+    assert {
+        "vision_model.embeddings.class_embedding",
+        "vision_model.encoder.layers.0.attn.q_norm.weight",
+        "vision_model.encoder.layers.0.ls1",
+        "mlp1.1.weight",
+        "language_model.output.weight",
+        "language_model.model.tok_embeddings.weight",
+    } <= names
+    assert len(names) == 4 + 13 * vision.num_hidden_layers + 6 + 3 + 7 * llm.num_hidden_layers
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    assert type(tokenizer).__name__ == "InternLM2TokenizerFast"
+    reference = str(folder)
+    assert internvl_chat.turn_end_ids(reference, tokenizer) == [
+        tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ]
+    assert internvl_chat.vllm_server_args(None) == []
+    assert internvl_chat.vllm_server_args(40) == [
+        "--mm-processor-kwargs",
+        '{"max_dynamic_patch": 40}',
+    ]
+    # On the hf backend it is refused with transformers 5's error; on vllm it is routed.
+    with pytest.raises(ValueError, match="InternLM2ForCausalLM' object has no attribute"):
+        caption.vlm_route(reference, trust_remote_code=True)
+    assert caption.vlm_route(reference, True, "vllm") == caption.INTERNVL_CHAT

@@ -7,12 +7,15 @@ needs a head dimension of at least 32, which the miniatures have (vlmflow.miniat
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,9 +24,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import webdataset as wds
+from PIL import Image
 
 from tests.conftest import make_image
-from vlmflow import attributes, caption, engine, miniatures
+from vlmflow import attributes, caption, engine, internvl_chat, miniatures
 from vlmflow.caption import CAPTION_SCHEMA, CaptionSettings
 from vlmflow.io import write_rows_parquet
 from vlmflow.models import save_llava_weights
@@ -39,6 +43,7 @@ PIN = "5e" * 20
 LLAVA = f"llava-hf/llava-1.5-7b-hf@{PIN}"
 QWEN = f"Qwen/Qwen2-VL-7B-Instruct@{PIN}"
 INTERNVL = f"OpenGVLab/InternVL3-8B-hf@{PIN}"
+V15 = f"{internvl_chat.V15_REPO}@{PIN}"
 PHASE1 = read_prompt(REPO / "config" / "prompts" / "attributes_phase1.txt")
 PHASE2 = read_prompt(REPO / "config" / "prompts" / "attributes_phase2.txt")
 PHASE1_JSON = read_prompt(REPO / "config" / "prompts" / "attributes_phase1_json.txt")
@@ -55,7 +60,7 @@ def engine_environment(
     if not Path(PYTHON).exists():
         pytest.fail(f"{PYTHON} is missing: build the engine's environment with make setup-vllm")
     cache = tmp_path_factory.mktemp("hub")
-    for reference in (LLAVA, QWEN, INTERNVL):
+    for reference in (LLAVA, QWEN, INTERNVL, V15):
         miniatures.install(reference, cache)
     saved = {name: os.environ.get(name) for name in ("HF_HUB_CACHE", "VLLM_CPU_KVCACHE_SPACE")}
     os.environ["HF_HUB_CACHE"] = str(cache)
@@ -344,3 +349,51 @@ def test_vllm_serves_a_llava_saved_as_the_train_stage_saves_it(
     rows = captions(out)
     assert len(rows) == 6 and all(row["failure"] is None for row in rows)
     assert all(row["engine"].startswith("vllm ") for row in rows)
+
+
+# Sizes whose tile grids differ: 1 tile; 2x1 + thumbnail; 3x2 + thumbnail (9 and 12 tiles);
+# a 4K frame (40 tiles: 8x5 + thumbnail).
+V15_IMAGES = [(64, 64), (900, 448), (3000, 2000), (3840, 2160)]
+
+
+@pytest.mark.parametrize("max_tiles", [None, 2, 40], ids=["model-default", "2", "4k"])
+def test_internvl_chat_v15_runs_on_vllm_with_the_seeds_tiling(
+    max_tiles: int | None, tmp_path: Path
+) -> None:
+    """InternVL-Chat-V1.5 (InternViT + MLP + InternLM2, remote config and tokenizer) in
+    miniature: the hf backend refuses it with transformers 5's error, the vllm backend
+    routes it to vLLM's own implementation, and vLLM cuts every image into the tiles
+    ``internvl_chat.dynamic_tiles`` (the model cards' algorithm, what the seed ran) gives
+    for the same budget: 256 image tokens per tile, thumbnail included."""
+    settings = CaptionSettings(
+        model=V15, prompt="Describe the image.", max_tiles=max_tiles, trust_remote_code=True
+    )
+    with pytest.raises(ValueError, match="InternLM2ForCausalLM' object has no attribute"):
+        caption.resolve_route(settings)
+    vllm = replace(settings, backend="vllm", engine={"max_model_len": 12288})
+    assert caption.resolve_route(vllm) == caption.INTERNVL_CHAT
+    budget = max_tiles or 12  # the miniature's config.json: max_dynamic_patch 12
+    with ExitStack() as stack:
+        session = engine.open_session(
+            vllm,
+            deployment(tmp_path),
+            stack,
+            extra=internvl_chat.vllm_server_args(max_tiles),
+        )
+        images = [Image.new("RGB", size, (40, 120, 200)) for size in V15_IMAGES]
+        tiles = [len(internvl_chat.dynamic_tiles(image, 448, budget)) for image in images]
+        text = {
+            prompt_tokens(session, image) - 256 * n for image, n in zip(images, tiles, strict=True)
+        }
+    assert len(text) == 1, (tiles, text)  # the same template around each image
+    assert len(set(tiles)) >= 2 and max(tiles) <= budget + 1
+
+
+def prompt_tokens(session: engine.Session, image: Image.Image) -> int:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Hi"}]
+    body = session.sampling.body(0) | {"messages": [{"role": "user", "content": content}]}
+    answer = session.server.post("/v1/chat/completions", body, 600)
+    return int(answer["usage"]["prompt_tokens"])

@@ -78,7 +78,7 @@ IMAGE_TEXT_TO_TEXT = "image_text_to_text"
 INTERNVL_CHAT = "internvl_chat"
 
 
-def vlm_route(reference: str, trust_remote_code: bool) -> str | None:
+def vlm_route(reference: str, trust_remote_code: bool, backend: str = "hf") -> str | None:
     """How ``reference`` (a folder, ``org/name`` or ``org/name@rev``) captions:
     ``"internvl_chat"`` or ``"image_text_to_text"``, read from its config.json without
     loading weights.
@@ -86,21 +86,27 @@ def vlm_route(reference: str, trust_remote_code: bool) -> str | None:
     None when config.json is not on this machine (a hub model not downloaded yet): the
     route is then decided when the caption job loads the model. Raises ValueError for a
     model neither route can load, or an InternVL chat model without trust_remote_code.
+    On ``backend`` vllm the InternVL chat family runs on vLLM's own implementation of it,
+    whatever its language model: transformers 5 never runs its modelling code there.
     """
     config = internvl_chat.read_config(reference)
     if config is None:
         return None
-    return route_of_config(config, reference, trust_remote_code)
+    return route_of_config(config, reference, trust_remote_code, backend)
 
 
-def route_of_config(config: dict[str, Any], reference: str, trust_remote_code: bool) -> str:
+def route_of_config(
+    config: dict[str, Any], reference: str, trust_remote_code: bool, backend: str = "hf"
+) -> str:
     """The route of a config.json dict (see ``vlm_route``)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     if internvl_chat.is_internvl_chat(config):
         if not trust_remote_code:
             raise ValueError(internvl_chat.remote_code_refusal(reference))
-        blocker = internvl_chat.remote_code_blocker(reference, config)
+        blocker = (
+            None if backend == "vllm" else internvl_chat.remote_code_blocker(reference, config)
+        )
         if blocker is not None:
             raise ValueError(blocker)
         return INTERNVL_CHAT
@@ -131,7 +137,7 @@ def route_of_config(config: dict[str, Any], reference: str, trust_remote_code: b
 def resolve_route(settings: CaptionSettings) -> str:
     """``vlm_route`` for a caption job: a hub model's config.json is downloaded (into the
     hub cache) when it is not on this machine yet."""
-    route = vlm_route(settings.model, settings.trust_remote_code)
+    route = vlm_route(settings.model, settings.trust_remote_code, settings.backend)
     if route is not None:
         return route
     if not is_hub_id(settings.model):
@@ -141,7 +147,10 @@ def resolve_route(settings: CaptionSettings) -> str:
     name, revision = split_revision(settings.model)
     path = hf_hub_download(name, "config.json", revision=revision)
     return route_of_config(
-        json.loads(Path(path).read_text()), settings.model, settings.trust_remote_code
+        json.loads(Path(path).read_text()),
+        settings.model,
+        settings.trust_remote_code,
+        settings.backend,
     )
 
 
@@ -344,19 +353,34 @@ def _vllm_captioner(
     stack: ExitStack,
     deployment: engine.Deployment | None,
 ) -> Captioner:
-    """Chat requests with the image and the prompt to a vLLM server, one seed per key."""
+    """Chat requests with the image and the prompt to a vLLM server, one seed per key.
+
+    The InternVL chat family (InternVL-Chat-V1.5, ...) runs on vLLM's own implementation:
+    vLLM tiles each image from the model's config.json (``caption.max_tiles`` becomes its
+    ``max_dynamic_patch``), and answers stop at the end of the family's chat turn as
+    ``batch_chat``'s do."""
     from transformers import AutoTokenizer
 
-    if settings.max_tiles is not None or settings.min_pixels or settings.max_pixels:
+    family = resolve_route(settings) == INTERNVL_CHAT
+    if (
+        (settings.max_tiles is not None and not family)
+        or settings.min_pixels
+        or settings.max_pixels
+    ):
         raise ValueError(
             "caption.max_tiles / min_pixels / max_pixels are processor settings of the hf "
-            "backend; with backend vllm set the engine's own (mm_processor_kwargs are not "
-            "passed yet): unset them"
+            "backend (with backend vllm, max_tiles is taken by the InternVL chat family "
+            "only); unset them"
         )
     tokenizer = AutoTokenizer.from_pretrained(
         **pretrained(settings.model, trust_remote_code=settings.trust_remote_code)
     )
-    session = engine.open_session(settings, deployment, stack)
+    extra: list[str] = []
+    stop_ids: list[int] = []
+    if family:
+        extra = internvl_chat.vllm_server_args(settings.max_tiles)
+        stop_ids = internvl_chat.turn_end_ids(settings.model, tokenizer)
+    session = engine.open_session(settings, deployment, stack, extra=extra, stop_ids=stop_ids)
 
     def image_of(index: int) -> tuple[bytes, str]:
         return samples[index].image_data, IMAGE_FORMATS[samples[index].image_ext]

@@ -82,7 +82,8 @@ def check_models(config: dict[str, Any], checked_by_jobs: Callable[[str], bool])
         reference = models[key]
         return None if checked_by_jobs(reference) else model_files(reference)
 
-    check_vlm(models["vlm"], here("vlm"), models["trust_remote_code"])
+    backend = config.get("caption", {}).get("backend", "hf")
+    check_vlm(models["vlm"], here("vlm"), models["trust_remote_code"], backend)
     vision, lm = here("vision_tower"), here("language_model")
     if vision is not None and lm is not None:
         check_h5_budget(config, vision, lm)
@@ -113,14 +114,16 @@ def check_llm_backend(config: dict[str, Any], llm_folder: str) -> None:
             )
 
 
-def check_vlm(reference: str, folder: str | None, trust_remote_code: bool) -> None:
-    """The captioner's architecture is one a caption route can load."""
+def check_vlm(
+    reference: str, folder: str | None, trust_remote_code: bool, backend: str = "hf"
+) -> None:
+    """The captioner's architecture is one a caption route of ``backend`` can load."""
     if folder is None:
         return
     from vlmflow.caption import vlm_route
 
     try:
-        vlm_route(folder, trust_remote_code)
+        vlm_route(folder, trust_remote_code, backend)
     except ValueError as error:
         raise ConfigError(f"config.models.vlm: {reference!r}: {error}") from None
 

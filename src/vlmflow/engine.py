@@ -106,6 +106,9 @@ class EngineSettings:
     # None: the model's own context.
     max_model_len: int | None = None
     gpu_memory_utilization: float = 0.9
+    # vLLM's --quantization (e.g. fp8: a 16-bit checkpoint's weights in half the memory,
+    # quantized as the server loads them); None: the checkpoint's own precision.
+    quantization: str | None = None
     # Requests in flight at once, refilled as answers arrive (vLLM batches them; its
     # --max-num-seqs); None: GPU_WINDOW with a GPU, CPU_WINDOW without.
     max_num_seqs: int | None = None
@@ -213,6 +216,10 @@ def parallel_sizes(
     return tensor, max(1, gpus // tensor)
 
 
+# Bytes per weight of the quantizations whose size vlmflow knows when it places a model.
+BYTES_PER_WEIGHT = {"fp8": 1}
+
+
 def weight_bytes(model: str) -> int | None:
     """The size of a model's safetensors weights where they are on this machine."""
     index = cached_file(model, "model.safetensors.index.json")
@@ -258,7 +265,10 @@ def server_command(
     if revision is not None:
         args += ["--revision", revision]
     gpus = visible_gpus()
-    tensor_parallel, data_parallel = parallel_sizes(engine, gpus, weight_bytes(model), gpu_bytes())
+    weights = weight_bytes(model)
+    if weights is not None and engine.quantization in BYTES_PER_WEIGHT:
+        weights = weights * BYTES_PER_WEIGHT[engine.quantization] // 2  # of 16-bit weights
+    tensor_parallel, data_parallel = parallel_sizes(engine, gpus, weights, gpu_bytes())
     args += [
         "--host",
         "127.0.0.1",
@@ -275,6 +285,8 @@ def server_command(
         "--gpu-memory-utilization",
         str(engine.gpu_memory_utilization),
     ]
+    if engine.quantization is not None:
+        args += ["--quantization", engine.quantization]
     if engine.max_model_len is not None:
         args += ["--max-model-len", str(engine.max_model_len)]
     if gpus == 0:
@@ -468,9 +480,13 @@ def open_session(
     deployment: Deployment | None,
     stack: ExitStack,
     shape: ListShape | None = None,
+    *,
+    extra: Sequence[str] = (),
+    stop_ids: Sequence[int] = (),
 ) -> Session:
     """Start the server for a stage's ``settings`` on ``stack`` (stopped when it closes);
-    with ``shape``, every answer is constrained to that JSON list (vlmflow.constrained)."""
+    with ``shape``, every answer is constrained to that JSON list (vlmflow.constrained).
+    ``extra``: further server options; ``stop_ids``: stops besides the model's own."""
     options = EngineSettings(**settings.engine)
     place = deployment or Deployment()
     server = stack.enter_context(
@@ -482,11 +498,12 @@ def open_session(
             trust_remote_code=settings.trust_remote_code,
             seed=settings.seed,
             log_path=place.log_path,
-            extra=server_args() if shape is not None else (),
+            extra=[*(server_args() if shape is not None else ()), *extra],
             memory_mb=place.memory_mb,
         )
     )
     stops, bias = generation_defaults(settings.model)
+    stops += tuple(i for i in stop_ids if i not in stops)
     sampling = Sampling(
         settings.max_new_tokens,
         settings.do_sample,

@@ -45,7 +45,16 @@ if TYPE_CHECKING:
 
 ARCHITECTURE = "InternVLChatModel"
 REMOTE_CODE = Path(__file__).resolve().parent / "remote_code" / "internvl_chat"
-REMOTE_FILES = ("configuration_internvl_chat.py", "modeling_internvl_chat.py")
+# The configuration classes every miniature of the family ships (InternViT, InternLM2 and
+# the chat model's), then what each kind adds: vlmflow's modeling file (the transformers
+# route) or InternLM2's tokenizer class (InternVL-Chat-V1.5, served by vLLM's own model).
+CONFIG_FILES = (
+    "configuration_internvl_chat.py",
+    "configuration_intern_vit.py",
+    "configuration_internlm2.py",
+)
+REMOTE_FILES = (*CONFIG_FILES, "modeling_internvl_chat.py")
+V15_FILES = (*CONFIG_FILES, "tokenization_internlm2_fast.py")
 
 # The model cards' preprocessing: ImageNet normalisation, bicubic resizes.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -121,7 +130,9 @@ NO_POST_INIT_ERROR = (
     "AttributeError: 'InternVLChatModel' object has no attribute 'all_tied_weights_keys'"
 )
 WORKING_ROUTES = (
-    "use a transformers-native -hf conversion on the image-text-to-text route (e.g. "
+    "use caption.backend: vllm (vLLM runs this family with its own implementation; "
+    "config/presets/rovi_v15.yaml), or a transformers-native -hf conversion on the "
+    "image-text-to-text route (e.g. "
     "OpenGVLab/InternVL3-8B-hf@259a3b64a14623c0ec91a045cb43f7c5af5fa6af with "
     "models.trust_remote_code: false), or a chat model of this family whose language "
     "model transformers ships (Llama, Qwen2) with current remote code"
@@ -152,6 +163,35 @@ def remote_code_blocker(reference: str, config: dict[str, Any]) -> str | None:
             f"{NO_POST_INIT_ERROR}; {WORKING_ROUTES}"
         )
     return None
+
+
+# The end-of-turn token of each conversation template the family's configs name.
+TURN_ENDS = {
+    "internlm2-chat": IM_END,
+    "Hermes-2": IM_END,
+    "internvl2_5": IM_END,
+    "phi3-chat": "<|end|>",
+}
+
+
+def turn_end_ids(reference: str, tokenizer: Any) -> list[int]:
+    """The id of the end of a chat turn in the model's template (``batch_chat`` stops
+    there, whatever generation_config.json says); empty where the template is unknown."""
+    config = read_config(reference) or {}
+    token = TURN_ENDS.get(config.get("template") or "")
+    if token is None or token not in tokenizer.get_vocab():
+        return []
+    return [int(tokenizer.convert_tokens_to_ids(token))]
+
+
+def vllm_server_args(max_tiles: int | None) -> list[str]:
+    """vLLM server options for the family: ``caption.max_tiles`` as the processor's
+    ``max_dynamic_patch`` (None: the model's own, from its config.json)."""
+    if max_tiles is None:
+        return []
+    if max_tiles < 1:
+        raise ValueError(f"caption.max_tiles must be at least 1, got {max_tiles}")
+    return ["--mm-processor-kwargs", json.dumps({"max_dynamic_patch": max_tiles})]
 
 
 # ---------------------------------------------------------------------------
@@ -441,3 +481,220 @@ def _remote_modules() -> _RemoteModules:
         importlib.import_module(f"{package}.configuration_internvl_chat"),
         importlib.import_module(f"{package}.modeling_internvl_chat"),
     )
+
+
+# ---------------------------------------------------------------------------
+# InternVL-Chat-V1.5 in miniature (InternViT + MLP + InternLM2)
+# ---------------------------------------------------------------------------
+
+V15_REPO = "OpenGVLab/InternVL-Chat-V1-5"
+INTERNLM2 = "InternLM2ForCausalLM"
+
+
+def v15_config(
+    tokenizer: Any,
+    *,
+    vision_hidden_size: int,
+    llm_hidden_size: int,
+    layers: int,
+    max_dynamic_patch: int = DEFAULT_MAX_TILES,
+    context: int = 32768,
+) -> dict[str, Any]:
+    """config.json of an InternVL-Chat-V1.5-shaped model: InternViT (RMS norms, q/k
+    normalisation, no qkv bias, 448-px tiles of 14-px patches), pixel shuffle v2 to 256
+    tokens per tile, InternLM2 with grouped-query attention and a 32K context, the
+    internlm2-chat template and dynamic tiles (12 by default) with a thumbnail, as the
+    published config.json."""
+    head_dim = 32  # vLLM's CPU attention takes 32 and more (DEMO_HEAD_DIM)
+    vision = {
+        "architectures": ["InternVisionModel"],
+        "model_type": "intern_vit_6b",
+        "hidden_size": vision_hidden_size,
+        "intermediate_size": vision_hidden_size * 4,
+        "num_attention_heads": vision_hidden_size // head_dim,
+        "num_hidden_layers": layers,
+        "image_size": DEFAULT_TILE_SIZE,
+        "patch_size": 14,
+        "qkv_bias": False,
+        "qk_normalization": True,
+        "norm_type": "rms_norm",
+        "layer_norm_eps": 1e-6,
+        "hidden_act": "gelu",
+        "initializer_factor": 0.1,
+    }
+    heads = llm_hidden_size // head_dim
+    stop_ids = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.eos_token_id]
+    llm = {
+        "architectures": [INTERNLM2],
+        "model_type": "internlm2",
+        "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config"},
+        "vocab_size": len(tokenizer),
+        "hidden_size": llm_hidden_size,
+        "intermediate_size": llm_hidden_size * 2,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 2),
+        "max_position_embeddings": context,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1000000.0,
+        "bias": False,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": stop_ids,
+        "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": False,
+    }
+    return {
+        "architectures": [ARCHITECTURE],
+        "model_type": "internvl_chat",
+        "auto_map": {
+            "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+            "AutoModel": "modeling_internvl_chat.InternVLChatModel",
+            "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel",
+        },
+        "vision_config": vision,
+        "llm_config": llm,
+        "select_layer": -1,
+        "force_image_size": DEFAULT_TILE_SIZE,
+        "downsample_ratio": 0.5,
+        "template": "internlm2-chat",
+        "dynamic_image_size": True,
+        "use_thumbnail": True,
+        "ps_version": "v2",
+        "min_dynamic_patch": 1,
+        "max_dynamic_patch": max_dynamic_patch,
+        "torch_dtype": "float32",
+    }
+
+
+def v15_weights(config: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
+    """Random weights under the published checkpoint's names: ``vision_model.*``
+    (InternViT), ``mlp1.*`` (the projector) and ``language_model.*`` (InternLM2, whose
+    ``wqkv`` packs each KV head's queries, key and value)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator) * 0.02
+
+    vision, llm = config["vision_config"], config["llm_config"]
+    weights = _intern_vit_weights(vision, normal)
+    folded = vision["hidden_size"] * int(1 / config["downsample_ratio"]) ** 2
+    hidden = llm["hidden_size"]
+    weights |= {
+        "mlp1.0.weight": torch.ones(folded),
+        "mlp1.0.bias": torch.zeros(folded),
+        "mlp1.1.weight": normal(hidden, folded),
+        "mlp1.1.bias": torch.zeros(hidden),
+        "mlp1.3.weight": normal(hidden, hidden),
+        "mlp1.3.bias": torch.zeros(hidden),
+    }
+    weights |= {f"language_model.{k}": v for k, v in _internlm2_weights(llm, normal).items()}
+    return weights
+
+
+def _intern_vit_weights(vision: dict[str, Any], normal: Any) -> dict[str, torch.Tensor]:
+    import torch
+
+    width, inner = vision["hidden_size"], vision["intermediate_size"]
+    patch = vision["patch_size"]
+    positions = (vision["image_size"] // patch) ** 2 + 1
+    weights = {
+        "vision_model.embeddings.class_embedding": normal(1, 1, width),
+        "vision_model.embeddings.patch_embedding.weight": normal(width, 3, patch, patch),
+        "vision_model.embeddings.patch_embedding.bias": torch.zeros(width),
+        "vision_model.embeddings.position_embedding": normal(1, positions, width),
+    }
+    scale = vision["initializer_factor"]
+    for i in range(vision["num_hidden_layers"]):
+        layer = f"vision_model.encoder.layers.{i}"
+        weights |= {
+            f"{layer}.attn.qkv.weight": normal(3 * width, width),
+            f"{layer}.attn.q_norm.weight": torch.ones(width),
+            f"{layer}.attn.k_norm.weight": torch.ones(width),
+            f"{layer}.attn.proj.weight": normal(width, width),
+            f"{layer}.attn.proj.bias": torch.zeros(width),
+            f"{layer}.mlp.fc1.weight": normal(inner, width),
+            f"{layer}.mlp.fc1.bias": torch.zeros(inner),
+            f"{layer}.mlp.fc2.weight": normal(width, inner),
+            f"{layer}.mlp.fc2.bias": torch.zeros(width),
+            f"{layer}.norm1.weight": torch.ones(width),
+            f"{layer}.norm2.weight": torch.ones(width),
+            f"{layer}.ls1": torch.full((width,), scale),
+            f"{layer}.ls2": torch.full((width,), scale),
+        }
+    return weights
+
+
+def _internlm2_weights(llm: dict[str, Any], normal: Any) -> dict[str, torch.Tensor]:
+    import torch
+
+    hidden, inner, vocab = llm["hidden_size"], llm["intermediate_size"], llm["vocab_size"]
+    head_dim = hidden // llm["num_attention_heads"]
+    qkv_rows = (llm["num_attention_heads"] + 2 * llm["num_key_value_heads"]) * head_dim
+    weights = {
+        "model.tok_embeddings.weight": normal(vocab, hidden),
+        "model.norm.weight": torch.ones(hidden),
+        "output.weight": normal(vocab, hidden),
+    }
+    for i in range(llm["num_hidden_layers"]):
+        layer = f"model.layers.{i}"
+        weights |= {
+            f"{layer}.attention.wqkv.weight": normal(qkv_rows, hidden),
+            f"{layer}.attention.wo.weight": normal(hidden, hidden),
+            f"{layer}.feed_forward.w1.weight": normal(inner, hidden),
+            f"{layer}.feed_forward.w3.weight": normal(inner, hidden),
+            f"{layer}.feed_forward.w2.weight": normal(hidden, inner),
+            f"{layer}.attention_norm.weight": torch.ones(hidden),
+            f"{layer}.ffn_norm.weight": torch.ones(hidden),
+        }
+    return weights
+
+
+def build_mini_internvl_chat_v15(
+    out_dir: str | Path,
+    seed: int,
+    *,
+    vision_hidden_size: int = 64,
+    llm_hidden_size: int = 64,
+    layers: int = 2,
+) -> None:
+    """A tiny random InternVL-Chat-V1.5 folder as the hub ships it: config.json (the
+    family's remote configuration classes), ``model.safetensors`` under the published
+    names, InternLM2's tokenizer class (remote code) with ChatML turns and the image
+    markers, and generation_config.json stopping at ``<|im_end|>``. Its language model
+    is InternLM2, so it captions on ``caption.backend: vllm`` only (as the real one)."""
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    tokenizer = _chat_tokenizer()
+    config = v15_config(
+        tokenizer,
+        vision_hidden_size=vision_hidden_size,
+        llm_hidden_size=llm_hidden_size,
+        layers=layers,
+    )
+    llm = config["llm_config"]
+    generation = GenerationConfig(
+        eos_token_id=llm["eos_token_id"],
+        pad_token_id=llm["pad_token_id"],
+        bos_token_id=llm["bos_token_id"],
+    )
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file(v15_weights(config, seed), str(tmp / "model.safetensors"))
+        generation.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _as_internlm2_tokenizer(tmp / "tokenizer_config.json")
+        for name in V15_FILES:
+            shutil.copyfile(REMOTE_CODE / name, tmp / name)
+
+
+def _as_internlm2_tokenizer(path: Path) -> None:
+    """Name InternLM2's tokenizer class (remote code) in tokenizer_config.json."""
+    settings = json.loads(path.read_text())
+    settings["tokenizer_class"] = "InternLM2TokenizerFast"
+    settings["auto_map"] = {
+        "AutoTokenizer": [None, "tokenization_internlm2_fast.InternLM2TokenizerFast"]
+    }
+    path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")

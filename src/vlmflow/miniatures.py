@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from vlmflow import internvl_chat
 from vlmflow.demo_models import demo_corpus_lines
 from vlmflow.io import atomic_dir
 from vlmflow.models import COMMIT, is_hub_id, save_llava_weights, split_revision
@@ -467,6 +468,7 @@ MINIATURES: dict[str, Callable[[Path, int], None]] = {
     "meta-llama/Meta-Llama-3-8B-Instruct": build_llama3_instruct,
     "Qwen/Qwen2-VL-7B-Instruct": build_qwen2vl_instruct,
     "OpenGVLab/InternVL3-8B-hf": build_internvl3_hf,
+    internvl_chat.V15_REPO: internvl_chat.build_mini_internvl_chat_v15,
 }
 
 

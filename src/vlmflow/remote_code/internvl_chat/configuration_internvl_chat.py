@@ -1,14 +1,42 @@
 """Configuration of the InternVL chat-model family (``InternVLChatModel``), for vlmflow's
-miniature of InternVL-Chat-V1.5 / InternVL2 / InternVL2.5.
+miniatures of InternVL-Chat-V1.5 / InternVL2 / InternVL2.5.
 
 Written for vlmflow from the family's published interface (config.json fields and the
 model cards' usage); it is not OpenGVLab's file. It is copied into a model folder next
-to ``config.json`` and loaded by transformers as remote code (``trust_remote_code``).
+to ``config.json`` and loaded by transformers as remote code (``trust_remote_code``), by
+vlmflow's transformers and by the vLLM engine's own.
+
+The vision encoder is InternViT (``intern_vit_6b``, the published checkpoints') or
+transformers' InternVL vision model (``internvl_vision``, which vlmflow's modeling file
+runs); the language model is InternLM2 or any causal LM transformers knows (Llama,
+Qwen2, ...).
 """
 
 from transformers import AutoConfig, PretrainedConfig
-from transformers.configuration_utils import SubConfigSpec
 from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+
+from .configuration_intern_vit import InternVisionConfig
+from .configuration_internlm2 import InternLM2Config
+
+
+def _vision_config(config: "dict | PretrainedConfig | None") -> PretrainedConfig:
+    if isinstance(config, PretrainedConfig):
+        return config
+    config = dict(config or {})
+    if config.get("model_type", "intern_vit_6b") == "intern_vit_6b":
+        return InternVisionConfig(**config)
+    return InternVLVisionConfig(**config)
+
+
+def _llm_config(config: "dict | PretrainedConfig | None") -> PretrainedConfig:
+    if isinstance(config, PretrainedConfig):
+        return config
+    config = dict(config or {"architectures": ["InternLM2ForCausalLM"]})
+    architectures = config.get("architectures") or []
+    if "InternLM2ForCausalLM" in architectures or config.get("model_type") == "internlm2":
+        return InternLM2Config(**config)
+    model_type = config.pop("model_type", "llama")
+    return AutoConfig.for_model(model_type, **config)
 
 
 class InternVLChatConfig(PretrainedConfig):
@@ -16,10 +44,7 @@ class InternVLChatConfig(PretrainedConfig):
     LM (``llm_config``), with the dynamic-resolution settings of the family."""
 
     model_type = "internvl_chat"
-    sub_configs_defaults = {  # noqa: RUF012 (transformers reads it as a class attribute)
-        "vision_config": SubConfigSpec(config_class=InternVLVisionConfig),
-        "llm_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
-    }
+    sub_configs = {"vision_config": PretrainedConfig, "llm_config": PretrainedConfig}  # noqa: RUF012 (transformers' class attribute)
 
     vision_config: dict | PretrainedConfig | None = None
     llm_config: dict | PretrainedConfig | None = None
@@ -42,3 +67,8 @@ class InternVLChatConfig(PretrainedConfig):
     use_llm_lora: int = 0
     pad2square: bool = False
     tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        self.vision_config = _vision_config(self.vision_config)
+        self.llm_config = _llm_config(self.llm_config)
+        super().__post_init__(**kwargs)
