@@ -189,6 +189,8 @@ def test_preset_runs_end_to_end_on_its_miniatures(
         assert all(row["failure"] is None and row["vlm_caption"] for row in rows)
         if "@" in models["vlm"]:
             assert {row["model"] for row in rows} == {models["vlm"]}
+        if name in ON_VLLM:
+            assert all(row["engine"].startswith("vllm ") for row in rows), rows[0]["engine"]
         phase1 = pq.read_table(results / "photos" / "attributes" / "phase1" / f"{shard}.parquet")
         if "@" in models["llm"]:
             assert set(phase1.column("model").to_pylist()) == {models["llm"]}
