@@ -8,12 +8,14 @@ shapes and conventions, widths and depths shrunk; vLLM's CPU attention needs the
 dimension of 32); the attribute stage's Llama is built without the miniature's list bias,
 so that its greedy answers are text; it also runs in json mode (vlmflow.constrained:
 answers constrained to a JSON list, xgrammar on both backends). Start-up (loading the HF
-model, or starting the vLLM server until it answers) is timed inside each run and taken
-out of the steady state. The vLLM backend keeps a window of requests in flight
-(vlmflow.engine.in_window); the floor it is measured against is the same phase-1 prompts
-(the same token ids) through vLLM's offline ``LLM.generate`` in the engine's environment
-(benchmarks/vllm_offline.py), with the same engine settings.
-Prints items/s, output tokens/s and start-up seconds per stage and backend (and offline),
+model, or starting the vLLM server until it answers) and the server's shutdown at the end
+are timed inside each run and taken out of the steady state, as the offline floor's are.
+The vLLM backend keeps a window of requests in flight (vlmflow.engine.in_window); the
+floor it is measured against is the same phase-1 prompts (the same token ids) through
+vLLM's offline ``LLM.generate`` in the engine's environment (benchmarks/vllm_offline.py),
+with the same engine settings.
+Prints items/s, output tokens/s, start-up and shutdown seconds per stage and backend (and
+offline),
 how many outputs are equal, each backend's json/text ratio of the attribute stage's
 tokens/s, ``ratio server/offline: X.XX`` (the attribute stage's tokens/s through the
 server against the offline floor) and last ``ratio vllm/hf: X.XX`` (output tokens/s in
@@ -67,6 +69,7 @@ class Measure:
     steady_s: float
     tokens: int
     outputs: list[str]
+    stop_s: float = 0.0
 
     @property
     def items_per_s(self) -> float:
@@ -115,17 +118,21 @@ STARTUP = StartUp()
 STARTUP.wrap(caption, "load_vlm")
 STARTUP.wrap(attributes, "load_llm")
 STARTUP.wrap(engine.Server, "wait_ready")
+# Stopping the server at the end of a job (vLLM's shutdown): a fixed cost as the start-up.
+SHUTDOWN = StartUp()
+SHUTDOWN.wrap(engine.Server, "stop")
 
 
 def measure(stage: str, backend: str, items: int, model: str, out: Path, run: Any) -> Measure:
-    STARTUP.seconds = 0.0
+    STARTUP.seconds = SHUTDOWN.seconds = 0.0
     started = time.perf_counter()
     run()
     total = time.perf_counter() - started
     column = "vlm_caption" if stage == "caption" else "raw_answer"
     texts = [row[column] or "" for row in pq.read_table(out).to_pylist()]
-    steady = total - STARTUP.seconds
-    return Measure(stage, backend, items, STARTUP.seconds, steady, token_count(model, texts), texts)
+    steady = total - STARTUP.seconds - SHUTDOWN.seconds
+    tokens = token_count(model, texts)
+    return Measure(stage, backend, items, STARTUP.seconds, steady, tokens, texts, SHUTDOWN.seconds)
 
 
 def caption_stage(
@@ -257,10 +264,13 @@ def build_8b(folder: Path) -> str:
 
 
 def table(measures: list[Measure]) -> list[str]:
-    lines = [f"{'stage':<11}{'backend':<8}{'items':>6}{'start s':>9}{'items/s':>9}{'tokens/s':>10}"]
+    lines = [
+        f"{'stage':<11}{'backend':<8}{'items':>6}{'start s':>9}{'stop s':>8}{'items/s':>9}"
+        f"{'tokens/s':>10}"
+    ]
     for m in measures:
         lines.append(
-            f"{m.stage:<11}{m.backend:<8}{m.items:>6}{m.startup_s:>9.1f}"
+            f"{m.stage:<11}{m.backend:<8}{m.items:>6}{m.startup_s:>9.1f}{m.stop_s:>8.1f}"
             f"{m.items_per_s:>9.1f}{m.tokens_per_s:>10.1f}"
         )
     return lines

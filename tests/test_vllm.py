@@ -22,7 +22,6 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 import webdataset as wds
 from PIL import Image
 
@@ -30,7 +29,6 @@ from tests.conftest import make_image
 from vlmflow import attributes, caption, engine, internvl_chat, miniatures
 from vlmflow.caption import CAPTION_SCHEMA, CaptionSettings
 from vlmflow.io import write_rows_parquet
-from vlmflow.models import save_llava_weights
 from vlmflow.progress import progress_path
 from vlmflow.prompts import read_prompt
 
@@ -316,39 +314,6 @@ def test_a_shard_stopped_mid_way_resumes_to_the_same_rows(tmp_path: Path) -> Non
     # No server outlives its job.
     left = subprocess.run(["pgrep", "-f", "vllm.entrypoints"], capture_output=True, text=True)
     assert left.stdout.strip() == ""
-
-
-def test_vllm_serves_a_llava_saved_as_the_train_stage_saves_it(
-    engine_environment: Path, shard: Path, tmp_path: Path
-) -> None:
-    """The train stage's folder (save_pretrained, then the weights under the hub's names:
-    vlmflow.models.save_llava_weights) loads in transformers and captions on vLLM."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    source = miniatures.snapshot_dir(engine_environment, *LLAVA.split("@"))
-    model = AutoModelForImageTextToText.from_pretrained(source)
-    trained = tmp_path / "phase2"
-    model.save_pretrained(trained)
-    save_llava_weights(model, trained)
-    AutoProcessor.from_pretrained(source).save_pretrained(trained)
-    again = AutoModelForImageTextToText.from_pretrained(trained)
-    assert all(
-        torch.equal(a, b)
-        for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True)
-    )
-    settings = CaptionSettings(
-        model=str(trained),
-        prompt="Describe the image.",
-        max_new_tokens=8,
-        do_sample=False,
-        backend="vllm",
-        engine=ENGINE,
-    )
-    out = tmp_path / "captions.parquet"
-    caption.run(shard, out, settings, "000000", deployment(tmp_path))
-    rows = captions(out)
-    assert len(rows) == 6 and all(row["failure"] is None for row in rows)
-    assert all(row["engine"].startswith("vllm ") for row in rows)
 
 
 # Sizes whose tile grids differ: 1 tile; 2x1 + thumbnail; 3x2 + thumbnail (9 and 12 tiles);

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlmflow.io import atomic_dir
-from vlmflow.models import IMAGE, save_llava_weights
+from vlmflow.models import IMAGE, save_llava
 
 if TYPE_CHECKING:
     import torch
@@ -199,9 +199,8 @@ def build_demo_vlm(
         image_token=IMAGE,
     )
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
+        save_llava(model, tmp)  # the hub's names, which vLLM reads too
         processor.save_pretrained(tmp)
-        save_llava_weights(model, tmp)  # the hub's names, which vLLM reads too
 
 
 def build_demo_internvl(

@@ -284,6 +284,11 @@ def server_command(
         str(tensor_parallel),
         "--gpu-memory-utilization",
         str(engine.gpu_memory_utilization),
+        # No line per request and no periodic stats in the server's log: on a 2-core CPU
+        # these cost the engine a fifth of its rate (benchmarks/README.md); the job's log
+        # has its own progress, and errors still reach the server's log.
+        "--disable-uvicorn-access-log",
+        "--disable-log-stats",
     ]
     if engine.quantization is not None:
         args += ["--quantization", engine.quantization]

@@ -26,7 +26,7 @@ from typing import Any
 from vlmflow import internvl_chat
 from vlmflow.demo_models import demo_corpus_lines
 from vlmflow.io import atomic_dir
-from vlmflow.models import COMMIT, is_hub_id, save_llava_weights, split_revision
+from vlmflow.models import COMMIT, is_hub_id, save_llava, split_revision
 
 log = logging.getLogger(__name__)
 
@@ -254,9 +254,8 @@ def build_llava15_hf(out_dir: str | Path, seed: int) -> None:
         image_token="<image>",
     )
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
+        save_llava(model, tmp)
         processor.save_pretrained(tmp)
-        save_llava_weights(model, tmp)
 
 
 def build_clip(out_dir: str | Path, seed: int, image_size: int = 336, layers: int = 8) -> None:

@@ -212,15 +212,22 @@ def llava_hub_name(name: str) -> str:
     return name
 
 
-def save_llava_weights(model: Any, folder: Path, state_dict: dict[str, Any] | None = None) -> None:
-    """Write a LLaVA model's weights into ``folder`` under the hub checkpoints' names
-    (``vision_tower.vision_model.*``, ``language_model.model.*``), replacing what
-    ``save_pretrained`` wrote: transformers loads either layout, vLLM only this one.
-    Sharded at 5 GB with an index, as the hub repos are."""
+def save_llava(model: Any, folder: Path, state_dict: dict[str, Any] | None = None) -> None:
+    """Save a LLaVA model into ``folder`` as the hub checkpoints (llava-hf) hold it:
+    config.json, generation_config.json and the weights under the hub's names
+    (``vision_tower.vision_model.*``, ``language_model.model.*``), sharded at 5 GB with an
+    index. Transformers loads this layout and its own, vLLM only this one. ``state_dict``:
+    the full weights where the model holds shards of them (FSDP)."""
     from huggingface_hub import save_torch_state_dict
 
+    # What save_pretrained records beside the weights.
+    model.config.dtype = str(model.dtype).split(".")[1]
+    model.config.architectures = [type(model).__name__.removeprefix("FSDP")]
+    model.config.save_pretrained(folder)
+    if model.can_generate():
+        model.generation_config.save_pretrained(folder)
     state = model.state_dict() if state_dict is None else state_dict
-    for old in folder.glob("model*.safetensors*"):
+    for old in Path(folder).glob("model*.safetensors*"):
         old.unlink()
     weights = {llava_hub_name(name): _own_storage(tensor) for name, tensor in state.items()}
     save_torch_state_dict(weights, folder, max_shard_size="5GB", metadata={"format": "pt"})

@@ -50,7 +50,7 @@ from vlmflow.models import (
     num_image_tokens,
     pad_token_id,
     pretrained,
-    save_llava_weights,
+    save_llava,
 )
 from vlmflow.progress import Interrupted
 from vlmflow.vision import black_image, load_image, processor_side, vision_model
@@ -952,9 +952,8 @@ class PhaseTrainer:
 
     def _save(self, full_state: dict[str, Any] | None) -> None:
         with atomic_dir(self.out_dir) as tmp:
-            self.model.save_pretrained(tmp, state_dict=full_state)
             # The hub's LLaVA names: transformers and vLLM both load the trained model.
-            save_llava_weights(self.model, tmp, full_state)
+            save_llava(self.model, tmp, full_state)
             self.processor.save_pretrained(tmp)
             with open(tmp / "metrics.jsonl", "w", encoding="utf-8") as handle:
                 for entry in self.history:
