@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from vlmflow import evaluate, h5, h5_layout, train
 from vlmflow.attribute_text import parse_list
 from vlmflow.attributes import PHASE2_SCHEMA
 from vlmflow.evaluate import METRIC_COLUMNS, PREDICTION_SCHEMA, EvalSettings
-from vlmflow.io import write_rows_parquet
+from vlmflow.io import read_parquet_rows, write_rows_parquet
 from vlmflow.metrics import sentence_encoder, soft_prf
 from vlmflow.models import packaged_minilm_path
 from vlmflow.shards import iter_samples
@@ -63,7 +64,8 @@ def phase2_parquet(tmp_path: Path) -> Path:
                 "failure": "no_attributes" if key == "k001" else None,
             }
         )
-    path = tmp_path / "phase2.parquet"
+    path = tmp_path / "phase2" / "000000.parquet"  # the phase-2 file of shard 000000
+    path.parent.mkdir()
     write_rows_parquet(path, rows, PHASE2_SCHEMA)
     return path
 
@@ -278,3 +280,39 @@ def test_run_without_references_fails_clearly(
         )
     assert not (tmp_path / "p.parquet").exists()
     assert not (tmp_path / "m.tsv").exists()
+
+
+def test_a_key_repeated_in_another_shard_keeps_each_shards_labels(
+    llava_dir: str, shard_tar: Path, phase2_parquet: Path, tmp_path: Path
+) -> None:
+    """The same keys again in shard 000001 with other labels, one of them left out as a
+    repeat: every scored image is scored against its own shard's labels."""
+    second_tar = tmp_path / "second" / "000001.tar"
+    second_tar.parent.mkdir()
+    shutil.copyfile(shard_tar, second_tar)
+    rows = read_parquet_rows(phase2_parquet)
+    for row in rows:
+        if row["attributes"]:
+            row["attributes"] = row["phase1_attributes"] = [f"other {row['key']}"]
+            row["attribute_sources"] = ["phase1"]
+    second_parquet = phase2_parquet.parent / "000001.parquet"
+    write_rows_parquet(second_parquet, rows, PHASE2_SCHEMA)
+    evaluate.run(
+        llava_dir,
+        [shard_tar, second_tar],
+        [phase2_parquet, second_parquet],
+        packaged_minilm_path(),
+        SETTINGS,
+        "demo",
+        tmp_path / "predictions.parquet",
+        tmp_path / "metrics.tsv",
+        left_out={("000001", "k002"): "repeat"},
+    )
+    scored = pq.read_table(tmp_path / "predictions.parquet").to_pylist()
+    assert [(r["key"], r["references"]) for r in scored] == [
+        ("k000", REFERENCES["k000"]),
+        ("k002", REFERENCES["k002"]),
+        ("k004", REFERENCES["k004"]),
+        ("k000", ["other k000"]),
+        ("k004", ["other k004"]),
+    ]

@@ -208,23 +208,26 @@ def run(
     left_out: Mapping[tuple[str, str], str] | None = None,
 ) -> list[dict[str, Any]]:
     """``left_out``: (shard, key) -> reason of images not to score (vlmflow.duplicates: a
-    leak from a train dataset, or a repeat of an earlier image); a shard is its tar's stem."""
+    leak from a train dataset, or a repeat of an earlier image). A shard is its tar's stem,
+    and its reference labels are in the phase-2 file of the same stem: labels are looked
+    up by (shard, key), so a key that comes again in another shard keeps its own."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     left_out = left_out or {}
-    references: dict[str, list[str]] = {}
+    references: dict[tuple[str, str], list[str]] = {}
     for path in phase2_parquets:
         for row in read_parquet_rows(path):
             if row["failure"] is None and row["attributes"]:
-                references[row["key"]] = list(row["attributes"])
+                references[Path(path).stem, row["key"]] = list(row["attributes"])
     log.info("%s: left out %s", dataset, dict(Counter(left_out.values())) or "nothing")
     # Only images with reference labels can be scored; the rest are counted in the log.
-    samples = [
-        s
-        for tar in shard_tars
-        for s in iter_samples(tar)
-        if s.key in references and (Path(tar).stem, s.key) not in left_out
-    ]
+    samples, labels = [], []
+    for tar in shard_tars:
+        for s in iter_samples(tar):
+            where = (Path(tar).stem, s.key)
+            if where in references and where not in left_out:
+                samples.append(s)
+                labels.append(references[where])
     log.info("%s: %d images with references", dataset, len(samples))
     if not samples:
         raise ValueError(f"eval dataset {dataset!r} has no image with reference attributes")
@@ -247,18 +250,17 @@ def run(
             "raw_answer": a,
             "predictions": p,
             "scores": c,
-            "references": references[s.key],
+            "references": r,
         }
-        for s, a, p, c in zip(samples, answers, predictions, scores, strict=True)
+        for s, a, p, c, r in zip(samples, answers, predictions, scores, labels, strict=True)
     ]
     write_rows_parquet(out_predictions, rows, PREDICTION_SCHEMA)
 
     embed = sentence_encoder(similarity_encoder)
     table = []
-    refs = [references[s.key] for s in samples]
     for k in settings.top_k:
-        soft = soft_prf(refs, [p[:k] for p in predictions], embed)
-        strict = strict_prf(refs, [p[:k] for p in predictions])
+        soft = soft_prf(labels, [p[:k] for p in predictions], embed)
+        strict = strict_prf(labels, [p[:k] for p in predictions])
         table.append(
             {
                 "dataset": dataset,
