@@ -879,6 +879,21 @@ def test_dns_answer_changed_after_the_check_is_blocked(
     assert "connected to non-public address 127.0.0.1" in stats["failures"][0]["detail"]
 
 
+def test_a_connection_whose_peer_cannot_be_read_is_refused(
+    tmp_path: Path, server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The rebinding check fails closed: a socket urllib3 keeps where the check does not
+    # look (another urllib3) means no check, so no image.
+    monkeypatch.setattr(fetch, "_peer_address", lambda response: None)
+    rows = [{"url": f"{server}/img.jpg", "caption": "peer unknown"}]
+    url_list = write_list(tmp_path / "list.tsv", rows)
+    stats = run_shard(
+        url_list, IngestSettings(retries=0, timeout_s=1, allowed_networks=LOCAL), tmp_path
+    )
+    assert reasons_by_row(stats) == {0: "blocked"}
+    assert "cannot read the address the response came from" in stats["failures"][0]["detail"]
+
+
 def test_proxies_come_from_the_environment_once_per_host(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ["http_proxy", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy"]:
         monkeypatch.delenv(name, raising=False)

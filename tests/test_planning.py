@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 
@@ -143,3 +144,27 @@ def test_a_missing_script_still_fails_the_dry_run_naming_it(tmp_path) -> None:
     done = dry_run(tmp_path, "missing")
     assert done.returncode != 0
     assert "scripts/missing.py" in done.stdout + done.stderr
+
+
+def test_the_script_check_applies_to_the_pinned_snakemake_and_warns_where_it_cannot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import snakemake.api  # loads snakemake.dag as a Snakemake run does (a bare import cycles)
+    import snakemake.dag
+
+    from vlmflow import planning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the pinned Snakemake: applies, nothing to warn
+        assert planning.check_scripts_once_per_rule()
+
+    class OlderProcessor:  # a Snakemake before 9.19: no per-job script check
+        pass
+
+    monkeypatch.setattr(snakemake.dag, "ScriptProcessor", OlderProcessor)
+    monkeypatch.setattr(planning, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="check_scripts_once_per_rule does not apply"):
+        assert not planning.check_scripts_once_per_rule()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process
+        assert not planning.check_scripts_once_per_rule()

@@ -25,7 +25,12 @@ from __future__ import annotations
 
 import atexit
 import gc
+import warnings
 from typing import Any
+
+# The Snakemake versions whose ScriptProcessor check_scripts_once_per_rule was written for
+# and tested on (tests/test_planning.py runs it on the pinned one).
+SUPPORTED_SNAKEMAKE = "9.19 to 9.x"
 
 # The old generation is considered for collection every this many young-generation-1
 # collections (CPython's default is 10). 1,000 means roughly once per seven million net
@@ -61,15 +66,16 @@ def check_scripts_once_per_rule() -> bool:
     notebooks go through the same code. Nothing else changes: which jobs run, the code
     Snakemake records for reruns, and what a job executes are decided elsewhere.
 
-    Call once from the Snakefile. Idempotent.
+    Call once from the Snakefile. Idempotent. Where this Snakemake has no such check (it
+    came with 9.19), it warns once, naming itself, and changes nothing.
     """
     try:
         from snakemake.dag import ScriptProcessor
     except ImportError:
-        return False
+        return _cannot_apply("snakemake.dag has no ScriptProcessor")
     check = getattr(ScriptProcessor, "process_job", None)
     if check is None or not hasattr(ScriptProcessor, "script_type"):
-        return False
+        return _cannot_apply("ScriptProcessor has no process_job / script_type")
     if getattr(check, "_once_per_rule", False):
         return True
 
@@ -92,3 +98,22 @@ def check_scripts_once_per_rule() -> bool:
     process_job._once_per_rule = True  # type: ignore[attr-defined]
     ScriptProcessor.process_job = process_job
     return True
+
+
+_warned: set[str] = set()
+
+
+def _cannot_apply(why: str) -> bool:
+    """Warn once that check_scripts_once_per_rule does nothing here; False."""
+    if why not in _warned:
+        _warned.add(why)
+        from importlib.metadata import version
+
+        warnings.warn(
+            f"vlmflow.planning.check_scripts_once_per_rule does not apply to snakemake "
+            f"{version('snakemake')} ({why}; written for snakemake {SUPPORTED_SNAKEMAKE}): "
+            "every job's script is checked as Snakemake does, which only slows planning",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False

@@ -151,15 +151,26 @@ def _peer_address(response: requests.Response) -> str | None:
         return None
 
 
-def _check_peer(response: requests.Response, settings: IngestSettings) -> None:
+def _check_peer(response: requests.Response, settings: IngestSettings, body: bool) -> None:
     """Refuse a response whose connection went to a non-public address.
 
     _check_address resolves the host before the request, and the connection resolves it
     again: a DNS answer that changes in between (DNS rebinding) is caught here, before
-    any of the body is read.
+    any of the body is read. Where a ``body`` is to be read, a connection whose peer
+    address cannot be read is refused too (the check fails closed: urllib3 then holds its
+    socket where this code does not look); a redirect without a body has often handed its
+    socket back already, and its next hop is checked anew.
     """
     peer = _peer_address(response)
-    refused = _non_public(peer, settings) if peer is not None else None
+    if peer is None and not body:
+        return
+    if peer is None:
+        raise Failure(
+            "blocked",
+            "cannot read the address the response came from, so the DNS-rebinding check "
+            "cannot run (refused rather than read unchecked)",
+        )
+    refused = _non_public(peer, settings)
     if refused is not None:
         raise Failure(
             "blocked",
@@ -215,11 +226,12 @@ def _http_hops(
         with session.get(
             url, stream=True, timeout=timeout, allow_redirects=False, proxies=proxies
         ) as response:
-            if not proxies:  # through a proxy, the peer is the proxy
-                _check_peer(response, settings)
             status = response.status_code
             location = response.headers.get("Location")
-            if status in REDIRECT_STATUSES and location:
+            redirect = status in REDIRECT_STATUSES and bool(location)
+            if not proxies:  # through a proxy, the peer is the proxy
+                _check_peer(response, settings, body=not redirect)
+            if redirect:
                 url = urljoin(url, location)
                 continue
             body = _read_body(response, settings)
