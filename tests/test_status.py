@@ -277,8 +277,17 @@ def test_incomplete_markers_are_read_back_as_output_paths(tmp_path: Path) -> Non
     write_marker(root, "results/d/captions/000001.parquet")
     write_marker(root, long_output)
     (root / "migration_underway").write_text("", encoding="utf-8")
-    assert status.read_incomplete(tmp_path) == {"results/d/captions/000001.parquet", long_output}
-    assert status.read_incomplete(tmp_path / "elsewhere") == set()
+    assert status.read_incomplete(tmp_path) == (
+        {"results/d/captions/000001.parquet", long_output},
+        [],
+    )
+    assert status.read_incomplete(tmp_path / "elsewhere") == (set(), [])
+    # A marker that is no base64 of a path (another Snakemake's) is reported, not skipped.
+    (root / "not-base64!").write_text("", encoding="utf-8")
+    outputs, unreadable = status.read_incomplete(tmp_path)
+    assert len(outputs) == 2
+    assert len(unreadable) == 1
+    assert unreadable[0].startswith("incomplete marker .snakemake/incomplete/not-base64! ")
 
 
 def test_a_failed_job_made_since_is_not_failed_even_when_stale_now(tmp_path: Path) -> None:

@@ -167,8 +167,10 @@ def parse_summary(text: str) -> list[SummaryRow]:
     return rows
 
 
-def read_incomplete(workdir: Path) -> set[str]:
-    """Outputs that Snakemake marked as started but not finished.
+def read_incomplete(workdir: Path) -> tuple[set[str], list[str]]:
+    """Outputs that Snakemake marked as started but not finished, and the markers that
+    could not be read as one (reported, never skipped silently: the output they stand for
+    may be half-written).
 
     Snakemake's file persistence keeps one marker per output under
     ``.snakemake/incomplete``, named by the urlsafe base64 of the output's path and cut
@@ -177,17 +179,22 @@ def read_incomplete(workdir: Path) -> set[str]:
     """
     root = workdir / ".snakemake" / "incomplete"
     outputs: set[str] = set()
+    unreadable: list[str] = []
     if not root.is_dir():
-        return outputs
-    for marker in root.rglob("*"):
+        return outputs, unreadable
+    for marker in sorted(root.rglob("*")):
         if not marker.is_file() or marker.name == "migration_underway":
             continue
         encoded = "".join(part.removeprefix("@") for part in marker.relative_to(root).parts)
         try:
             outputs.add(base64.urlsafe_b64decode(encoded.encode()).decode())
-        except (binascii.Error, UnicodeDecodeError, ValueError):
-            continue  # not a marker of this Snakemake version
-    return outputs
+        except (binascii.Error, UnicodeDecodeError, ValueError) as error:
+            unreadable.append(
+                f"incomplete marker {marker.relative_to(workdir)} does not decode to an "
+                f"output path ({error}): a job's output may be half-written; "
+                "`snakemake --rerun-incomplete` redoes what Snakemake knows of"
+            )
+    return outputs, unreadable
 
 
 def snakemake_executable() -> str:
@@ -493,7 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.directory.resolve()
     try:
         rows = run_summary(workdir, extra)
-        status = collect(workdir, rows, read_incomplete(workdir))
+        incomplete, unreadable = read_incomplete(workdir)
+        status = collect(workdir, rows, incomplete)
+        status.warnings.extend(unreadable)
     except StatusError as error:
         print(f"vlmflow status: {error}", file=sys.stderr)
         return 2
