@@ -19,6 +19,7 @@ from vlmflow.checks import check_config as check_config_values
 from vlmflow.constrained import JSON_KEYS
 from vlmflow.demo_models import DEMO_BUILDERS, DEMO_OPTIONS, DEMO_VERSION
 from vlmflow.models import resolved_revision
+from vlmflow.stage_versions import versioned
 
 validate(config, schema="../workflow/schemas/config.schema.yaml")
 
@@ -124,7 +125,7 @@ def get_ingest_settings(wildcards):
     columns = {
         key: dataset.get(key) for key in ("url_column", "caption_column", "key_column")
     }
-    return {**config["ingest"], **columns}
+    return versioned("ingest", {**config["ingest"], **columns})
 
 
 def model_path(key):
@@ -160,7 +161,7 @@ def sampling_settings(section, model_key):
 
 
 def get_caption_settings(wildcards):
-    return sampling_settings(config["caption"], "vlm")
+    return versioned("caption", sampling_settings(config["caption"], "vlm"))
 
 
 def get_phase_settings(phase):
@@ -169,12 +170,13 @@ def get_phase_settings(phase):
         # Only json mode has these: text-mode params stay as they were before it.
         for key in JSON_KEYS:
             section.pop(key)
-    return {
+    settings = {
         **sampling_settings(section, "llm"),
         "stop_words": config["attributes"]["stop_words"],
         "max_words": config["attributes"]["max_words"],
         "max_seq_len": config["attributes"]["max_seq_len"],
     }
+    return versioned(f"attributes_{phase}", settings)
 
 
 def get_phase1_settings(wildcards):
@@ -265,7 +267,7 @@ def get_train_phase2_inputs(wildcards):
 
 
 def get_train_settings(phase):
-    return {
+    settings = {
         **config["train"][phase],
         "phase": int(phase[-1]),
         "seed": config["seed"],
@@ -273,6 +275,7 @@ def get_train_settings(phase):
         "projector": config["train"]["projector"],
         "language_model_layers": config["train"]["language_model_layers"],
     }
+    return versioned(f"train_{phase}", settings)
 
 
 def get_eval_inputs(wildcards):
@@ -285,12 +288,13 @@ def get_eval_inputs(wildcards):
 
 
 def get_eval_settings(wildcards):
-    return {
+    settings = {
         **config["eval"],
         "instruction": config["h5"]["instruction"],
         "phase2_style": config["h5"]["phase2_style"],
         "similarity_encoder": model_path("similarity_encoder"),
     }
+    return versioned("evaluate", settings)
 
 
 def get_first_shard_files(wildcards):

@@ -17,7 +17,7 @@ rule h5:
     conda:
         "../envs/torch.yaml"
     params:
-        settings=lookup(dpath="h5", within=config),
+        settings=versioned("h5", config["h5"]),
         language_model=model_param("language_model"),
         vision_tower=model_param("vision_tower"),
         vision_feature_layer=get_h5_feature_layer(),

@@ -427,3 +427,27 @@ def test_snakemake_failing_is_reported_with_its_error_line(
         f"vlmflow status: snakemake --detailed-summary failed in {tmp_path}: "
         "ValidationError: 'many' is not of type 'integer'"
     )
+
+
+def test_outputs_of_an_older_stage_version_are_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caption made before its stage's version was bumped: Snakemake's summary says
+    "params changed", the record it keeps says which version made it."""
+    output = "results/d/captions/000000.parquet"
+    record = status._marker_path(tmp_path / ".snakemake" / "metadata", output)
+    record.parent.mkdir(parents=True)
+    # Version 1 outputs carry no version in their params (vlmflow.stage_versions.FIRST).
+    record.write_text(json.dumps({"params": ["{'model': 'm', 'seed': 0}"]}), encoding="utf-8")
+    row = status.SummaryRow(
+        output, "Mon Dec  7", "caption", "-", "params changed", "update pending"
+    )
+    assert status.older_version(tmp_path, row) is None  # the version is still 1
+    monkeypatch.setitem(status.STAGE_VERSIONS, "caption", 2)
+    assert status.older_version(tmp_path, row) == "made by stage version 1 (now 2)"
+    collected = status.collect(tmp_path, [row])
+    assert collected.stale == {"caption": {"made by stage version 1 (now 2)": [output]}}
+    record.write_text(
+        json.dumps({"params": ["{'model': 'm', 'seed': 0, 'stage_version': 2}"]}), encoding="utf-8"
+    )
+    assert status.older_version(tmp_path, row) is None  # made by this version: other params

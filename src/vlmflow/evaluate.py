@@ -214,11 +214,7 @@ def run(
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     left_out = left_out or {}
-    references: dict[tuple[str, str], list[str]] = {}
-    for path in phase2_parquets:
-        for row in read_parquet_rows(path):
-            if row["failure"] is None and row["attributes"]:
-                references[Path(path).stem, row["key"]] = list(row["attributes"])
+    references = reference_labels(phase2_parquets)
     log.info("%s: left out %s", dataset, dict(Counter(left_out.values())) or "nothing")
     # Only images with reference labels can be scored; the rest are counted in the log.
     samples, labels = [], []
@@ -277,6 +273,16 @@ def run(
         )
     write_metrics_tsv(out_metrics, table)
     return table
+
+
+def reference_labels(phase2_parquets: Sequence[str | Path]) -> dict[tuple[str, str], list[str]]:
+    """(shard, key) -> the sample's phase-2 attributes, where it has any."""
+    references = {}
+    for path in phase2_parquets:
+        for row in read_parquet_rows(path):
+            if row["failure"] is None and row["attributes"]:
+                references[Path(path).stem, row["key"]] = list(row["attributes"])
+    return references
 
 
 def write_metrics_tsv(path: str | Path, table: list[dict[str, Any]]) -> None:

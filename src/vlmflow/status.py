@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmflow.contract import Funnel, shard_counts, stage_samples
+from vlmflow.stage_versions import STAGE_VERSIONS, recorded_version
 
 # Per-shard stages in pipeline order: (rule, its funnel stage in vlmflow.contract, label).
 SHARD_STAGES = [
@@ -55,6 +56,7 @@ _SHARD_PATH = re.compile(r"^results/(?P<dataset>[^/]+)/(?:[^/]+/)*(?P<shard>[^/.
 UP_TO_DATE = "no update"
 UPSTREAM = "input files updated by another job"
 INCOMPLETE = "incomplete (its job is running, or was killed)"
+PARAMS_CHANGED = "params changed"
 
 
 class StatusError(Exception):
@@ -165,6 +167,32 @@ def parse_summary(text: str) -> list[SummaryRow]:
             )
         )
     return rows
+
+
+def _marker_path(root: Path, output: str, max_len: int = 255) -> Path:
+    """Where Snakemake keeps a per-output record under ``root``: the urlsafe base64 of the
+    path, cut into folder levels (each but the last prefixed with "@") when too long."""
+    encoded = base64.urlsafe_b64encode(output.encode()).decode()
+    parts = [encoded[i : i + max_len - 1] for i in range(0, len(encoded), max_len - 1)]
+    return root.joinpath(*(["@" + part for part in parts[:-1]] + [parts[-1]]))
+
+
+def older_version(workdir: Path, row: SummaryRow) -> str | None:
+    """Why an output whose params changed is stale when its stage's code version changed
+    (vlmflow.stage_versions): "made by stage version N (now M)", read from the params
+    Snakemake recorded for it (``.snakemake/metadata``); None otherwise."""
+    current = STAGE_VERSIONS.get(row.rule)
+    if current is None or row.status != PARAMS_CHANGED:
+        return None
+    record = _marker_path(workdir / ".snakemake" / "metadata", row.output)
+    try:
+        params = json.loads(record.read_text(encoding="utf-8")).get("params") or []
+    except (OSError, ValueError):
+        return None
+    made_by = recorded_version([str(value) for value in params])
+    if made_by >= current:
+        return None
+    return f"made by stage version {made_by} (now {current})"
 
 
 def read_incomplete(workdir: Path) -> tuple[set[str], list[str]]:
@@ -383,6 +411,8 @@ def collect(workdir: Path, rows: list[SummaryRow], incomplete: set[str] | None =
     warnings: list[str] = []
     for row in rows:
         reason = stale_reason(row, pending, incomplete)
+        if reason == PARAMS_CHANGED:
+            reason = older_version(workdir, row) or reason
         if reason is not None:
             stale.setdefault(row.rule, {}).setdefault(reason, []).append(row.output)
         if row.rule in SHARD_RULES:

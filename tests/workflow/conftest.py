@@ -25,14 +25,16 @@ def snakemake(
     profile: str = "profiles/local",
     timeout: int = 1200,
     env: dict[str, str | None] | None = None,
+    launcher: list[str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run Snakemake in ``workdir`` with a profile of the repo (and ``env`` added to the
-    environment, a None value removing that variable); output is captured."""
+    environment, a None value removing that variable); output is captured. ``launcher``:
+    the command that runs Snakemake's command line instead of its executable."""
     merged = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
     env = {name: value for name, value in merged.items() if isinstance(value, str)}
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     return subprocess.run(
-        [SNAKEMAKE, "--profile", profile, *args],
+        [*(launcher or [SNAKEMAKE]), "--profile", profile, *args],
         cwd=workdir,
         env=env,
         capture_output=True,

@@ -10,6 +10,7 @@ import csv
 import html as htmllib
 import json
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -585,3 +586,35 @@ def test_slurm_profile_dry_run_needs_no_cluster_and_asks_gpus_for_model_rules(
     assert "gpu=1" in caption and "slurm_partition=gpu" in caption
     h5 = next(job for job in jobs if job.startswith("h5:"))
     assert "gpu=" not in h5 and "slurm_partition=cpu" in h5
+
+
+# Snakemake's command line in a process where one stage's code version is one higher, as
+# after a commit that bumps it in vlmflow.stage_versions.
+BUMPED = """
+import sys
+from vlmflow import stage_versions
+stage_versions.STAGE_VERSIONS[sys.argv.pop(1)] += 1
+from snakemake.cli import main
+sys.argv[0] = "snakemake"
+main()
+"""
+
+
+@pytest.mark.parametrize("stage", ["caption", "h5"])
+def test_a_stage_version_bump_reruns_that_stage_and_what_depends_on_it(
+    workdir: Path, stage: str
+) -> None:
+    # From a finished run (a no-op after the module's full run).
+    done = snakemake(workdir, "all")
+    assert done.returncode == 0, done.stderr[-4000:]
+    dry = snakemake(workdir, "-n", "all", launcher=[sys.executable, "-c", BUMPED, stage])
+    output = dry.stdout + dry.stderr
+    assert dry.returncode == 0, output[-4000:]
+    counts = job_counts(output)
+    assert "ingest" not in counts and "demo_model" not in counts
+    if stage == "caption":  # every shard's captions, then all that reads them
+        assert counts["caption"] == counts["attributes_phase1"] == 3
+    else:  # the train datasets' H5 files and training; nothing before them
+        assert "caption" not in counts and "attributes_phase2" not in counts
+    assert counts["h5"] == 2 and counts["train_phase1"] == counts["evaluate"] == 1
+    assert "params changed" in output or "Params have changed" in output

@@ -11,9 +11,10 @@ from vlmflow import attributes
 from vlmflow.engine import deployment_of
 from vlmflow.logs import log_to
 from vlmflow.prompts import read_prompt
+from vlmflow.stage_versions import without_version
 
 with log_to(snakemake.log[0]):
-    params = dict(snakemake.params.settings)
+    params = without_version(snakemake.params.settings)
     settings = attributes.LLMSettings(
         prompt=read_prompt(snakemake.input.prompt),
         stop_words=tuple(params.pop("stop_words")),

@@ -4,10 +4,12 @@ from vlmflow import caption
 from vlmflow.engine import deployment_of
 from vlmflow.logs import log_to
 from vlmflow.prompts import read_prompt
+from vlmflow.stage_versions import without_version
 
 with log_to(snakemake.log[0]):
     settings = caption.CaptionSettings(
-        prompt=read_prompt(snakemake.input.prompt), **snakemake.params.settings
+        prompt=read_prompt(snakemake.input.prompt),
+        **without_version(snakemake.params.settings),
     )
     caption.run(
         snakemake.input.shard,

@@ -3,9 +3,10 @@
 from vlmflow import evaluate
 from vlmflow.contract import read_duplicates, read_shard_index
 from vlmflow.logs import log_to
+from vlmflow.stage_versions import without_version
 
 with log_to(snakemake.log[0]):
-    params = dict(snakemake.params.settings)
+    params = without_version(snakemake.params.settings)
     similarity_encoder = params.pop("similarity_encoder")
     settings = evaluate.EvalSettings(
         instruction=params["instruction"],

@@ -2,6 +2,7 @@
 
 from vlmflow.h5 import H5Settings, run_shard
 from vlmflow.logs import log_to
+from vlmflow.stage_versions import without_version
 
 with log_to(snakemake.log[0]):
     run_shard(
@@ -10,7 +11,7 @@ with log_to(snakemake.log[0]):
         phase2_parquet=snakemake.input.phase2,
         language_model=snakemake.params.language_model,
         vision_tower=snakemake.params.vision_tower,
-        settings=H5Settings(**snakemake.params.settings),
+        settings=H5Settings(**without_version(snakemake.params.settings)),
         shard_id=snakemake.wildcards.shard,
         out_phase1=snakemake.output.phase1,
         out_phase2=snakemake.output.phase2,

@@ -3,6 +3,7 @@
 from vlmflow.contract import PART_MANIFESTS
 from vlmflow.ingest import IngestSettings, ingest_shard, source_from_config
 from vlmflow.logs import log_to
+from vlmflow.stage_versions import without_version
 
 with log_to(snakemake.log[0]) as log:
     rows = snakemake.params.rows
@@ -15,7 +16,7 @@ with log_to(snakemake.log[0]) as log:
         source,
         snakemake.wildcards.shard,
         rows,
-        IngestSettings(**snakemake.params.settings),
+        IngestSettings(**without_version(snakemake.params.settings)),
         snakemake.output.tar,
         snakemake.output.stats,
     )

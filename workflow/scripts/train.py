@@ -11,9 +11,10 @@ from pathlib import Path
 from vlmflow import train
 from vlmflow.contract import read_shard_index
 from vlmflow.logs import log_to
+from vlmflow.stage_versions import without_version
 
 with log_to(snakemake.log[0]):
-    settings = train.TrainSettings(**snakemake.params.settings)
+    settings = train.TrainSettings(**without_version(snakemake.params.settings))
     # Image paths inside results/D/h5/phaseN/S.h5 are relative to results/D/h5/images.
     sources = [
         train.H5Source(path=Path(h5), image_root=Path(h5).parent.parent / "images")
