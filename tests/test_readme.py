@@ -1,11 +1,16 @@
-"""Every command the README shows is run by a test, by `make demo` or by CI (`.ci/run`).
+"""Every command the README shows is run as written: by a test, by `make demo` or by CI.
 
-Each command is mapped to the file that runs it and the text there that does; a command
-added to the README without a runner, or a runner that stops running it, fails here.
+- ``snakemake ...`` and ``vlmflow ...`` lines: a test passes the README's line, word for
+  word, to ``run_readme`` / ``readme_argv`` (tests.readme_commands), which runs exactly
+  that (with ``-n`` after it where it would run the whole DAG);
+- ``make T``: the Makefile has target T, and the test commands are lines of ``.ci/run``;
+- the download loop: tests/workflow/test_presets.py runs the README's own text;
+- ``pytest -m presets``: the marker is declared and the preset tests carry it.
 """
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -14,40 +19,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 MAKEFILE = REPO / "Makefile"
-
-# README command -> (the file that runs it, the text in that file that runs it).
-RUN_BY: dict[str, tuple[str, str]] = {
-    "make demo": ("Makefile", "demo: setup"),
-    "make setup-system": (".ci/run", "make setup-system"),
-    "make test": (".ci/run", "make test"),
-    "make test-slurm": (".ci/run", "make test-slurm"),
-    "make test-vllm": (".ci/run", "make test-vllm"),
-    "make setup-vllm": ("Makefile", "test-vllm: setup setup-vllm"),
-    "snakemake --profile profiles/local all": ("Makefile", "--profile profiles/local all"),
-    "snakemake --profile profiles/local -n all": (
-        "tests/workflow/test_dag.py",
-        'snakemake(workdir, "-n", "all")',
-    ),
-    "snakemake --profile profiles/slurm all": ("tests/slurm/test_slurm.py", '"profiles/slurm"'),
-    "snakemake --report results/report.html all": ("Makefile", "--report results/report.html all"),
-    "vlmflow status": ("tests/workflow/test_status.py", '[VLMFLOW, "status", *args]'),
-    "snakemake --profile profiles/slurm all --configfile config/presets/llava15.yaml": (
-        "tests/workflow/test_presets.py",
-        'README_PRESETS = [("llava15",), ("rovi", "llava15")]',
-    ),
-    "snakemake --profile profiles/slurm all --configfile config/presets/rovi.yaml "
-    "config/presets/llava15.yaml": (
-        "tests/workflow/test_presets.py",
-        'README_PRESETS = [("llava15",), ("rovi", "llava15")]',
-    ),
-    "grep -ho": ("tests/workflow/test_presets.py", 'readme.split("grep -ho", 1)'),
-    "vlmflow miniatures": ("tests/workflow/test_presets.py", '[VLMFLOW, "miniatures"'),
-    "pytest -m presets": ("pyproject.toml", "presets:"),
-    "snakemake --profile profiles/local all --configfile config/vllm.yaml": (
-        "tests/workflow/test_vllm_dag.py",
-        'OVERLAY = ("--configfile", "config/vllm.yaml")',
-    ),
-}
+CI = REPO / ".ci" / "run"
+RUNNERS = ("run_readme", "readme_argv")
+# README commands CI runs, one line each of .ci/run.
+CI_COMMANDS = {"make setup-system", "make test", "make test-slurm", "make test-vllm"}
 
 
 def readme_commands() -> list[str]:
@@ -62,13 +37,23 @@ def readme_commands() -> list[str]:
                     command.split(" |", 1)[0] if command.startswith("grep") else command
                 )
     commands += re.findall(r"`(vlmflow miniatures|pytest -m presets)\b", text)
-    return commands
+    return sorted(set(commands))
 
 
-def runner_of(command: str) -> tuple[str, str]:
-    if command.startswith("grep -ho"):
-        return RUN_BY["grep -ho"]
-    return RUN_BY[command]
+def commands_the_tests_run() -> dict[str, str]:
+    """README-style command -> the test file that runs it: the string literals passed to
+    run_readme / readme_argv, or held in a module constant (a list of them) such a call
+    takes."""
+    found: dict[str, str] = {}
+    for path in sorted((REPO / "tests").rglob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        if not any(f"{runner}(" in source for runner in RUNNERS):
+            continue
+        for node in ast.walk(ast.parse(source)):
+            value = node.value if isinstance(node, ast.Constant) else None
+            if isinstance(value, str) and value.startswith(("snakemake ", "vlmflow ")):
+                found.setdefault(value, str(path.relative_to(REPO)))
+    return found
 
 
 def test_the_readme_has_commands_and_fits_in_200_lines() -> None:
@@ -77,10 +62,35 @@ def test_the_readme_has_commands_and_fits_in_200_lines() -> None:
 
 
 @pytest.mark.parametrize("command", readme_commands())
-def test_every_readme_command_is_run_by_a_test_make_demo_or_ci(command: str) -> None:
-    assert command.startswith("grep -ho") or command in RUN_BY, f"nothing runs {command!r}"
-    path, text = runner_of(command)
-    assert text in (REPO / path).read_text(encoding="utf-8"), f"{path} no longer runs {command!r}"
+def test_every_readme_command_is_run_as_written(command: str) -> None:
     if command.startswith("make "):
         target = command.split()[1]
         assert re.search(rf"^{re.escape(target)}:", MAKEFILE.read_text(), flags=re.M)
+        if command in CI_COMMANDS:
+            assert command in CI.read_text(encoding="utf-8").splitlines()
+        return
+    if command.startswith("grep -ho"):
+        presets = (REPO / "tests/workflow/test_presets.py").read_text(encoding="utf-8")
+        assert 'readme.split("grep -ho", 1)' in presets
+        return
+    if command == "pytest -m presets":
+        assert "presets:" in (REPO / "pyproject.toml").read_text(encoding="utf-8")
+        presets = (REPO / "tests/workflow/test_presets.py").read_text(encoding="utf-8")
+        assert "pytest.mark.presets" in presets
+        return
+    if command == "vlmflow miniatures":  # inline; its whole line is in the README's text
+        presets = (REPO / "tests/workflow/test_presets.py").read_text(encoding="utf-8")
+        assert '[VLMFLOW, "miniatures", "--configfile"' in presets
+        return
+    assert command in commands_the_tests_run(), f"no test runs {command!r} as written"
+
+
+def test_make_demo_runs_the_readme_commands_the_tests_run() -> None:
+    """`make demo`'s recipe is the README's run and report commands (with the venv's
+    snakemake), so what the tests run is what the demo runs."""
+    recipe = MAKEFILE.read_text(encoding="utf-8").split("\ndemo: setup\n", 1)[1].split("\n\n")[0]
+    lines = [line.strip().removeprefix("$(BIN)/") for line in recipe.splitlines()]
+    run = commands_the_tests_run()
+    assert lines[0] in run
+    report = lines[1].replace(" --profile profiles/local", "")
+    assert report in run

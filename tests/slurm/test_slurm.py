@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from tests.readme_commands import readme_argv
 from tests.workflow.conftest import (
     REPO,
     SNAKEMAKE,
@@ -338,12 +339,19 @@ class Background:
 _run_numbers = Counter[str]()
 
 
-def start(workdir: Path, *args: str, profile: str = "profiles/slurm") -> Background:
+def start(
+    workdir: Path, *args: str, profile: str = "profiles/slurm", readme: str | None = None
+) -> Background:
+    """Snakemake on the cluster in the background; ``readme``: a README command, run as
+    written (tests.readme_commands) with the test's status settings and ``args`` after."""
     _run_numbers[str(workdir)] += 1
     log = workdir / f"snakemake-run-{_run_numbers[str(workdir)]}.out"
     handle = open(log, "w", encoding="utf-8")  # noqa: SIM115 - the child keeps writing it
+    argv = [SNAKEMAKE, "--profile", profile, *FAST_STATUS, *args]
+    if readme is not None:
+        argv = readme_argv(readme, *FAST_STATUS, *args)
     process = subprocess.Popen(
-        [SNAKEMAKE, "--profile", profile, *FAST_STATUS, *args],
+        argv,
         cwd=workdir,
         env=_env(),
         stdout=handle,
@@ -355,9 +363,9 @@ def start(workdir: Path, *args: str, profile: str = "profiles/slurm") -> Backgro
 
 
 def run(
-    workdir: Path, *args: str, profile: str = "profiles/slurm"
+    workdir: Path, *args: str, profile: str = "profiles/slurm", readme: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return start(workdir, *args, profile=profile).wait()
+    return start(workdir, *args, profile=profile, readme=readme).wait()
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> None:
@@ -474,7 +482,7 @@ def test_training_runs_as_two_slurm_tasks_that_train_one_model(reference: Refere
 def test_second_run_submits_nothing(reference: Reference) -> None:
     ok(reference.result)
     before = slurm_jobs(reference.workdir)
-    result = run(reference.workdir, "all")
+    result = run(reference.workdir, readme="snakemake --profile profiles/slurm all")
     ok(result)
     assert "Nothing to be done" in result.stdout
     assert new_jobs(reference.workdir, before) == []

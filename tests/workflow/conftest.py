@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.readme_commands import readme_argv
+
 REPO = Path(__file__).resolve().parents[2]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 WORKFLOW_FILES = ["Snakefile", "rules", "workflow", "config", "profiles", "envs"]
@@ -30,16 +32,31 @@ def snakemake(
     """Run Snakemake in ``workdir`` with a profile of the repo (and ``env`` added to the
     environment, a None value removing that variable); output is captured. ``launcher``:
     the command that runs Snakemake's command line instead of its executable."""
+    argv = [*(launcher or [SNAKEMAKE]), "--profile", profile, *args]
+    return run_in(workdir, argv, env, timeout)
+
+
+def run_readme(
+    workdir: Path,
+    command: str,
+    *extra: str,
+    env: dict[str, str | None] | None = None,
+    timeout: int = 1200,
+) -> subprocess.CompletedProcess[str]:
+    """Run a README ``command`` as written (tests.readme_commands), ``extra`` after it."""
+    return run_in(workdir, readme_argv(command, *extra), env, timeout)
+
+
+def run_in(
+    workdir: Path, argv: list[str], env: dict[str, str | None] | None, timeout: int
+) -> subprocess.CompletedProcess[str]:
+    """``argv`` in ``workdir``, offline, the venv first on PATH, ``env`` added (a None
+    value removes that variable); output captured."""
     merged = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
-    env = {name: value for name, value in merged.items() if isinstance(value, str)}
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    clean = {name: value for name, value in merged.items() if isinstance(value, str)}
+    clean["PATH"] = f"{Path(sys.executable).parent}:{clean['PATH']}"
     return subprocess.run(
-        [*(launcher or [SNAKEMAKE]), "--profile", profile, *args],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+        argv, cwd=workdir, env=clean, capture_output=True, text=True, timeout=timeout
     )
 
 

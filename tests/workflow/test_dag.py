@@ -26,6 +26,7 @@ from tests.workflow.conftest import (
     job_outputs,
     load_config,
     run_chromium,
+    run_readme,
     save_config,
     snakemake,
 )
@@ -109,8 +110,18 @@ def contract_files(workdir: Path) -> list[Path]:
     return files
 
 
-def test_full_run_writes_every_file_of_the_data_contract(workdir: Path) -> None:
+@pytest.fixture
+def finished(workdir: Path) -> Path:
+    """The demo run, finished in the module's folder: made by the first test that needs
+    it and a no-op for the others (each restores what it changes), so that every test
+    also passes alone (`pytest tests/workflow/test_dag.py::<test>`)."""
     run = snakemake(workdir, "all")
+    assert run.returncode == 0, run.stderr[-4000:]
+    return workdir
+
+
+def test_full_run_writes_every_file_of_the_data_contract(workdir: Path) -> None:
+    run = run_readme(workdir, "snakemake --profile profiles/local all")
     assert run.returncode == 0, run.stderr[-4000:]
     missing = [str(p.relative_to(workdir)) for p in contract_files(workdir) if not p.exists()]
     assert not missing
@@ -137,6 +148,7 @@ def final_rows(workdir: Path, dataset: str, shards: list[str]) -> dict[str, dict
     return final
 
 
+@pytest.mark.usefixtures("finished")
 def test_llava_export_is_the_phase2_data_with_its_images(workdir: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -168,6 +180,7 @@ def test_llava_export_is_the_phase2_data_with_its_images(workdir: Path) -> None:
     assert tokenizer.decode(trained) == " " + sample["conversations"][1]["value"]
 
 
+@pytest.mark.usefixtures("finished")
 def test_hf_export_loads_with_the_final_rows_and_its_card(workdir: Path) -> None:
     import datasets
 
@@ -197,6 +210,7 @@ def test_hf_export_loads_with_the_final_rows_and_its_card(workdir: Path) -> None
         assert "keep their owners' licences" in card
 
 
+@pytest.mark.usefixtures("finished")
 def test_cerebras_data_params_sit_beside_each_phase_h5_files(workdir: Path) -> None:
     summary = json.loads((workdir / f"results/{TRAIN}/h5/data_params.json").read_text())
     for phase in ("phase1", "phase2"):
@@ -221,6 +235,7 @@ def test_cerebras_data_params_sit_beside_each_phase_h5_files(workdir: Path) -> N
         assert params["processing"]["max_seq_length"] == summary["settings"]["max_seq_len"]
 
 
+@pytest.mark.usefixtures("finished")
 def test_every_long_running_job_logs_a_progress_bar(workdir: Path) -> None:
     """tqdm bars in the job logs, as lines (not carriage returns), ending at 100 %."""
     logs = {
@@ -240,12 +255,14 @@ def test_every_long_running_job_logs_a_progress_bar(workdir: Path) -> None:
         assert bars, f"{stage}: no finished progress bar in {relative}"
 
 
+@pytest.mark.usefixtures("finished")
 def test_second_run_has_nothing_to_do(workdir: Path) -> None:
-    dry = snakemake(workdir, "-n", "all")
+    dry = run_readme(workdir, "snakemake --profile profiles/local -n all")
     assert dry.returncode == 0, dry.stderr[-4000:]
     assert job_counts(dry.stdout + dry.stderr) == {}
 
 
+@pytest.mark.usefixtures("finished")
 def test_any_missing_per_shard_file_is_made_again(workdir: Path) -> None:
     # Snakemake remakes a missing file only for a target or a job that has to run:
     # per-dataset steps reading every shard's files do not bring a deleted one back
@@ -276,6 +293,7 @@ def test_any_missing_per_shard_file_is_made_again(workdir: Path) -> None:
         assert any(relative in line for line in outputs), (relative, outputs)
 
 
+@pytest.mark.usefixtures("finished")
 def test_deleting_one_caption_file_reruns_that_shard_chain_and_the_aggregates(
     workdir: Path,
 ) -> None:
@@ -308,6 +326,7 @@ def edited(path: Path) -> Iterator[None]:
         path.write_bytes(original)
 
 
+@pytest.mark.usefixtures("finished")
 def test_changing_a_caption_setting_reruns_caption_and_downstream_but_not_ingest(
     workdir: Path,
 ) -> None:
@@ -324,6 +343,7 @@ def test_changing_a_caption_setting_reruns_caption_and_downstream_but_not_ingest
     assert counts["train_phase1"] == counts["evaluate"] == 1
 
 
+@pytest.mark.usefixtures("finished")
 def test_changing_a_training_setting_reruns_only_training_and_eval(workdir: Path) -> None:
     with edited(workdir / "config" / "config.yaml"):
         config = load_config(workdir)
@@ -340,6 +360,7 @@ def test_changing_a_training_setting_reruns_only_training_and_eval(workdir: Path
     }
 
 
+@pytest.mark.usefixtures("finished")
 def test_appending_rows_runs_only_the_new_shard_chain(workdir: Path) -> None:
     url_list = workdir / "data" / "train.tsv"
     with edited(url_list):
@@ -356,6 +377,7 @@ def test_appending_rows_runs_only_the_new_shard_chain(workdir: Path) -> None:
     assert ingest.startswith("results/photos/shards/000002.tar")
 
 
+@pytest.mark.usefixtures("finished")
 def test_editing_a_row_reruns_only_its_shard(workdir: Path) -> None:
     url_list = workdir / "data" / "train.tsv"
     with edited(url_list):
@@ -459,7 +481,7 @@ def report_json(page: str, name: str) -> Any:
 def test_report_shows_every_category_with_its_items_and_needs_no_network(
     workdir: Path, chromium: str, tmp_path: Path
 ) -> None:
-    run = snakemake(workdir, "--report", "results/report.html", "all")
+    run = run_readme(workdir, "snakemake --report results/report.html all")
     assert run.returncode == 0, run.stderr[-4000:]
     report = (workdir / "results/report.html").read_text(encoding="utf-8")
 
@@ -530,14 +552,11 @@ def switch_to_json(config: dict[str, Any], phase: str) -> None:
     section["max_new_tokens"] = 120
 
 
+@pytest.mark.usefixtures("finished")
 @pytest.mark.parametrize("phase", ["phase1", "phase2"])
 def test_switching_one_phase_to_json_reruns_that_phase_and_what_depends_on_it(
     workdir: Path, phase: str
 ) -> None:
-    # From a finished text-mode run (a no-op after the module's full run; selected alone,
-    # e.g. with -k json, this test makes it).
-    done = snakemake(workdir, "all")
-    assert done.returncode == 0, done.stderr[-4000:]
     with edited(workdir / "config" / "config.yaml"):
         config = load_config(workdir)
         switch_to_json(config, phase)
@@ -573,6 +592,7 @@ def test_json_mode_runs_end_to_end_and_a_rerun_has_nothing_to_do(workdir: Path) 
     assert job_counts(again.stdout + again.stderr) == {}
 
 
+@pytest.mark.usefixtures("finished")
 def test_slurm_profile_dry_run_needs_no_cluster_and_asks_gpus_for_model_rules(
     workdir: Path,
 ) -> None:
@@ -600,13 +620,11 @@ main()
 """
 
 
+@pytest.mark.usefixtures("finished")
 @pytest.mark.parametrize("stage", ["caption", "h5"])
 def test_a_stage_version_bump_reruns_that_stage_and_what_depends_on_it(
     workdir: Path, stage: str
 ) -> None:
-    # From a finished run (a no-op after the module's full run).
-    done = snakemake(workdir, "all")
-    assert done.returncode == 0, done.stderr[-4000:]
     dry = snakemake(workdir, "-n", "all", launcher=[sys.executable, "-c", BUMPED, stage])
     output = dry.stdout + dry.stderr
     assert dry.returncode == 0, output[-4000:]

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.workflow.conftest import REPO, job_counts, make_workdir, snakemake
+from tests.workflow.conftest import REPO, job_counts, make_workdir, run_readme, snakemake
 from vlmflow.h5_layout import INPUT_IDS, KEY_PADDING_MASK, LOSS_MASK
 from vlmflow.miniatures import install
 
@@ -101,25 +101,21 @@ def hub_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
-README_PRESETS = [("llava15",), ("rovi", "llava15")]
+README_PRESETS = [
+    "snakemake --profile profiles/slurm all --configfile config/presets/llava15.yaml",
+    "snakemake --profile profiles/slurm all --configfile config/presets/rovi.yaml "
+    "config/presets/llava15.yaml",
+]
 
 
-@pytest.mark.parametrize("names", README_PRESETS, ids="+".join)
+@pytest.mark.parametrize("command", README_PRESETS, ids=["llava15", "rovi+llava15"])
 def test_the_readme_preset_commands_plan_on_the_slurm_profile(
-    tmp_path: Path, hub_cache: Path, names: tuple[str, ...]
+    tmp_path: Path, hub_cache: Path, command: str
 ) -> None:
-    """The README's `snakemake --profile profiles/slurm all --configfile ...`, dry-run (no
-    cluster needed): every GPU stage asks for a GPU."""
+    """The README's preset commands as written, dry-run (-n; no cluster needed): every
+    GPU stage asks for a GPU."""
     workdir = make_workdir(tmp_path)
-    run = snakemake(
-        workdir,
-        "-n",
-        "all",
-        "--configfile",
-        *preset_files(names),
-        profile="profiles/slurm",
-        env={"HF_HUB_CACHE": str(hub_cache)},
-    )
+    run = run_readme(workdir, command, "-n", env={"HF_HUB_CACHE": str(hub_cache)})
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     counts = job_counts(run.stdout)
     assert counts["caption"] == 3 and counts["train_phase2"] == 1

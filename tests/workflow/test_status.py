@@ -7,31 +7,27 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
 
-from tests.workflow.conftest import SNAKEMAKE, load_config, make_workdir, save_config, snakemake
+from tests.workflow.conftest import (
+    SNAKEMAKE,
+    load_config,
+    make_workdir,
+    run_readme,
+    save_config,
+    snakemake,
+)
 
 pytestmark = pytest.mark.workflow
 
-VLMFLOW = str(Path(sys.executable).parent / "vlmflow")
-
 
 def vlmflow_status(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    return subprocess.run(
-        [VLMFLOW, "status", *args],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    """The README's `vlmflow status`, with ``args`` after it."""
+    return run_readme(workdir, "vlmflow status", *args, timeout=300)
 
 
 def stage(report: dict[str, Any], dataset: str, name: str) -> dict[str, Any]:

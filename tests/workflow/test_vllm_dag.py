@@ -10,13 +10,21 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.workflow.conftest import REPO, job_counts, load_config, make_workdir, save_config
+from tests.workflow.conftest import (
+    REPO,
+    job_counts,
+    load_config,
+    make_workdir,
+    run_readme,
+    save_config,
+)
 from tests.workflow.conftest import snakemake as run_snakemake
 from vlmflow import caption, engine
 from vlmflow.caption import CaptionSettings
 
 pytestmark = [pytest.mark.workflow, pytest.mark.vllm]
 
+README = "snakemake --profile profiles/local all --configfile config/vllm.yaml"
 OVERLAY = ("--configfile", "config/vllm.yaml")
 # Nothing the user would not have: the engine sizes itself from the job's resources.
 NO_ENGINE_VARIABLES = {"VLLM_CPU_KVCACHE_SPACE": None}
@@ -41,7 +49,7 @@ def vllm_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
             "max_new_tokens": 120,
         }
     save_config(workdir, config)
-    run = run_snakemake(workdir, "all", *OVERLAY, env=NO_ENGINE_VARIABLES, timeout=2400)
+    run = run_readme(workdir, README, env=NO_ENGINE_VARIABLES, timeout=2400)
     return workdir, run.stdout + run.stderr if run.returncode else ""
 
 
