@@ -100,6 +100,16 @@ def summaries() -> list[str]:
     return [f"results/{kind}/ingest_summary.tsv" for kind in KINDS]
 
 
+@pytest.fixture
+def ingested(workdir: Path) -> Path:
+    """Every source kind ingested in the module's folder: made by the first test that
+    needs it, a no-op for the others, so each test also passes alone or on its own
+    pytest-xdist worker."""
+    run = snakemake(workdir, *summaries())
+    assert run.returncode == 0, run.stderr[-3000:]
+    return workdir
+
+
 def test_every_source_kind_ingests_every_row(workdir: Path) -> None:
     run = snakemake(workdir, *summaries())
     assert run.returncode == 0, run.stderr[-3000:]
@@ -117,6 +127,7 @@ def test_every_source_kind_ingests_every_row(workdir: Path) -> None:
     assert stats["source"].startswith("coco:")
 
 
+@pytest.mark.usefixtures("ingested")
 def test_new_images_in_a_folder_run_only_the_new_shard(workdir: Path) -> None:
     folder = workdir / "data" / "folder"
     # Two more images whose names sort after the others: shard 000001 gains rows
