@@ -7,6 +7,10 @@
 #   tests/slurm/cluster.sh stop    stop the daemons this script started, by PID, and put
 #                                  back the machine's own Slurm config
 #
+# VLMFLOW_SLURM_MAX_JOBS=N caps the jobs the controller holds (MaxJobCount: pending,
+# running and finished ones kept for VLMFLOW_SLURM_MIN_JOB_AGE seconds, default 3600), as
+# a cluster that caps jobs does; sbatch past the cap retries for 2 minutes, then fails.
+#
 # Needs root (it writes /etc/slurm, /etc/munge and /dev/fake-gpu*). The config must sit at
 # /etc/slurm/slurm.conf: the executor plugin strips SLURM_* variables inside jobs, so a
 # SLURM_CONF pointing elsewhere would break the inner srun. So start keeps the machine's
@@ -93,7 +97,8 @@ GresTypes=gpu
 ReturnToService=2
 # squeue must still see finished jobs when Snakemake asks (no accounting here), and
 # the tests read every job of a scenario back from scontrol.
-MinJobAge=3600
+MinJobAge=${VLMFLOW_SLURM_MIN_JOB_AGE:-3600}
+${VLMFLOW_SLURM_MAX_JOBS:+MaxJobCount=$VLMFLOW_SLURM_MAX_JOBS}
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=1
