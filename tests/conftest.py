@@ -23,9 +23,13 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def demo_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The tiny demo models (every DEMO_BUILDERS kind), saved with save_pretrained."""
+    return build_demo_models(tmp_path_factory.mktemp("models"))
+
+
+def build_demo_models(root: Path) -> dict[str, str]:
+    """Every DEMO_BUILDERS kind under ``root``, as the demo_model rule builds it."""
     from vlmflow.demo_models import DEMO_BUILDERS
 
-    root = tmp_path_factory.mktemp("models")
     folders = {}
     for kind, build in DEMO_BUILDERS.items():
         folder = root / f"demo-{kind}"

@@ -259,19 +259,9 @@ def record(build_models: Callable[[Path], dict[str, str]]) -> None:
     print(f"recorded {RECORDED}")
 
 
-def demo_model_folders(root: Path) -> dict[str, str]:
-    """The demo models as tests/conftest.py's demo_models fixture builds them."""
-    from tests.conftest import demo_model_settings
-    from vlmflow.demo_models import DEMO_BUILDERS
-
-    folders = {}
-    for kind, build in DEMO_BUILDERS.items():
-        build(root / f"demo-{kind}", 0, **demo_model_settings(kind))
-        folders[kind] = str(root / f"demo-{kind}")
-    return folders
-
-
 if __name__ == "__main__":
     if sys.argv[1:] != ["--record"]:
         raise SystemExit("usage: python -m tests.test_stage_versions --record")
-    record(demo_model_folders)
+    from tests.conftest import build_demo_models
+
+    record(build_demo_models)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from vlmflow.demo_models import tiny_llama_config, train_demo_tokenizer
+from vlmflow.demo_models import DEMO_HEAD_DIM, tiny_llama_config, train_demo_tokenizer
 from vlmflow.io import atomic_dir
 from vlmflow.models import (
     cached_file,
@@ -44,6 +44,13 @@ if TYPE_CHECKING:
     from vlmflow.shards import Sample
 
 ARCHITECTURE = "InternVLChatModel"
+INTERNLM2 = "InternLM2ForCausalLM"
+# config.json's auto_map of the family's checkpoints.
+AUTO_MAP = {
+    "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+    "AutoModel": "modeling_internvl_chat.InternVLChatModel",
+    "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel",
+}
 REMOTE_CODE = Path(__file__).resolve().parent / "remote_code" / "internvl_chat"
 # The configuration classes every miniature of the family ships (InternViT, InternLM2 and
 # the chat model's), then what each kind adds: vlmflow's modeling file (the transformers
@@ -149,7 +156,7 @@ def remote_code_blocker(reference: str, config: dict[str, Any]) -> str | None:
       ``post_init()``: ``from_pretrained`` fails before any weight is read.
     """
     llm = (config.get("llm_config") or {}).get("architectures") or []
-    if "InternLM2ForCausalLM" in llm:
+    if INTERNLM2 in llm:
         return (
             f"models.vlm {reference!r}: transformers 5 cannot run this model's remote code: "
             f"its language model is InternLM2, and batch_chat fails with {INTERNLM2_ERROR} "
@@ -438,11 +445,7 @@ def build_mini_internvl_chat(
         max_dynamic_patch=max_dynamic_patch,
         architectures=[ARCHITECTURE],
     )
-    config.auto_map = {
-        "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
-        "AutoModel": "modeling_internvl_chat.InternVLChatModel",
-        "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel",
-    }
+    config.auto_map = dict(AUTO_MAP)
     model = module.modeling.InternVLChatModel(config)
     generation = GenerationConfig(
         eos_token_id=stop_ids,
@@ -488,7 +491,6 @@ def _remote_modules() -> _RemoteModules:
 # ---------------------------------------------------------------------------
 
 V15_REPO = "OpenGVLab/InternVL-Chat-V1-5"
-INTERNLM2 = "InternLM2ForCausalLM"
 
 
 def v15_config(
@@ -505,7 +507,7 @@ def v15_config(
     tokens per tile, InternLM2 with grouped-query attention and a 32K context, the
     internlm2-chat template and dynamic tiles (12 by default) with a thumbnail, as the
     published config.json."""
-    head_dim = 32  # vLLM's CPU attention takes 32 and more (DEMO_HEAD_DIM)
+    head_dim = DEMO_HEAD_DIM  # vLLM's CPU attention takes 32 and more
     vision = {
         "architectures": ["InternVisionModel"],
         "model_type": "intern_vit_6b",
@@ -546,11 +548,7 @@ def v15_config(
     return {
         "architectures": [ARCHITECTURE],
         "model_type": "internvl_chat",
-        "auto_map": {
-            "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
-            "AutoModel": "modeling_internvl_chat.InternVLChatModel",
-            "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel",
-        },
+        "auto_map": AUTO_MAP,
         "vision_config": vision,
         "llm_config": llm,
         "select_layer": -1,
