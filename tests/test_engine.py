@@ -1,12 +1,14 @@
-"""The vLLM backend's pieces that need no engine (vlmflow.engine): the server's command
-line, the requests' sampling, the model's generation defaults, a dead engine's reason."""
+"""The vLLM backend's pieces that need no engine (vlmflow.engine): the engine's
+arguments, the requests' sampling and window, the model's generation defaults, a dead
+engine's reason."""
 
 from __future__ import annotations
 
+import itertools
 import json
-import threading
-import time
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,46 +17,44 @@ from vlmflow import engine
 PIN = "ab" * 20
 
 
-def test_the_server_command_carries_the_pinned_revision_and_the_engine_settings(
+def test_the_engine_gets_the_pinned_revision_and_the_engine_settings(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     options = engine.EngineSettings(max_model_len=4096, gpu_memory_utilization=0.8)
-    args = engine.server_command(
-        "apptainer exec --nv 'my image.sif' vllm serve",
-        f"org/model@{PIN}",
-        options,
-        "bfloat16",
-        True,
-        7,
-        8123,
+    arguments, engines = engine.engine_arguments(
+        f"org/model@{PIN}", options, "bfloat16", True, 7, gpus=2, extra={"x": 1}
     )
-    assert args[:5] == ["apptainer", "exec", "--nv", "my image.sif", "vllm"]
-    assert args[args.index("--model") + 1] == "org/model"
-    assert args[args.index("--revision") + 1] == PIN
-    assert args[args.index("--tensor-parallel-size") + 1] == "2"  # the job's GPUs
-    assert args[args.index("--max-model-len") + 1] == "4096"
-    assert args[args.index("--gpu-memory-utilization") + 1] == "0.8"
-    assert args[args.index("--seed") + 1] == "7"
-    assert args[args.index("--dtype") + 1] == "bfloat16"
-    assert "--trust-remote-code" in args
-    assert "--no-enable-chunked-prefill" not in args  # GPUs rewind seeded generators
-    assert "--enforce-eager" not in args
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    cpu = engine.server_command(
-        "vllm serve", "/models/x", engine.EngineSettings(), "auto", False, 0, 1
-    )
-    assert "--revision" not in cpu and "--trust-remote-code" not in cpu
-    assert cpu[cpu.index("--tensor-parallel-size") + 1] == "1"
-    assert "--no-enable-chunked-prefill" in cpu and "--enforce-eager" in cpu
+    assert engines == 1
+    assert arguments["model"] == "org/model" and arguments["revision"] == PIN
+    assert arguments["tensor_parallel_size"] == 2  # the job's GPUs, the model's size unknown
+    assert arguments["max_model_len"] == 4096 and arguments["gpu_memory_utilization"] == 0.8
+    assert arguments["seed"] == 7 and arguments["dtype"] == "bfloat16"
+    assert arguments["trust_remote_code"] is True and arguments["x"] == 1
+    assert "enable_chunked_prefill" not in arguments  # GPUs rewind seeded generators
+    assert "enforce_eager" not in arguments
+    cpu, _ = engine.engine_arguments("/models/x", engine.EngineSettings(), "auto", False, 0, gpus=0)
+    assert "revision" not in cpu and cpu["trust_remote_code"] is False
+    assert cpu["tensor_parallel_size"] == 1
+    assert cpu["enable_chunked_prefill"] is False and cpu["enforce_eager"] is True
+
+
+def test_a_missing_engine_python_is_named_with_how_to_build_it(tmp_path: Path) -> None:
+    missing = tmp_path / "no env" / "bin" / "python"
+    with (
+        open(os.devnull, "wb") as sink,
+        pytest.raises(engine.EngineError, match=r"not found; build the engine's environment"),
+    ):
+        engine.start_worker([str(missing), str(engine.WORKER), "{}"], {}, sink, str(missing))
+    assert engine.WORKER.name == "engine_worker.py" and engine.WORKER.is_file()
 
 
 def test_greedy_requests_drop_the_sampling_parameters() -> None:
-    sampled = engine.Sampling(16, True, 0.6, 0.7, (1, 2), {"5": 2.5}).body(seed=3)
+    sampled = engine.Sampling(16, True, 0.6, 0.7, (1, 2), {"5": 2.5}).params(seed=3)
     assert sampled["temperature"] == 0.6 and sampled["top_p"] == 0.7
     assert sampled["seed"] == 3 and sampled["stop_token_ids"] == [1, 2]
-    assert sampled["logit_bias"] == {"5": 2.5} and sampled["return_token_ids"] is True
-    greedy = engine.Sampling(16, False, 0.6, 0.7).body(seed=3)
+    assert sampled["logit_bias"] == {"5": 2.5} and sampled["max_tokens"] == 16
+    greedy = engine.Sampling(16, False, 0.6, 0.7).params(seed=3)
     assert greedy["temperature"] == 0.0 and "top_p" not in greedy
     assert "stop_token_ids" not in greedy and "logit_bias" not in greedy
 
@@ -100,59 +100,82 @@ def test_a_deployment_logs_beside_the_job_and_defaults_to_the_engine_env() -> No
     place = engine.deployment_of({}, "logs/caption/d/000001.log")
     assert place.command == engine.DEFAULT_COMMAND
     assert place.log_path == "logs/caption/d/000001.vllm.log"
-    place = engine.deployment_of({"vllm": {"command": "vllm serve"}}, "x.log")
-    assert place.command == "vllm serve"
+    place = engine.deployment_of({"vllm": {"command": "apptainer exec vllm.sif python3"}}, "x.log")
+    assert place.command == "apptainer exec vllm.sif python3"
+
+
+class FakeEngine:
+    """An engine that finishes requests in its own order: the window's other side."""
+
+    def __init__(self, workers: int = 1) -> None:
+        self.workers = [object()] * workers
+        self.held: dict[int, int] = {}  # request id -> the prompt's first token
+        self.sent: list[int] = []
+        self.most = 0
+        self.ids = itertools.count()
+
+    def submit(self, message: dict[str, Any]) -> int:
+        ident = next(self.ids)
+        self.held[ident] = message["prompt"][0]
+        self.sent.append(message["prompt"][0])
+        self.most = max(self.most, len(self.held))
+        return ident
+
+    def answer(self, timeout_s: float) -> engine.Answer:
+        ident = max(self.held, key=lambda i: (self.held[i] % 5, i))  # out of order
+        index = self.held.pop(ident)
+        return engine.Answer(ident, "prompt too long" if index == 7 else [index, index])
+
+
+def session_on(fake: FakeEngine, retries: int = 2) -> engine.Session:
+    options = engine.EngineSettings(max_num_seqs=3, retries=retries)
+    return engine.Session(fake, options, engine.Sampling(8, False, 1.0, 1.0))  # type: ignore[arg-type]
 
 
 def test_a_window_keeps_its_width_in_flight_and_yields_answers_as_they_arrive() -> None:
-    lock = threading.Lock()
-    state = {"in_flight": 0, "most": 0, "started": 0}
-
-    def one(index: int) -> list[int]:
-        with lock:
-            state["in_flight"] += 1
-            state["started"] += 1
-            state["most"] = max(state["most"], state["in_flight"])
-        time.sleep(0.002 * (index % 5))  # answers arrive out of order
-        with lock:
-            state["in_flight"] -= 1
-        if index == 7:
-            raise engine.RequestError("vLLM answered 400")
-        return [index, index]
-
-    results = dict(engine.in_window(one, list(range(40)), width=6))
+    fake = FakeEngine()
+    answers = engine.stream_completions(session_on(fake), lambda i: [i], lambda i: i, range(40))
+    results = dict(answers)
     assert sorted(results) == list(range(40))
     assert isinstance(results.pop(7), engine.RequestError)  # that sample's failure, not the job's
+    assert fake.sent.count(7) == 3  # sent again twice (engine.retries) before it counts
     assert all(ids == [i, i] for i, ids in results.items())
-    assert state["most"] == 6  # always refilled to the window, never above it
+    # Always refilled to the window (twice the engine's batch: the next requests wait in
+    # the engine), never above it.
+    assert fake.most == session_on(fake).window == 2 * 3
 
-    # Leaving early sends nothing more than what was in flight.
-    state["started"] = 0
-    stream = engine.in_window(one, list(range(1000)), width=4)
+    # Leaving early sends nothing more than what was in flight; the next stream drops the
+    # answers still owed to the first.
+    fake.sent.clear()
+    stream = engine.stream_completions(session_on(fake), lambda i: [i], lambda i: i, range(1000))
     next(stream)
     stream.close()
-    time.sleep(0.05)
-    assert state["started"] <= 5
+    assert len(fake.sent) == 6 + 1
+    later = dict(
+        engine.stream_completions(session_on(fake), lambda i: [i], lambda i: i, [100, 101])
+    )
+    assert later == {100: [100, 100], 101: [101, 101]}
 
 
-def test_the_window_is_the_servers_max_num_seqs(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_window_is_each_engines_max_num_seqs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    args = engine.server_command("vllm serve", "m", engine.EngineSettings(), "auto", False, 0, 1)
-    assert args[args.index("--max-num-seqs") + 1] == str(engine.CPU_WINDOW)
+    arguments, _ = engine.engine_arguments("m", engine.EngineSettings(), "auto", False, 0, 0)
+    assert arguments["max_num_seqs"] == engine.CPU_WINDOW
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     assert engine.window_of(engine.EngineSettings()) == engine.GPU_WINDOW
     assert engine.window_of(engine.EngineSettings(max_num_seqs=32)) == 32
+    assert session_on(FakeEngine(workers=4)).window == 4 * 2 * 3  # one window per engine
 
 
 def test_a_cpu_job_sizes_the_engines_kv_cache_from_its_own_memory(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
-    assert engine.server_environment(16000, gpus=0)["VLLM_CPU_KVCACHE_SPACE"] == "7"
-    assert engine.server_environment(None, gpus=0)["VLLM_CPU_KVCACHE_SPACE"] == "1"
-    assert "VLLM_CPU_KVCACHE_SPACE" not in engine.server_environment(16000, gpus=1)
+    assert engine.engine_environment(16000, gpus=0)["VLLM_CPU_KVCACHE_SPACE"] == "7"
+    assert engine.engine_environment(None, gpus=0)["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert "VLLM_CPU_KVCACHE_SPACE" not in engine.engine_environment(16000, gpus=1)
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")  # the user's own choice stands
-    assert engine.server_environment(16000, gpus=0)["VLLM_CPU_KVCACHE_SPACE"] == "3"
+    assert engine.engine_environment(16000, gpus=0)["VLLM_CPU_KVCACHE_SPACE"] == "3"
     place = engine.deployment_of({}, "logs/caption/d/000000.log", memory_mb=16000)
     assert place.memory_mb == 16000
 
@@ -167,3 +190,12 @@ def test_a_model_that_fits_one_gpu_runs_data_parallel_over_the_jobs_gpus() -> No
     assert engine.parallel_sizes(auto, 4, None, 80 * gib) == (4, 1)  # size unknown: all
     assert engine.parallel_sizes(engine.EngineSettings(tensor_parallel_size=2), 8, 1, 1) == (2, 4)
     assert engine.parallel_sizes(auto, 0, 16 * gib, None) == (1, 1)
+
+
+def test_data_parallel_engines_split_the_jobs_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert engine.device_groups(4, 2) == ["4,5", "6,7"]
+    assert engine.device_groups(4, 4) == ["4", "5", "6", "7"]
+    assert engine.device_groups(4, 1) == [None]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert engine.device_groups(2, 2) == ["0", "1"]

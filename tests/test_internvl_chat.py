@@ -273,11 +273,10 @@ def test_v15_miniature_has_the_published_layout(tmp_path: Path) -> None:
     assert internvl_chat.turn_end_ids(reference, tokenizer) == [
         tokenizer.convert_tokens_to_ids("<|im_end|>")
     ]
-    assert internvl_chat.vllm_server_args(None) == []
-    assert internvl_chat.vllm_server_args(40) == [
-        "--mm-processor-kwargs",
-        '{"max_dynamic_patch": 40}',
-    ]
+    assert internvl_chat.vllm_engine_options(None) == {}
+    assert internvl_chat.vllm_engine_options(40) == {
+        "mm_processor_kwargs": {"max_dynamic_patch": 40}
+    }
     # On the hf backend it is refused with transformers 5's error; on vllm it is routed.
     with pytest.raises(ValueError, match="InternLM2ForCausalLM' object has no attribute"):
         caption.vlm_route(reference, trust_remote_code=True)

@@ -36,7 +36,6 @@ pytestmark = pytest.mark.vllm
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = os.environ.get("VLMFLOW_VLLM_PYTHON", str(REPO / ".venv-vllm" / "bin" / "python"))
-COMMAND = f"{PYTHON} -m vllm.entrypoints.openai.api_server"
 PIN = "5e" * 20
 LLAVA = f"llava-hf/llava-1.5-7b-hf@{PIN}"
 QWEN = f"Qwen/Qwen2-VL-7B-Instruct@{PIN}"
@@ -86,7 +85,7 @@ def llm(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def deployment(tmp_path: Path) -> engine.Deployment:
-    return engine.Deployment(command=COMMAND, log_path=str(tmp_path / "vllm.log"))
+    return engine.Deployment(command=PYTHON, log_path=str(tmp_path / "vllm.log"))
 
 
 @pytest.fixture
@@ -262,7 +261,7 @@ def test_an_engine_that_cannot_start_fails_the_job_with_its_last_error_line(
     with pytest.raises(engine.EngineError, match=r"exited with code \d+: .*999999"):
         caption.run(shard, tmp_path / "o.parquet", settings, "000000", deployment(tmp_path))
     assert not (tmp_path / "o.parquet").exists()
-    missing = engine.Deployment(command="/nowhere/vllm serve", log_path=str(tmp_path / "x.log"))
+    missing = engine.Deployment(command="/nowhere/python", log_path=str(tmp_path / "x.log"))
     with pytest.raises(engine.EngineError, match="make setup-vllm"):
         caption.run(shard, tmp_path / "o.parquet", settings, "000000", missing)
 
@@ -294,7 +293,7 @@ def test_a_shard_stopped_mid_way_resumes_to_the_same_rows(tmp_path: Path) -> Non
         settings=options,
         shard=str(shard),
         out=str(out),
-        command=COMMAND,
+        command=PYTHON,
         log=str(tmp_path / "k.log"),
     )
     job = subprocess.Popen([sys.executable, "-c", script], env=os.environ.copy())
@@ -304,15 +303,15 @@ def test_a_shard_stopped_mid_way_resumes_to_the_same_rows(tmp_path: Path) -> Non
         assert job.poll() is None, "the job ended before its first batches"
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    job.send_signal(signal.SIGTERM)  # as Slurm stops a job: progress kept, server stopped
+    job.send_signal(signal.SIGTERM)  # as Slurm stops a job: progress kept, engine stopped
     assert job.wait(timeout=120) != 0
     assert not out.exists()
     done_before = progress.read_text().count("\n") - 1  # the header line
     caption.run(shard, out, CaptionSettings(**options), "000000", deployment(tmp_path))
     assert captions(out) == captions(whole)
     assert 1 <= done_before < 40
-    # No server outlives its job.
-    left = subprocess.run(["pgrep", "-f", "vllm.entrypoints"], capture_output=True, text=True)
+    # No engine outlives its job.
+    left = subprocess.run(["pgrep", "-f", "engine_worker.py"], capture_output=True, text=True)
     assert left.stdout.strip() == ""
 
 
@@ -343,7 +342,7 @@ def test_internvl_chat_v15_runs_on_vllm_with_the_seeds_tiling(
             vllm,
             deployment(tmp_path),
             stack,
-            extra=internvl_chat.vllm_server_args(max_tiles),
+            extra=internvl_chat.vllm_engine_options(max_tiles),
         )
         images = [Image.new("RGB", size, (40, 120, 200)) for size in V15_IMAGES]
         tiles = [len(internvl_chat.dynamic_tiles(image, 448, budget)) for image in images]
@@ -359,6 +358,8 @@ def prompt_tokens(session: engine.Session, image: Image.Image) -> int:
     image.save(buffer, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
     content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Hi"}]
-    body = session.sampling.body(0) | {"messages": [{"role": "user", "content": content}]}
-    answer = session.server.post("/v1/chat/completions", body, 600)
-    return int(answer["usage"]["prompt_tokens"])
+    message = {"messages": [{"role": "user", "content": content}]}
+    ident = session.engine.submit(message | {"sampling": session.sampling.params(0)})
+    answer = session.engine.answer(600)
+    assert answer.ident == ident and not isinstance(answer.result, str), answer
+    return answer.prompt_tokens

@@ -346,7 +346,7 @@ def _generator(
     stack: ExitStack,
     deployment: engine.Deployment | None,
 ) -> Generator:
-    """The answer function of ``settings.backend`` for ``prompts`` (a vLLM server is
+    """The answer function of ``settings.backend`` for ``prompts`` (the vLLM engine is
     started on ``stack``), the prompts' lengths and the context. ``seed`` is (config
     seed, phase, shard id)."""
     shape = settings.list_shape(seed[1])
@@ -398,8 +398,8 @@ def _vllm_generator(
     deployment: engine.Deployment | None,
     shape: constrained.ListShape | None,
 ) -> Generator:
-    """Requests to a vLLM server: the HF path's chat-formatted token ids, one seed per key
-    (constrained to ``shape`` by vLLM's structured outputs)."""
+    """Requests to the vLLM engine: the HF path's chat-formatted token ids, one seed per
+    key (constrained to ``shape`` by vLLM's structured outputs)."""
     if meta_llama.is_meta_checkpoint(settings.model):
         raise ValueError(
             f"{settings.model} is a Meta-format checkpoint, which the vllm backend cannot "
@@ -409,10 +409,11 @@ def _vllm_generator(
         )
     from transformers import AutoConfig
 
-    tokenizer = load_tokenizer(settings)
-    rows = chat_ids(tokenizer, prompts)
+    # The engine loads while the prompts are made.
     session = engine.open_session(settings, deployment, stack, shape)
     options = session.options
+    tokenizer = load_tokenizer(settings)
+    rows = chat_ids(tokenizer, prompts)
 
     def seed_of(index: int) -> int:
         return stable_seed(*seed, keys[index])
@@ -426,7 +427,7 @@ def _vllm_generator(
     )
     own = int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
     context = min(options.max_model_len or own, settings.max_seq_len or own, own)
-    engine_name = f"vllm {session.server.version}"
+    engine_name = f"vllm {session.engine.version}"
     lengths = [len(r) for r in rows]
     return Generator(
         None,

@@ -353,7 +353,7 @@ def _vllm_captioner(
     stack: ExitStack,
     deployment: engine.Deployment | None,
 ) -> Captioner:
-    """Chat requests with the image and the prompt to a vLLM server, one seed per key.
+    """Chat requests with the image and the prompt to the vLLM engine, one seed per key.
 
     The InternVL chat family (InternVL-Chat-V1.5, ...) runs on vLLM's own implementation:
     vLLM tiles each image from the model's config.json (``caption.max_tiles`` becomes its
@@ -375,10 +375,10 @@ def _vllm_captioner(
     tokenizer = AutoTokenizer.from_pretrained(
         **pretrained(settings.model, trust_remote_code=settings.trust_remote_code)
     )
-    extra: list[str] = []
+    extra: dict[str, Any] = {}
     stop_ids: list[int] = []
     if family:
-        extra = internvl_chat.vllm_server_args(settings.max_tiles)
+        extra = internvl_chat.vllm_engine_options(settings.max_tiles)
         stop_ids = internvl_chat.turn_end_ids(settings.model, tokenizer)
     session = engine.open_session(settings, deployment, stack, extra=extra, stop_ids=stop_ids)
 
@@ -394,7 +394,7 @@ def _vllm_captioner(
         )
         return engine.decoded(answers, tokenizer)
 
-    return Captioner(None, f"vllm {session.server.version}", captions, session.window)
+    return Captioner(None, f"vllm {session.engine.version}", captions, session.window)
 
 
 # Data-URL media types of the shard members' image formats.

@@ -9,7 +9,7 @@ least one item; phase 2 may answer ``[]`` (nothing new to add).
 Both backends constrain with xgrammar, compiled the same way, so their greedy answers
 agree: the ``hf`` backend through ``JsonListProcessor``, a transformers logits processor
 over one xgrammar matcher per row; the ``vllm`` backend through the request's
-``structured_outputs`` and the server's ``--structured-outputs-config`` (benchmarks/
+``structured_outputs`` and the engine's ``structured_outputs_config`` (benchmarks/
 generation.py measures the cost against free text; benchmarks/README.md has the figure
 and why xgrammar). The answer is still parsed by vlmflow.attribute_text.parse_list, which
 reads a JSON array first; an array cut off by max_new_tokens is counted as ``truncated``.
@@ -63,14 +63,13 @@ def phase_shape(phase: str, max_items: int, max_item_chars: int) -> ListShape:
     return ListShape(1 if phase == "phase1" else 0, max_items, max_item_chars)
 
 
-def server_args() -> list[str]:
-    """vLLM server options that make its structured outputs those of ``hf_processor``."""
-    options = {"backend": LIBRARY, "disable_any_whitespace": True}
-    return ["--structured-outputs-config", json.dumps(options)]
+def engine_options() -> dict[str, Any]:
+    """vLLM engine arguments that make its structured outputs those of ``hf_processor``."""
+    return {"structured_outputs_config": {"backend": LIBRARY, "disable_any_whitespace": True}}
 
 
 def request_fields(shape: ListShape) -> dict[str, Any]:
-    """What a vLLM completion request carries to be constrained to ``shape``."""
+    """What a vLLM request's sampling carries to be constrained to ``shape``."""
     return {"structured_outputs": {"json": shape.schema()}}
 
 

@@ -1,17 +1,19 @@
-"""The vLLM backend: an OpenAI-compatible vLLM server started inside the job.
+"""The vLLM backend: vLLM's engine, started inside the job, in its own environment.
 
 vLLM pins its own torch and transformers, so it lives in an environment of its own (a
 venv from ``make setup-vllm``, a conda env or a container image). The job runs in the
-project's environment, starts the server from ``vllm.command`` (a command line, e.g.
-``.venv-vllm/bin/python -m vllm.entrypoints.openai.api_server`` or ``apptainer exec --nv
-vllm.sif vllm serve``), waits for it, sends every request of a batch at once (the engine
-batches them continuously and caches shared prompt prefixes) and stops it at the end.
+project's environment and starts ``vlmflow/engine_worker.py`` under that environment's
+Python (``vllm.command``: a command line, e.g. ``.venv-vllm/bin/python`` or ``apptainer
+exec --nv vllm.sif python3``): vLLM's ``LLM`` in a process of its own (one per
+data-parallel group of the job's GPUs), fed through pipes. The job keeps a window of
+requests in flight, refilled as answers finish; the engine batches whatever it holds
+(continuous batching, shared prompt prefixes cached) and stops at the end of the job.
 
 What makes the rows those of the HF backend: prompts go as token ids made by the same
-tokenizer and chat template (images through the same chat template on the server), every
+tokenizer and chat template (images through the same chat template in the engine), every
 request carries its own seed (from the config's seed, the stage, the shard and the key),
-the model's stop ids and single-token sequence biases (generation_config.json) are sent
-with each request, and the answer's token ids are decoded here as the HF path decodes.
+the model's stop ids and single-token sequence biases (generation_config.json) go with
+each request, and the answer's token ids are decoded here as the HF path decodes.
 """
 
 from __future__ import annotations
@@ -21,31 +23,28 @@ import itertools
 import json
 import logging
 import os
+import queue
 import re
 import shlex
 import signal
-import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, NamedTuple, TypeVar
 
-import requests
-
-from vlmflow.constrained import ListShape, request_fields, server_args
+from vlmflow.constrained import ListShape, engine_options, request_fields
 from vlmflow.models import GenerationSettings, cached_file, split_revision
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 BACKENDS = ("hf", "vllm")
-# The engine in the environment `make setup-vllm` builds.
-DEFAULT_COMMAND = ".venv-vllm/bin/python -m vllm.entrypoints.openai.api_server"
-SERVED_NAME = "model"
+# The Python of the engine's environment, as `make setup-vllm` builds it.
+DEFAULT_COMMAND = ".venv-vllm/bin/python"
 
 
 class EngineError(Exception):
@@ -72,7 +71,7 @@ class Deployment:
 def deployment_of(
     config: dict[str, Any], job_log: str | Path, memory_mb: int | None = None
 ) -> Deployment:
-    """A rule's deployment: the config's ``vllm.command``, the server's log beside the
+    """A rule's deployment: the config's ``vllm.command``, the engine's log beside the
     job's (``X.log`` -> ``X.vllm.log``), the job's memory (its ``mem_mb`` resource)."""
     command = config.get("vllm", {}).get("command", DEFAULT_COMMAND)
     log_path = str(Path(job_log).with_suffix(".vllm.log"))
@@ -85,20 +84,24 @@ def deployment_of(
 CPU_KV_CACHE_SHARE = 0.5
 
 
-def server_environment(memory_mb: int | None, gpus: int) -> dict[str, str]:
-    """The server's environment: the job's, plus on a CPU a KV cache sized from the job's
-    memory (half of it, at least 1 GiB; 1 GiB when the job's memory is not known), unless
-    the job's environment sets VLLM_CPU_KVCACHE_SPACE itself."""
+def engine_environment(memory_mb: int | None, gpus: int) -> dict[str, str]:
+    """The engine's environment: the job's, plus on a CPU a KV cache sized from the job's
+    memory (half of it, at least 1 GiB; 1 GiB when the job's memory is not known) and the
+    engine core in the engine's own process; what the job's environment sets stands."""
     env = dict(os.environ)
-    if gpus == 0 and "VLLM_CPU_KVCACHE_SPACE" not in env:
+    if gpus == 0:
         gib = max(1, int((memory_mb or 0) * CPU_KV_CACHE_SHARE / 1024))
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(gib)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(gib))
+        # A GPU engine schedules in one process while the GPU computes in another; on a
+        # CPU both would share the same cores, and the hand-over costs more than it
+        # gains (benchmarks/README.md: start-up in half the time, a third more answers/s).
+        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     return env
 
 
 @dataclass(frozen=True)
 class EngineSettings:
-    """How the vLLM server is started (``caption.engine``, ``attributes.phaseN.engine``)."""
+    """How the vLLM engine is started (``caption.engine``, ``attributes.phaseN.engine``)."""
 
     # None: the fewest of the job's GPUs that hold the model, the others serving more copies
     # of it (data parallel); 1 without a GPU (vlmflow.engine.parallel_sizes).
@@ -107,7 +110,7 @@ class EngineSettings:
     max_model_len: int | None = None
     gpu_memory_utilization: float = 0.9
     # vLLM's --quantization (e.g. fp8: a 16-bit checkpoint's weights in half the memory,
-    # quantized as the server loads them); None: the checkpoint's own precision.
+    # quantized as the engine loads them); None: the checkpoint's own precision.
     quantization: str | None = None
     # Requests in flight at once, refilled as answers arrive (vLLM batches them; its
     # --max-num-seqs); None: GPU_WINDOW with a GPU, CPU_WINDOW without.
@@ -131,23 +134,22 @@ class Sampling:
     # What constrains the answer (vlmflow.constrained.request_fields); empty: nothing.
     constraint: dict[str, Any] = field(default_factory=dict)
 
-    def body(self, seed: int) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "model": SERVED_NAME,
+    def params(self, seed: int) -> dict[str, Any]:
+        """vLLM's SamplingParams fields of one request."""
+        fields: dict[str, Any] = {
             "max_tokens": self.max_tokens,
             "seed": seed,
-            "return_token_ids": True,
             "skip_special_tokens": True,
         }
         if self.do_sample:
-            body |= {"temperature": self.temperature, "top_p": self.top_p}
+            fields |= {"temperature": self.temperature, "top_p": self.top_p}
         else:
-            body |= {"temperature": 0.0}
+            fields |= {"temperature": 0.0}
         if self.stop_token_ids:
-            body["stop_token_ids"] = list(self.stop_token_ids)
+            fields["stop_token_ids"] = list(self.stop_token_ids)
         if self.logit_bias:
-            body["logit_bias"] = self.logit_bias
-        return body | self.constraint
+            fields["logit_bias"] = self.logit_bias
+        return fields | self.constraint
 
 
 def generation_defaults(reference: str) -> tuple[tuple[int, ...], dict[str, float]]:
@@ -242,79 +244,69 @@ def gpu_bytes() -> int | None:
     return None
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+# The engine's own Python runs engine_worker.py (which imports only the standard library
+# and vLLM); the job talks to it through pipes (see there).
+WORKER = Path(__file__).with_name("engine_worker.py")
 
 
-def server_command(
-    command: str,
+def engine_arguments(
     model: str,
     engine: EngineSettings,
     dtype: str,
     trust_remote_code: bool,
     seed: int,
-    port: int,
-    extra: Sequence[str] = (),
-) -> list[str]:
-    """The server's command line: ``command`` (split as a shell would, never run by one),
-    the model and engine settings and ``extra`` options."""
+    gpus: int,
+    extra: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], int]:
+    """vLLM's ``LLM`` keyword arguments for one engine of a job with ``gpus`` GPUs, and
+    how many engines share the job's GPUs (data parallel; vlmflow.engine.parallel_sizes).
+    ``extra``: further engine arguments (a model family's, json mode's)."""
     name, revision = split_revision(model)
-    args = [*shlex.split(command), "--model", name]
-    if revision is not None:
-        args += ["--revision", revision]
-    gpus = visible_gpus()
     weights = weight_bytes(model)
     if weights is not None and engine.quantization in BYTES_PER_WEIGHT:
         weights = weights * BYTES_PER_WEIGHT[engine.quantization] // 2  # of 16-bit weights
     tensor_parallel, data_parallel = parallel_sizes(engine, gpus, weights, gpu_bytes())
-    args += [
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--served-model-name",
-        SERVED_NAME,
-        "--seed",
-        str(seed),
-        "--dtype",
-        dtype,
-        "--tensor-parallel-size",
-        str(tensor_parallel),
-        "--gpu-memory-utilization",
-        str(engine.gpu_memory_utilization),
-        # No line per request and no periodic stats in the server's log: on a 2-core CPU
-        # these cost the engine a fifth of its rate (benchmarks/README.md); the job's log
-        # has its own progress, and errors still reach the server's log.
-        "--disable-uvicorn-access-log",
-        "--disable-log-stats",
-    ]
+    arguments: dict[str, Any] = {
+        "model": name,
+        "seed": seed,
+        "dtype": dtype,
+        "tensor_parallel_size": tensor_parallel,
+        "gpu_memory_utilization": engine.gpu_memory_utilization,
+        "max_num_seqs": window_of(engine),
+        "trust_remote_code": trust_remote_code,
+    }
+    if revision is not None:
+        arguments["revision"] = revision
     if engine.quantization is not None:
-        args += ["--quantization", engine.quantization]
+        arguments["quantization"] = engine.quantization
     if engine.max_model_len is not None:
-        args += ["--max-model-len", str(engine.max_model_len)]
+        arguments["max_model_len"] = engine.max_model_len
     if gpus == 0:
         # vLLM rewinds a seeded request's random generator when a chunked prefill discards
         # its sampled token; CPU generators cannot rewind ("CPU Generator does not use
         # offset"), so on a CPU every prompt is prefilled whole. Eager mode: compiling
-        # costs a CPU job more than it saves (benchmarks/engines.py: start-up 25 s instead
-        # of 41 s, the first 256 answers in 1.1 s instead of 3.7 s).
-        args += ["--no-enable-chunked-prefill", "--enforce-eager"]
-    args += ["--max-num-seqs", str(window_of(engine))]
-    if data_parallel > 1:
-        args += ["--data-parallel-size", str(data_parallel)]
-    if trust_remote_code:
-        args.append("--trust-remote-code")
-    return [*args, *extra]
+        # costs a CPU job more than it saves (benchmarks/README.md).
+        arguments |= {"enable_chunked_prefill": False, "enforce_eager": True}
+    return arguments | (extra or {}), data_parallel
+
+
+def device_groups(gpus: int, engines: int) -> list[str | None]:
+    """Each engine's CUDA_VISIBLE_DEVICES: the job's visible GPUs in ``engines`` equal
+    groups; None (the job's own) for a single engine."""
+    if engines <= 1:
+        return [None]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = [d.strip() for d in visible.split(",")] if visible else [str(n) for n in range(gpus)]
+    size = len(devices) // engines
+    return [",".join(devices[n * size : (n + 1) * size]) for n in range(engines)]
 
 
 # A Python exception's line ("RuntimeError: ...", "pydantic ... ValidationError: ..."),
 # then other error lines ("Value error, ...", "error: ..."; not "value_error" in a URL).
 EXCEPTION_LINE = re.compile(r"[A-Za-z](?:Error|Exception): ")
 ERROR_LINE = re.compile(r"\b(?:[Ee]rror|[Ee]xception)\b|[a-z](?:Error|Exception)\b")
-# Lines that name an error without being one (HTTP access logs, warnings about limits).
-NOT_ERRORS = re.compile(r'"(?:GET|POST) /| WARNING ')
+# Lines that name an error without being one (warnings about limits).
+NOT_ERRORS = re.compile(r" WARNING ")
 
 
 def last_line(path: Path) -> str:
@@ -343,70 +335,154 @@ def _after_prefix(line: str) -> str:
     return re.sub(r"^\(\w+ pid=\d+\)\s+\w+\s+[\d-]+ [\d:]+ \[[^\]]+\]\s*", "", line)
 
 
-class Server:
-    """A running vLLM server (see ``serve``)."""
+# A worker's end of input: it died (its reader thread's last message).
+GONE = None
+
+
+class Worker:
+    """One engine process (engine_worker.py) and the thread that passes its answers on."""
 
     def __init__(
-        self, process: subprocess.Popen[bytes], url: str, log_path: Path, connections: int = 10
+        self, process: subprocess.Popen[str], number: int, inbox: queue.Queue[Any]
     ) -> None:
         self.process = process
-        self.url = url
-        self.log_path = log_path
-        self.version = ""
-        self.http = requests.Session()
-        # One kept-alive connection per request in flight.
-        adapter = requests.adapters.HTTPAdapter(pool_maxsize=connections)
-        self.http.mount("http://", adapter)
+        self.number = number
+        self.in_flight = 0
+        threading.Thread(target=self._read, args=(inbox,), daemon=True).start()
 
-    def check_alive(self) -> None:
-        code = self.process.poll()
-        if code is not None:
-            raise EngineError(
-                f"the vLLM server exited with code {code}: {last_line(self.log_path)} "
-                f"(log: {self.log_path})"
-            )
+    def _read(self, inbox: queue.Queue[Any]) -> None:
+        assert self.process.stdout is not None
+        try:
+            for line in self.process.stdout:
+                inbox.put((self, json.loads(line)))
+        finally:
+            inbox.put((self, GONE))
 
-    def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self.check_alive()
-            try:
-                if self.http.get(f"{self.url}/health", timeout=5).status_code == 200:
-                    self.version = self.http.get(f"{self.url}/version", timeout=5).json()["version"]
+    def send(self, message: dict[str, Any]) -> bool:
+        """Write one request; False if the engine no longer reads."""
+        assert self.process.stdin is not None
+        try:
+            self.process.stdin.write(json.dumps(message) + "\n")
+            self.process.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            return False
+        self.in_flight += 1
+        return True
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        """Stop the engine's whole process group (its engine core and workers too): a
+        SIGTERM, then after ``grace_s`` a SIGKILL (the job has every answer by then, and
+        vLLM's own orderly shutdown takes seconds), and wait until every process in it
+        has exited, so that nothing of it competes with what the job does next."""
+        for signal_now, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 30.0)):
+            with suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal_now)
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                self.process.poll()  # the leader reaped: it leaves the group
+                if not group_alive(self.process.pid):
                     return
-            except requests.RequestException:
-                pass
-            time.sleep(1.0)
-        raise EngineError(
-            f"the vLLM server did not answer within {timeout_s:.0f} s: "
-            f"{last_line(self.log_path)} (log: {self.log_path})"
+                time.sleep(0.02)
+
+
+def group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class Answer(NamedTuple):
+    """A finished request: its answer's token ids, or the engine's reason to refuse it."""
+
+    ident: int
+    result: list[int] | str
+    prompt_tokens: int = 0
+
+
+class Engine:
+    """A job's running engines (one, or one per data-parallel group of its GPUs): requests
+    go to the one with the fewest in flight, answers come back from all as they finish.
+    The engines load while the job prepares its requests: the first request (or
+    ``version``) waits until they are ready."""
+
+    def __init__(self, inbox: queue.Queue[Any], log_path: Path, startup_timeout_s: float) -> None:
+        self.workers: list[Worker] = []
+        self.inbox = inbox
+        self.log_path = log_path
+        self.startup_timeout_s = startup_timeout_s
+        self.started = time.monotonic()
+        self.ready_version: str | None = None
+        self.requests = itertools.count()
+
+    def dead(self, worker: Worker) -> EngineError:
+        code = worker.process.wait()
+        return EngineError(
+            f"the vLLM engine exited with code {code}: {last_line(self.log_path)} "
+            f"(log: {self.log_path})"
         )
 
-    def post(self, path: str, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-        """One request; an HTTP error or a dead server raises."""
+    @property
+    def version(self) -> str:
+        """The engine's vLLM version, once it is ready."""
+        if self.ready_version is None:
+            self.wait_ready()
+        assert self.ready_version is not None
+        return self.ready_version
+
+    def wait_ready(self) -> None:
+        """Wait until every engine is built (within ``startup_timeout_s`` of its start)."""
+        deadline = self.started + self.startup_timeout_s
+        waiting = set(self.workers)
+        while waiting:
+            try:
+                worker, message = self.inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise EngineError(
+                    f"the vLLM engine was not ready within {self.startup_timeout_s:.0f} s: "
+                    f"{last_line(self.log_path)} (log: {self.log_path})"
+                ) from None
+            if message is GONE:
+                raise self.dead(worker)
+            self.ready_version = str(message["ready"])
+            waiting.discard(worker)
+        log.info("vLLM %s ready after %.1f s", self.ready_version, time.monotonic() - self.started)
+
+    def submit(self, message: dict[str, Any]) -> int:
+        """Send one request (``message`` without its id); its id."""
+        if self.ready_version is None:
+            self.wait_ready()
+        ident = next(self.requests)
+        worker = min(self.workers, key=lambda w: w.in_flight)
+        if not worker.send(message | {"id": ident}):
+            raise self.dead(worker)
+        return ident
+
+    def answer(self, timeout_s: float) -> Answer:
+        """The next finished request. A dead or silent engine raises EngineError."""
         try:
-            response = self.http.post(f"{self.url}{path}", json=body, timeout=timeout_s)
-        except requests.RequestException as error:
-            self.check_alive()
-            raise RequestError(f"request to the vLLM server failed: {error}") from None
-        if response.status_code != 200:
-            raise RequestError(f"vLLM answered {response.status_code}: {response.text[:500]}")
-        result: dict[str, Any] = response.json()
-        return result
+            worker, message = self.inbox.get(timeout=timeout_s)
+        except queue.Empty:
+            raise EngineError(
+                f"the vLLM engine finished no request in {timeout_s:.0f} s "
+                f"(engine.request_timeout_s; log: {self.log_path})"
+            ) from None
+        if message is GONE:
+            raise self.dead(worker)
+        worker.in_flight -= 1
+        if "error" in message:
+            return Answer(int(message["id"]), str(message["error"]))
+        ids = [int(i) for i in message["token_ids"]]
+        return Answer(int(message["id"]), ids, int(message["prompt_tokens"]))
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        self.http.close()
+        for worker in self.workers:
+            worker.stop()
 
 
 @contextmanager
-def serve(
+def running(
     command: str,
     model: str,
     engine: EngineSettings,
@@ -415,69 +491,78 @@ def serve(
     trust_remote_code: bool,
     seed: int,
     log_path: str | Path,
-    extra: Sequence[str] = (),
+    extra: dict[str, Any] | None = None,
     memory_mb: int | None = None,
-) -> Iterator[Server]:
-    """Start a vLLM server for ``model``, wait until it answers, stop it on exit (its
-    whole process group, also when the job is stopped by SIGTERM)."""
-    port = free_port()
-    args = server_command(command, model, engine, dtype, trust_remote_code, seed, port, extra)
+) -> Iterator[Engine]:
+    """Start the vLLM engine(s) for ``model`` under ``command`` (the engine environment's
+    Python) and stop them on exit (each one's whole process group, also when the job is
+    stopped by SIGTERM); they load while the job goes on (``Engine``)."""
+    gpus = visible_gpus()
+    arguments, engines = engine_arguments(
+        model, engine, dtype, trust_remote_code, seed, gpus, extra
+    )
+    args = [*shlex.split(command), str(WORKER), json.dumps(arguments)]
     log_file = Path(log_path)
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    env = server_environment(memory_mb, visible_gpus())
+    env = engine_environment(memory_mb, gpus)
     log.info(
-        "starting the vLLM server: %s (log: %s; CPU KV cache: %s GiB)",
+        "starting %d vLLM engine(s): %s (log: %s; CPU KV cache: %s GiB)",
+        engines,
         shlex.join(args),
         log_file,
         env.get("VLLM_CPU_KVCACHE_SPACE", "-"),
     )
-    handle: IO[bytes] = open(log_file, "ab")  # noqa: SIM115 - closed below
+    running_engine = Engine(queue.Queue(), log_file, engine.startup_timeout_s)
+    with ExitStack() as stack:
+        handle = stack.enter_context(open(log_file, "ab"))
+        stack.callback(running_engine.stop)
+        for number, devices in enumerate(device_groups(gpus, engines)):
+            own = env if devices is None else env | {"CUDA_VISIBLE_DEVICES": devices}
+            process = start_worker(args, own, handle, command)
+            running_engine.workers.append(Worker(process, number, running_engine.inbox))
+        yield running_engine
+
+
+def start_worker(
+    args: list[str], env: dict[str, str], log_handle: IO[bytes], command: str
+) -> subprocess.Popen[str]:
     try:
-        process = subprocess.Popen(
+        return subprocess.Popen(
             args,
             env=env,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log_handle,
+            text=True,
+            encoding="utf-8",
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
     except FileNotFoundError:
-        handle.close()
         raise EngineError(
             f"vllm.command {command!r}: {args[0]} not found; build the engine's environment "
-            "with `make setup-vllm`, or point vllm.command at your vLLM installation"
+            "with `make setup-vllm`, or point vllm.command at your vLLM installation's Python"
         ) from None
-    server = Server(process, f"http://127.0.0.1:{port}", log_file, window_of(engine))
-    try:
-        started = time.monotonic()
-        server.wait_ready(engine.startup_timeout_s)
-        log.info("vLLM %s ready after %.1f s", server.version, time.monotonic() - started)
-        yield server
-    finally:
-        server.stop()
-        handle.close()
+
+
+# The job keeps this many batches of requests in each engine: when some of its batch
+# finish, the engine's scheduler has the next ones waiting (as in LLM.generate's queue)
+# instead of running a smaller batch until the job's next requests arrive.
+QUEUED = 2
 
 
 @dataclass(frozen=True)
 class Session:
-    """A stage's running server, its engine settings and its requests' sampling."""
+    """A stage's running engine, its engine settings and its requests' sampling."""
 
-    server: Server
+    engine: Engine
     options: EngineSettings
     sampling: Sampling
 
     @property
     def window(self) -> int:
-        return window_of(self.options)
-
-    def request(self, path: str, body: dict[str, Any]) -> list[int]:
-        """One request's answer token ids, retried (``with_retries``)."""
-        timeout = self.options.request_timeout_s
-        return with_retries(
-            lambda: _token_ids(self.server.post(path, body, timeout)),
-            self.server,
-            self.options.retries,
-        )
+        """Requests in flight: QUEUED times each engine's max_num_seqs."""
+        return QUEUED * window_of(self.options) * len(self.engine.workers)
 
 
 def open_session(
@@ -486,16 +571,17 @@ def open_session(
     stack: ExitStack,
     shape: ListShape | None = None,
     *,
-    extra: Sequence[str] = (),
+    extra: dict[str, Any] | None = None,
     stop_ids: Sequence[int] = (),
 ) -> Session:
-    """Start the server for a stage's ``settings`` on ``stack`` (stopped when it closes);
+    """Start the engine for a stage's ``settings`` on ``stack`` (stopped when it closes;
+    it loads while the stage prepares its requests);
     with ``shape``, every answer is constrained to that JSON list (vlmflow.constrained).
-    ``extra``: further server options; ``stop_ids``: stops besides the model's own."""
+    ``extra``: further engine arguments; ``stop_ids``: stops besides the model's own."""
     options = EngineSettings(**settings.engine)
     place = deployment or Deployment()
-    server = stack.enter_context(
-        serve(
+    running_engine = stack.enter_context(
+        running(
             place.command,
             settings.model,
             options,
@@ -503,7 +589,7 @@ def open_session(
             trust_remote_code=settings.trust_remote_code,
             seed=settings.seed,
             log_path=place.log_path,
-            extra=[*(server_args() if shape is not None else ()), *extra],
+            extra=(engine_options() if shape is not None else {}) | (extra or {}),
             memory_mb=place.memory_mb,
         )
     )
@@ -518,11 +604,11 @@ def open_session(
         bias,
         request_fields(shape) if shape is not None else {},
     )
-    return Session(server, options, sampling)
+    return Session(running_engine, options, sampling)
 
 
 def _die_with_parent() -> None:
-    """In the server's process: be stopped when the job's process dies, even by SIGKILL
+    """In the engine's process: be stopped when the job's process dies, even by SIGKILL
     (Linux; elsewhere the job's own cleanup and Slurm's do it)."""
     try:
         import ctypes
@@ -534,46 +620,36 @@ def _die_with_parent() -> None:
         pass
 
 
-def with_retries(call: Callable[[], T], server: Server, retries: int) -> T:
-    """``call`` again after a failure (a dead server is never retried)."""
-    for attempt in range(retries + 1):
-        try:
-            return call()
-        except RequestError:
-            server.check_alive()
-            if attempt == retries:
-                raise
-            time.sleep(min(2.0**attempt, 10.0))
-    raise AssertionError("unreachable")
-
-
 def in_window(
-    one: Callable[[int], list[int]], indices: Sequence[int], width: int
+    session: Session, message_of: Callable[[int], dict[str, Any]], indices: Sequence[int]
 ) -> Iterator[tuple[int, list[int] | RequestError]]:
-    """``(index, one(index))`` for every index as its answer arrives, with up to ``width``
-    requests in flight, each finished one replaced by the next at once (the engine
-    batches whatever is in flight, continuously). A request that still fails after its
-    retries comes back as its RequestError; an EngineError (the server died) ends the
-    stream. Leaving the stream early cancels the requests not yet sent."""
-    queue = iter(indices)
-    pending: dict[Future[list[int]], int] = {}
-    pool = ThreadPoolExecutor(max_workers=max(1, width))
-    try:
-        for index in itertools.islice(queue, width):
-            pending[pool.submit(one, index)] = index
-        while pending:
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                index = pending.pop(future)
-                following = next(queue, None)
-                if following is not None:
-                    pending[pool.submit(one, following)] = following
-                try:
-                    yield index, future.result()
-                except RequestError as error:
-                    yield index, error
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+    """``(index, answer token ids)`` for every index as its answer arrives, with up to the
+    session's window of requests in flight, each finished one replaced by the next at
+    once (the engine batches whatever it holds, continuously). A request the engine
+    refuses is sent again up to ``engine.retries`` times, then comes back as a
+    RequestError (its sample's failure); an EngineError (the engine died) ends the
+    stream. Answers to a stream left early are dropped by the next one."""
+    queue_of = iter(indices)
+    pending: dict[int, int] = {}  # request id -> index
+    tries: dict[int, int] = {}
+    for index in itertools.islice(queue_of, session.window):
+        pending[session.engine.submit(message_of(index))] = index
+    while pending:
+        ident, answer, _ = session.engine.answer(session.options.request_timeout_s)
+        if ident not in pending:
+            continue  # a request of a stream left early
+        index = pending.pop(ident)
+        if isinstance(answer, str) and tries.get(index, 0) < session.options.retries:
+            tries[index] = tries.get(index, 0) + 1
+            pending[session.engine.submit(message_of(index))] = index
+            continue
+        following = next(queue_of, None)
+        if following is not None:
+            pending[session.engine.submit(message_of(following))] = following
+        if isinstance(answer, str):
+            yield index, RequestError(f"the vLLM engine refused the request: {answer}")
+        else:
+            yield index, answer
 
 
 def stream_completions(
@@ -584,11 +660,13 @@ def stream_completions(
 ) -> Iterator[tuple[int, list[int] | RequestError]]:
     """The answer token ids of each prompt (token ids), as they arrive (``in_window``)."""
 
-    def one(index: int) -> list[int]:
-        body = session.sampling.body(seed_of(index)) | {"prompt": list(prompt_of(index))}
-        return session.request("/v1/completions", body)
+    def message(index: int) -> dict[str, Any]:
+        return {
+            "prompt": list(prompt_of(index)),
+            "sampling": session.sampling.params(seed_of(index)),
+        }
 
-    return in_window(one, indices, session.window)
+    return in_window(session, message, indices)
 
 
 def stream_chat_with_images(
@@ -599,22 +677,22 @@ def stream_chat_with_images(
     indices: Sequence[int],
 ) -> Iterator[tuple[int, list[int] | RequestError]]:
     """The answer token ids for each image ((bytes, format)) under one user turn of the
-    image then ``prompt``, rendered by the model's chat template on the server, as they
+    image then ``prompt``, rendered by the model's chat template in the engine, as they
     arrive (``in_window``)."""
 
-    def one(index: int) -> list[int]:
+    def message(index: int) -> dict[str, Any]:
         data, image_format = image_of(index)
         url = f"data:image/{image_format};base64,{base64.b64encode(data).decode('ascii')}"
         content = [
             {"type": "image_url", "image_url": {"url": url}},
             {"type": "text", "text": prompt},
         ]
-        body = session.sampling.body(seed_of(index)) | {
-            "messages": [{"role": "user", "content": content}]
+        return {
+            "messages": [{"role": "user", "content": content}],
+            "sampling": session.sampling.params(seed_of(index)),
         }
-        return session.request("/v1/chat/completions", body)
 
-    return in_window(one, indices, session.window)
+    return in_window(session, message, indices)
 
 
 def decoded(
@@ -627,11 +705,3 @@ def decoded(
             yield index, ids
         else:
             yield index, str(tokenizer.decode(ids, skip_special_tokens=True)).strip()
-
-
-def _token_ids(answer: dict[str, Any]) -> list[int]:
-    choice = answer["choices"][0]
-    ids = choice.get("token_ids")
-    if ids is None:
-        raise RequestError("the vLLM server returned no token_ids (vLLM >= 0.10 is needed)")
-    return [int(i) for i in ids]

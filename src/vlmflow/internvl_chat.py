@@ -191,14 +191,14 @@ def turn_end_ids(reference: str, tokenizer: Any) -> list[int]:
     return [int(tokenizer.convert_tokens_to_ids(token))]
 
 
-def vllm_server_args(max_tiles: int | None) -> list[str]:
-    """vLLM server options for the family: ``caption.max_tiles`` as the processor's
+def vllm_engine_options(max_tiles: int | None) -> dict[str, Any]:
+    """vLLM engine arguments for the family: ``caption.max_tiles`` as the processor's
     ``max_dynamic_patch`` (None: the model's own, from its config.json)."""
     if max_tiles is None:
-        return []
+        return {}
     if max_tiles < 1:
         raise ValueError(f"caption.max_tiles must be at least 1, got {max_tiles}")
-    return ["--mm-processor-kwargs", json.dumps({"max_dynamic_patch": max_tiles})]
+    return {"mm_processor_kwargs": {"max_dynamic_patch": max_tiles}}
 
 
 # ---------------------------------------------------------------------------

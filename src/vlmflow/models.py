@@ -71,7 +71,7 @@ class GenerationSettings:
     # "auto" spreads a model too big for one GPU over all visible ones (accelerate);
     # None puts it whole on the one device.
     device_map: str | None = None
-    # "hf" (transformers' generate in the job) or "vllm" (a vLLM server in the job, see
+    # "hf" (transformers' generate in the job) or "vllm" (vLLM's engine in the job, see
     # vlmflow.engine) with its ``engine`` settings (vlmflow.engine.EngineSettings).
     backend: str = "hf"
     engine: dict[str, Any] = field(default_factory=dict)

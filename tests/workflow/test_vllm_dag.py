@@ -91,9 +91,7 @@ def test_vllm_serves_the_model_the_dag_trained(vllm_run: tuple[Path, str], tmp_p
         backend="vllm",
     )
     python = REPO / ".venv-vllm" / "bin" / "python"
-    place = engine.Deployment(
-        f"{python} -m vllm.entrypoints.openai.api_server", str(tmp_path / "vllm.log"), 2000
-    )
+    place = engine.Deployment(str(python), str(tmp_path / "vllm.log"), 2000)
     out = tmp_path / "captions.parquet"
     shard = workdir / "results" / "photos_eval" / "shards" / "000000.tar"
     counts = caption.run(shard, out, settings, "000000", place)
