@@ -7,19 +7,20 @@ miniatures of LLaVA-1.5 (llava-hf) and Llama-3-8B-Instruct (vlmflow.miniatures: 
 shapes and conventions, widths and depths shrunk; vLLM's CPU attention needs their head
 dimension of 32); the attribute stage's Llama is built without the miniature's list bias,
 so that its greedy answers are text; it also runs in json mode (vlmflow.constrained:
-answers constrained to a JSON list, xgrammar on both backends). Start-up (loading the HF
-model, or starting the vLLM server until it answers) and the server's shutdown at the end
-are timed inside each run and taken out of the steady state, as the offline floor's are.
-The vLLM backend keeps a window of requests in flight (vlmflow.engine.in_window); the
+answers constrained to a JSON list, xgrammar on both backends). Start-up and shutdown are
+timed inside each run and taken out of the steady state: loading the HF model; for vLLM,
+from the engine's start until it is ready (the job makes its prompts meanwhile) and its
+stop at the end, as the offline floor's start-up is.
+The vLLM backend keeps a window of requests in its engine (vlmflow.engine.in_window); the
 floor it is measured against is the same phase-1 prompts (the same token ids) through
 vLLM's offline ``LLM.generate`` in the engine's environment (benchmarks/vllm_offline.py),
-with the same engine settings.
+with the same engine settings and environment.
 Prints items/s, output tokens/s, start-up and shutdown seconds per stage and backend (and
-offline),
-how many outputs are equal, each backend's json/text ratio of the attribute stage's
-tokens/s, ``ratio server/offline: X.XX`` (the attribute stage's tokens/s through the
-server against the offline floor) and last ``ratio vllm/hf: X.XX`` (output tokens/s in
-steady state, caption and free-text attribute stages together).
+offline), how many outputs are equal, each backend's json/text ratio of the attribute
+stage's tokens/s, ``ratio server/offline: X.XX`` (the attribute stage's tokens/s on the
+vllm backend, the job's own work included, against the offline floor) and last ``ratio
+vllm/hf: X.XX`` (output tokens/s in steady state, caption and free-text attribute stages
+together).
 
     .venv/bin/python benchmarks/engines.py [--items 64] [--new-tokens 32]
     .venv/bin/python benchmarks/engines.py --gpu   # an 8B-shaped random Llama, bf16

@@ -290,6 +290,22 @@ def test_the_vllm_backend_with_a_meta_checkpoint_is_refused(
         checks.check_llm_backend(config, demo_models["metallama"])
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ".venv-vllm/bin/python -m vllm.entrypoints.openai.api_server",
+        ".vllm-conda/bin/vllm serve",
+        "apptainer exec --nv vllm.sif vllm serve",
+    ],
+)
+def test_a_vllm_command_that_starts_a_server_is_refused_with_what_to_give(command: str) -> None:
+    with pytest.raises(ConfigError, match=r"config.vllm.command: .* the Python of the engine"):
+        checks.check_vllm_command({"vllm": {"command": command}})
+    for python in (".venv-vllm/bin/python", "apptainer exec --nv vllm.sif python3"):
+        checks.check_vllm_command({"vllm": {"command": python}})
+    checks.check_vllm_command({})
+
+
 def test_the_ingest_section_is_checked_at_dag_build_and_earlier_names_warn() -> None:
     assert check_ingest({"resize_mode": "keep_ratio", "image_size": 512}) == []
     [note] = check_ingest({"resize_mode": "keep_ratio", "max_side": 256})

@@ -232,6 +232,23 @@ def check_answer_formats(attributes: dict[str, Any]) -> list[str]:
     return warnings
 
 
+# A vllm.command that starts vLLM's OpenAI server (what it named before vlmflow ran the
+# engine itself): its CLI or its module.
+SERVER_COMMAND = re.compile(r"(?:^|\s)(?:-m\s+vllm\b|\S*vllm\s+serve\b)")
+
+
+def check_vllm_command(config: dict[str, Any]) -> None:
+    """``vllm.command`` is the engine environment's Python, not a server's command line."""
+    command = config.get("vllm", {}).get("command", "")
+    if SERVER_COMMAND.search(command):
+        raise ConfigError(
+            f"config.vllm.command: {command!r} starts a vLLM server; vllm.command is the "
+            "Python of the engine's environment, which runs vlmflow's engine script "
+            "(e.g. .venv-vllm/bin/python, .vllm-conda/bin/python or apptainer exec --nv "
+            "vllm.sif python3)"
+        )
+
+
 def check_config(config: dict[str, Any], demo_kinds: tuple[str, ...]) -> list[str]:
     """The config's values that the schema cannot check, relative to the working
     directory: datasets named by role exist, files exist, the ingest section, model
@@ -256,6 +273,7 @@ def check_config(config: dict[str, Any], demo_kinds: tuple[str, ...]) -> list[st
             section = section[part]
         if not Path(section["prompt"]).is_file():
             raise ConfigError(f"config.{key}.prompt: file {section['prompt']!r} does not exist")
+    check_vllm_command(config)
     warnings = check_ingest(config["ingest"]) + check_answer_formats(config["attributes"])
     for key, reference in config["models"].items():
         if key != "trust_remote_code":

@@ -112,12 +112,15 @@ class EngineSettings:
     # vLLM's --quantization (e.g. fp8: a 16-bit checkpoint's weights in half the memory,
     # quantized as the engine loads them); None: the checkpoint's own precision.
     quantization: str | None = None
-    # Requests in flight at once, refilled as answers arrive (vLLM batches them; its
-    # --max-num-seqs); None: GPU_WINDOW with a GPU, CPU_WINDOW without.
+    # Sequences the engine batches at once (vLLM's max_num_seqs; the job keeps QUEUED
+    # times as many requests in it, refilled as answers arrive); None: GPU_WINDOW with a
+    # GPU, CPU_WINDOW without.
     max_num_seqs: int | None = None
-    # How often a failed request is sent again before it counts as a failed sample.
+    # How often a request the engine refuses is sent again before it counts as a failed
+    # sample.
     retries: int = 2
     startup_timeout_s: float = 1800.0
+    # An engine that finishes no request for this long fails the job (EngineError).
     request_timeout_s: float = 600.0
 
 
@@ -172,7 +175,7 @@ def generation_defaults(reference: str) -> tuple[tuple[int, ...], dict[str, floa
     return stops, bias
 
 
-# Requests in flight without engine.max_num_seqs: vLLM's own default on a GPU; on a CPU,
+# The engine's batch without engine.max_num_seqs: vLLM's own default on a GPU; on a CPU,
 # what benchmarks/engines.py measured best.
 GPU_WINDOW = 256
 CPU_WINDOW = 64
