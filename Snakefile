@@ -1,13 +1,13 @@
 from snakemake.utils import min_version
-from vlmflow.planning import check_scripts_once_per_rule, relax_garbage_collector
+from vlmflow.core.planning import check_scripts_once_per_rule, relax_garbage_collector
 
 min_version("9.0")
 
 # A 10,000-shard DAG is millions of Python objects: fewer full garbage collections
-# while it is built and none over it at exit (vlmflow.planning says why).
+# while it is built and none over it at exit (vlmflow.core.planning says why).
 relax_garbage_collector()
 # Snakemake reads a rule's script once for every job to check it exists; once per rule
-# is enough when its path has no wildcards (vlmflow.planning).
+# is enough when its path has no wildcards (vlmflow.core.planning).
 check_scripts_once_per_rule()
 
 

@@ -1,17 +1,17 @@
 """HF backend vs vLLM backend on the caption and attribute stages' own code.
 
-Runs vlmflow.caption.run and vlmflow.attributes.run_phase1 as the workflow's jobs run
+Runs vlmflow.stages.caption.run and vlmflow.stages.attributes.run_phase1 as the workflow's jobs run
 them, once per backend, on the same inputs: a shard of drawn images and the phase-1
 prompts of its captions, greedy, the same maximum of new tokens. The models are the
-miniatures of LLaVA-1.5 (llava-hf) and Llama-3-8B-Instruct (vlmflow.miniatures: real
+miniatures of LLaVA-1.5 (llava-hf) and Llama-3-8B-Instruct (vlmflow.demo.miniatures: real
 shapes and conventions, widths and depths shrunk; vLLM's CPU attention needs their head
 dimension of 32); the attribute stage's Llama is built without the miniature's list bias,
-so that its greedy answers are text; it also runs in json mode (vlmflow.constrained:
+so that its greedy answers are text; it also runs in json mode (vlmflow.core.constrained:
 answers constrained to a JSON list, xgrammar on both backends). Start-up and shutdown are
 timed inside each run and taken out of the steady state: loading the HF model; for vLLM,
 from the engine's start until it is ready (the job makes its prompts meanwhile) and its
 stop at the end, as the offline floor's start-up is.
-The vLLM backend keeps a window of requests in its engine (vlmflow.engine.in_window); the
+The vLLM backend keeps a window of requests in its engine (vlmflow.core.engine.in_window); the
 floor it is measured against is the same phase-1 prompts (the same token ids) through
 vLLM's offline ``LLM.generate`` in the engine's environment (benchmarks/vllm_offline.py),
 with the same engine settings and environment.
@@ -44,12 +44,14 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from vlmflow import attributes, caption, engine, miniatures
-from vlmflow.attribute_text import clean_vlm_caption, phase1_prompt
-from vlmflow.caption import CAPTION_SCHEMA, CaptionSettings
-from vlmflow.io import write_rows_parquet
-from vlmflow.prompts import read_prompt
-from vlmflow.shapes import samples, write_shard
+from vlmflow.core import engine
+from vlmflow.core.attribute_text import clean_vlm_caption, phase1_prompt
+from vlmflow.core.io import write_rows_parquet
+from vlmflow.core.prompts import read_prompt
+from vlmflow.demo import miniatures
+from vlmflow.demo.shapes import samples, write_shard
+from vlmflow.stages import attributes, caption
+from vlmflow.stages.caption import CAPTION_SCHEMA, CaptionSettings
 
 REPO = Path(__file__).resolve().parent.parent
 PIN = "be" * 20
@@ -82,14 +84,14 @@ class Measure:
 
 
 def make_shard(path: Path, count: int) -> None:
-    """``count`` drawn shapes of 256 px (vlmflow.shapes), as an ingest shard."""
+    """``count`` drawn shapes of 256 px (vlmflow.demo.shapes), as an ingest shard."""
     write_shard(path, samples(count, seed=0, size=256))
 
 
 def token_count(model: str, texts: list[str]) -> int:
     from transformers import AutoTokenizer
 
-    from vlmflow.models import pretrained
+    from vlmflow.core.models import pretrained
 
     tokenizer = AutoTokenizer.from_pretrained(**pretrained(model))
     return sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts)
@@ -217,7 +219,7 @@ def offline_floor(settings: attributes.LLMSettings, work: Path, items: int, pyth
         "max_tokens": settings.max_new_tokens,
         "stop_token_ids": list(stops),
         "logit_bias": bias,
-        # As the server runs on a CPU (vlmflow.engine.server_command).
+        # As the server runs on a CPU (vlmflow.core.engine.server_command).
         "chunked_prefill": engine.visible_gpus() > 0,
         "enforce_eager": engine.visible_gpus() == 0,
     }

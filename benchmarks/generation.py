@@ -1,14 +1,14 @@
 """Batched vs one-at-a-time generation in the caption and attribute stages.
 
-Runs the stages' own batch functions (vlmflow.caption.caption_batch and
-vlmflow.attributes.answer_batch, left padding, prompts sorted by length as the stage
+Runs the stages' own batch functions (vlmflow.stages.caption.caption_batch and
+vlmflow.stages.attributes.answer_batch, left padding, prompts sorted by length as the stage
 sorts them) on the tiny demo models (or the models given), once with batch size 1 (the
 sequential baseline: one generate call per image or prompt, as a per-item loop does) and
 once with the batch size asked for, greedy, the same inputs; the attribute stage also as
 it runs (batched, every batch starting from the cache of the prompts' shared head, which
 the stage computes once per shard; the script checks that this changes no answer).
 Prints images or prompts per second and output tokens per second; then the attribute
-stage in json mode (vlmflow.constrained: every answer constrained to a JSON list by
+stage in json mode (vlmflow.core.constrained: every answer constrained to a JSON list by
 xgrammar) against free text on the same captions, both as the stage runs them and sampled
 as the demo config samples: items/s, answer tokens/s, and decoded positions/s (every row's
 decoding steps: the constraint's cost per token, whatever the answers' lengths), with the
@@ -34,9 +34,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from vlmflow import constrained
-from vlmflow.attribute_text import phase1_prompt
-from vlmflow.attributes import (
+from vlmflow.core import constrained
+from vlmflow.core.attribute_text import phase1_prompt
+from vlmflow.core.shards import iter_samples
+from vlmflow.demo.demo_models import build_demo_llm, build_demo_vlm
+from vlmflow.stages.attributes import (
     LLMSettings,
     answer_batch,
     chat_ids,
@@ -44,9 +46,7 @@ from vlmflow.attributes import (
     load_llm,
     shared_prefix,
 )
-from vlmflow.caption import CaptionSettings, caption_batch, load_vlm
-from vlmflow.demo_models import build_demo_llm, build_demo_vlm
-from vlmflow.shards import iter_samples
+from vlmflow.stages.caption import CaptionSettings, caption_batch, load_vlm
 
 WORDS = ["red", "car", "tree", "dog", "cat", "sofa", "field", "river", "bench", "sky", "boat"]
 
@@ -325,7 +325,7 @@ def stage_batches(
 
 
 def xgrammar_constraint(tokenizer: Any, lm: Any, settings: LLMSettings) -> Any:
-    """The stage's own constraint (vlmflow.constrained: xgrammar, batched matchers)."""
+    """The stage's own constraint (vlmflow.core.constrained: xgrammar, batched matchers)."""
     shape = settings.list_shape("phase1")
     assert shape is not None
     return constrained.hf_constraint(tokenizer, lm, shape)

@@ -155,8 +155,8 @@ warnings.simplefilter("ignore", DeprecationWarning)  # jsonschema.__version__
 
 for name in ["snakemake", "webdataset", "torchdata", "simplejpeg", "jsonschema", "yaml",
              "tqdm", "h5py", "pandas", "pyarrow", "PIL", "matplotlib", "peft", "requests",
-             "vlmflow.ingest", "vlmflow.caption", "vlmflow.attributes", "vlmflow.h5",
-             "vlmflow.train", "vlmflow.evaluate", "vlmflow.report", "vlmflow.plots"]:
+             "vlmflow.stages.ingest", "vlmflow.stages.caption", "vlmflow.stages.attributes", "vlmflow.stages.h5",
+             "vlmflow.stages.train", "vlmflow.stages.evaluate", "vlmflow.reporting.report", "vlmflow.reporting.plots"]:
     module = importlib.import_module(name)
     print(f"{name}: {getattr(module, '__version__', '')} {getattr(module, '__file__', '')}")
 print("python", sys.version.split()[0], sys.executable)
@@ -320,7 +320,7 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-from vlmflow.models import GenerationSettings
+from vlmflow.core.models import GenerationSettings
 
 want = "cuda" if sys.argv[1] == "1" else "cpu"
 for folder, auto in [("results/models/demo-vlm", AutoModelForImageTextToText),

@@ -1,9 +1,9 @@
 """Can the H5 training loader feed the training step?
 
-Builds a shard of drawn shapes (vlmflow.shapes, JPEG, ``--image-size`` px), packs it with
-the h5 stage (vlmflow.h5.run_shard, phase-2 layout) and measures, in one run:
+Builds a shard of drawn shapes (vlmflow.demo.shapes, JPEG, ``--image-size`` px), packs it with
+the h5 stage (vlmflow.stages.h5.run_shard, phase-2 layout) and measures, in one run:
 
-- the training loader: vlmflow.train.H5Examples through torchdata's StatefulDataLoader as
+- the training loader: vlmflow.stages.train.H5Examples through torchdata's StatefulDataLoader as
   the train stage builds it (rows read from the HDF5 file, image decoded and transformed
   by the vision tower's image processor), samples/s;
 - the same samples read from the WebDataset shard instead (decode, transform, tokenise
@@ -30,8 +30,9 @@ import torch
 import webdataset as wds
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from vlmflow import h5, shapes, train
-from vlmflow.demo_models import build_demo_language_model, build_demo_vision_tower
+from vlmflow.demo import shapes
+from vlmflow.demo.demo_models import build_demo_language_model, build_demo_vision_tower
+from vlmflow.stages import h5, train
 
 
 def timed(make_iterable: Any, count_of: Any, repeats: int) -> float:

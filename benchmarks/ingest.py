@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 
 from PIL import Image
 
-from vlmflow.ingest import (
+from vlmflow.stages.ingest import (
     IngestSettings,
     count_rows,
     ingest_source_shard,

@@ -4,8 +4,8 @@ from pathlib import Path
 from snakemake.logging import logger
 from snakemake.utils import validate
 
-from vlmflow.ingest import IngestError, source_from_config
-from vlmflow.contract import (
+from vlmflow.stages.ingest import IngestError, source_from_config
+from vlmflow.core.contract import (
     DUPLICATES,
     H5_FILES,
     INDEXES,
@@ -16,17 +16,17 @@ from vlmflow.contract import (
 )
 from vlmflow.checks import DEMO_MODEL, PACKAGED_ENCODER, ConfigError, check_models
 from vlmflow.checks import check_config as check_config_values
-from vlmflow.constrained import JSON_KEYS
-from vlmflow.demo_models import DEMO_BUILDERS, DEMO_OPTIONS, DEMO_VERSION
-from vlmflow.models import resolved_revision
-from vlmflow.stage_versions import versioned
+from vlmflow.core.constrained import JSON_KEYS
+from vlmflow.demo.demo_models import DEMO_BUILDERS, DEMO_OPTIONS, DEMO_VERSION
+from vlmflow.core.models import resolved_revision
+from vlmflow.core.stage_versions import versioned
 
 validate(config, schema="../workflow/schemas/config.schema.yaml")
 
 
 wildcard_constraints:
     dataset=r"[A-Za-z0-9_-]+",
-    # NNNNNN, or TAG_NNNNNN for a URL list in parts (vlmflow.ingest.parts).
+    # NNNNNN, or TAG_NNNNNN for a URL list in parts (vlmflow.stages.ingest.parts).
     shard=r"(?:[A-Za-z0-9-]+_)?\d{6}",
     kind="|".join(DEMO_BUILDERS),
     phase="phase1|phase2",
@@ -58,7 +58,7 @@ def get_source(dataset):
     """The dataset's source (URL list, image folder, COCO, HF dataset or tars), made once.
 
     Only the main process may read a URL list part to write its manifest; a job reads
-    its own shard's line (vlmflow.ingest.parts), so its start-up does not grow with the list.
+    its own shard's line (vlmflow.stages.ingest.parts), so its start-up does not grow with the list.
     """
     if dataset not in _SOURCES:
         try:
@@ -134,7 +134,7 @@ def model_path(key):
     model, or an edited pin, changes the params of exactly the rules that load it."""
     reference = config["models"][key]
     if key == "similarity_encoder" and reference == PACKAGED_ENCODER:
-        from vlmflow.models import packaged_minilm_path
+        from vlmflow.core.models import packaged_minilm_path
 
         return packaged_minilm_path()
     revision = resolved_revision(reference)
@@ -189,7 +189,7 @@ def get_phase2_settings(wildcards):
 
 def shard_index(dataset, index):
     """The index file listing a per-shard job's outputs for every shard of a dataset
-    (vlmflow.contract.INDEXES); per-dataset steps read their shards' files through it.
+    (vlmflow.core.contract.INDEXES); per-dataset steps read their shards' files through it.
     """
     return SHARD_INDEX.format(dataset=dataset, index=index)
 

@@ -1,4 +1,4 @@
-# Exports users train from (vlmflow.export, docs/data.md "Exports"): one job per dataset
+# Exports users train from (vlmflow.stages.export, docs/data.md "Exports"): one job per dataset
 # and export, reading the per-shard outputs the stages already wrote.
 rule export_llava:
     input:

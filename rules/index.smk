@@ -1,5 +1,5 @@
 # One index per dataset and per-shard job, listing that job's outputs for every shard;
-# the per-dataset steps read their shards' files through these (vlmflow.contract says why).
+# the per-dataset steps read their shards' files through these (vlmflow.core.contract says why).
 localrules:
     shard_index,
 

@@ -28,7 +28,7 @@ def demo_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 def build_demo_models(root: Path) -> dict[str, str]:
     """Every DEMO_BUILDERS kind under ``root``, as the demo_model rule builds it."""
-    from vlmflow.demo_models import DEMO_BUILDERS
+    from vlmflow.demo.demo_models import DEMO_BUILDERS
 
     folders = {}
     for kind, build in DEMO_BUILDERS.items():
@@ -41,7 +41,7 @@ def build_demo_models(root: Path) -> dict[str, str]:
 def demo_model_settings(kind: str) -> dict[str, Any]:
     """The schema's demo_models defaults a builder takes, as the demo_model rule passes
     them (the workflow and the tests build the same models)."""
-    from vlmflow.demo_models import DEMO_OPTIONS
+    from vlmflow.demo.demo_models import DEMO_OPTIONS
 
     schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
     options = schema["properties"]["demo_models"]["properties"]

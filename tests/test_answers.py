@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from vlmflow.attribute_text import parse_list
+from vlmflow.core.attribute_text import parse_list
 
 FENCE = "```"
 # (shape, answer, expected items or a failure reason)

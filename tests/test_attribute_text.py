@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vlmflow.attribute_text import (
+from vlmflow.core.attribute_text import (
     MergedAttribute,
     ParseResult,
     clean_vlm_caption,

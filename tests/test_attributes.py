@@ -13,13 +13,13 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from vlmflow import attributes
-from vlmflow.attribute_text import clean_vlm_caption, phase1_prompt
-from vlmflow.attributes import PHASE1_SCHEMA, PHASE2_SCHEMA, LLMSettings
-from vlmflow.caption import CAPTION_SCHEMA
-from vlmflow.io import write_rows_parquet
-from vlmflow.progress import Interrupted, progress_path
-from vlmflow.prompts import prompt_id
+from vlmflow.core.attribute_text import clean_vlm_caption, phase1_prompt
+from vlmflow.core.io import write_rows_parquet
+from vlmflow.core.progress import Interrupted, progress_path
+from vlmflow.core.prompts import prompt_id
+from vlmflow.stages import attributes
+from vlmflow.stages.attributes import PHASE1_SCHEMA, PHASE2_SCHEMA, LLMSettings
+from vlmflow.stages.caption import CAPTION_SCHEMA
 
 PROMPTS = Path(__file__).resolve().parents[1] / "config" / "prompts"
 PHASE1_TEMPLATE = (PROMPTS / "attributes_phase1.txt").read_text(encoding="utf-8")

@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from vlmflow import caption
-from vlmflow.caption import CAPTION_SCHEMA, CaptionSettings
-from vlmflow.progress import Interrupted, ProgressFile, progress_path
-from vlmflow.prompts import prompt_id
-from vlmflow.shards import Sample, iter_samples
+from vlmflow.core.progress import Interrupted, ProgressFile, progress_path
+from vlmflow.core.prompts import prompt_id
+from vlmflow.core.shards import Sample, iter_samples
+from vlmflow.stages import caption
+from vlmflow.stages.caption import CAPTION_SCHEMA, CaptionSettings
 
 PROMPT = "Describe this image in two plain sentences."
 KEYS = [f"k{n:03d}" for n in range(5)]
@@ -93,7 +93,7 @@ def test_failed_run_leaves_no_output(
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(caption, "caption_batch", lambda p, m, samples, s: ["x"] * len(samples))
-    monkeypatch.setattr("vlmflow.io.pq.write_table", broken_write)
+    monkeypatch.setattr("vlmflow.core.io.pq.write_table", broken_write)
     with pytest.raises(RuntimeError, match="disk full"):
         caption.run(shard_tar, folder / "000000.parquet", settings, "000000")
     # No half-written output; only the progress side file, which the rerun resumes from.

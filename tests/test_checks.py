@@ -1,5 +1,5 @@
 """Config checks that look at the models (vlmflow.checks), pinned revisions and the
-miniatures' hub-cache layout (vlmflow.miniatures)."""
+miniatures' hub-cache layout (vlmflow.demo.miniatures)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ from typing import Any
 import pytest
 import yaml
 
-from vlmflow import checks, miniatures
+from vlmflow import checks
 from vlmflow.checks import ConfigError, check_ingest
-from vlmflow.internvl_chat import INTERNLM2_ERROR
-from vlmflow.models import (
+from vlmflow.core.models import (
     cached_file,
     in_hub_cache,
     is_hub_id,
@@ -24,6 +23,8 @@ from vlmflow.models import (
     resolved_revision,
     split_revision,
 )
+from vlmflow.demo import miniatures
+from vlmflow.families.internvl_chat import INTERNLM2_ERROR
 
 REPO = Path(__file__).resolve().parent.parent
 PIN = "ab" * 20

@@ -11,11 +11,13 @@ import jsonschema
 import pyarrow.parquet as pq
 import pytest
 
-from vlmflow import attributes, checks, constrained
-from vlmflow.attribute_text import phase1_prompt
-from vlmflow.attributes import LLMSettings
-from vlmflow.caption import CAPTION_SCHEMA
-from vlmflow.io import write_rows_parquet
+from vlmflow import checks
+from vlmflow.core import constrained
+from vlmflow.core.attribute_text import phase1_prompt
+from vlmflow.core.io import write_rows_parquet
+from vlmflow.stages import attributes
+from vlmflow.stages.attributes import LLMSettings
+from vlmflow.stages.caption import CAPTION_SCHEMA
 
 PROMPTS = Path(__file__).resolve().parents[1] / "config" / "prompts"
 PHASE1_JSON = (PROMPTS / "attributes_phase1_json.txt").read_text(encoding="utf-8")

@@ -1,4 +1,4 @@
-"""Per-attempt download deadlines (vlmflow.ingest.deadlines): one watchdog per process."""
+"""Per-attempt download deadlines (vlmflow.stages.ingest.deadlines): one watchdog per process."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import socket
 import threading
 import time
 
-from vlmflow.ingest.deadlines import attempt_within
+from vlmflow.stages.ingest.deadlines import attempt_within
 
 
 def blocked_read(sock: socket.socket) -> float:

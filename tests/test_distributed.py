@@ -1,4 +1,4 @@
-"""Tests for vlmflow.distributed: ranks from launcher variables and launch commands."""
+"""Tests for vlmflow.core.distributed: ranks from launcher variables and launch commands."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from vlmflow import distributed
-from vlmflow.distributed import Rank, SlurmAllocation
+from vlmflow.core import distributed
+from vlmflow.core.distributed import Rank, SlurmAllocation
 
 
 def test_rank_from_torchrun_variables() -> None:
@@ -40,7 +40,7 @@ def test_srun_launch_uses_the_allocations_tasks_and_first_node(
         lambda job_id: SlurmAllocation(job_id, 8, ["gpu01", "gpu02"]),
     )
     argv, env = distributed.launch_command(
-        "srun --cpu-bind=none", "vlmflow.train", ["job.json"], env={"SLURM_JOB_ID": "4321"}
+        "srun --cpu-bind=none", "vlmflow.stages.train", ["job.json"], env={"SLURM_JOB_ID": "4321"}
     )
     assert argv == [
         "srun",
@@ -49,7 +49,7 @@ def test_srun_launch_uses_the_allocations_tasks_and_first_node(
         "--kill-on-bad-exit=1",
         sys.executable,
         "-m",
-        "vlmflow.train",
+        "vlmflow.stages.train",
         "job.json",
     ]
     assert env["MASTER_ADDR"] == "gpu01"
@@ -58,12 +58,12 @@ def test_srun_launch_uses_the_allocations_tasks_and_first_node(
 
 def test_srun_outside_an_allocation_is_refused() -> None:
     with pytest.raises(RuntimeError, match="SLURM_JOB_ID is not set"):
-        distributed.launch_command("srun", "vlmflow.train", ["j"], env={})
+        distributed.launch_command("srun", "vlmflow.stages.train", ["j"], env={})
 
 
 def test_torchrun_launch_runs_the_module() -> None:
     argv, _ = distributed.launch_command(
-        "torchrun --standalone --nproc-per-node=2", "vlmflow.train", ["j.json"], env={}
+        "torchrun --standalone --nproc-per-node=2", "vlmflow.stages.train", ["j.json"], env={}
     )
     assert argv == [
         sys.executable,
@@ -72,14 +72,14 @@ def test_torchrun_launch_runs_the_module() -> None:
         "--standalone",
         "--nproc-per-node=2",
         "-m",
-        "vlmflow.train",
+        "vlmflow.stages.train",
         "j.json",
     ]
 
 
 def test_unknown_launcher_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown launcher 'mpirun -n 2'"):
-        distributed.launch_command("mpirun -n 2", "vlmflow.train", ["j"], env={})
+        distributed.launch_command("mpirun -n 2", "vlmflow.stages.train", ["j"], env={})
 
 
 def test_a_rank_without_a_rendezvous_address_says_how_to_start(

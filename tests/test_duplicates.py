@@ -1,4 +1,5 @@
-"""Duplicates across shards and eval images leaked from train datasets (vlmflow.duplicates)."""
+"""Duplicates across shards and eval images leaked from train datasets
+(vlmflow.stages.duplicates)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import pytest
 from PIL import Image
 
 from tests.test_ingest import ingest_list, save, write_list
-from vlmflow.contract import DuplicatesError, read_duplicates, write_duplicates
-from vlmflow.duplicates import find_duplicates
-from vlmflow.ingest import IngestSettings
+from vlmflow.core.contract import DuplicatesError, read_duplicates, write_duplicates
+from vlmflow.stages.duplicates import find_duplicates
+from vlmflow.stages.ingest import IngestSettings
 
 SETTINGS = IngestSettings(image_size=64, allow_local_files=True)
 

@@ -1,4 +1,4 @@
-"""The vLLM backend's pieces that need no engine (vlmflow.engine): the engine's
+"""The vLLM backend's pieces that need no engine (vlmflow.core.engine): the engine's
 arguments, the requests' sampling and window, the model's generation defaults, a dead
 engine's reason."""
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from vlmflow import engine
+from vlmflow.core import engine
 
 PIN = "ab" * 20
 

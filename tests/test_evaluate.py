@@ -13,15 +13,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from vlmflow import evaluate, h5, h5_layout, train
-from vlmflow.attribute_text import parse_list
-from vlmflow.attributes import PHASE2_SCHEMA
-from vlmflow.evaluate import METRIC_COLUMNS, PREDICTION_SCHEMA, EvalSettings
-from vlmflow.io import read_parquet_rows, write_rows_parquet
-from vlmflow.metrics import sentence_encoder, soft_prf
-from vlmflow.models import packaged_minilm_path
-from vlmflow.shards import iter_samples
-from vlmflow.train import TrainSettings
+from vlmflow.core import h5_layout
+from vlmflow.core.attribute_text import parse_list
+from vlmflow.core.io import read_parquet_rows, write_rows_parquet
+from vlmflow.core.metrics import sentence_encoder, soft_prf
+from vlmflow.core.models import packaged_minilm_path
+from vlmflow.core.shards import iter_samples
+from vlmflow.stages import evaluate, h5, train
+from vlmflow.stages.attributes import PHASE2_SCHEMA
+from vlmflow.stages.evaluate import METRIC_COLUMNS, PREDICTION_SCHEMA, EvalSettings
+from vlmflow.stages.train import TrainSettings
 
 INSTRUCTION = "List the objects and attributes in the image."
 REFERENCES = {

@@ -11,14 +11,14 @@ import pytest
 import yaml
 
 from tests.conftest import make_image
-from vlmflow import export
-from vlmflow.attributes import PHASE1_SCHEMA, PHASE2_SCHEMA
-from vlmflow.caption import CAPTION_SCHEMA
-from vlmflow.contract import read_duplicates, write_duplicates
-from vlmflow.export import CardInfo, ExportError, LlavaSettings, ShardFiles
-from vlmflow.io import write_json, write_rows_parquet
-from vlmflow.prompts import LABEL_SEPARATOR, prompt_id
-from vlmflow.shards import iter_samples
+from vlmflow.core.contract import read_duplicates, write_duplicates
+from vlmflow.core.io import write_json, write_rows_parquet
+from vlmflow.core.prompts import LABEL_SEPARATOR, prompt_id
+from vlmflow.core.shards import iter_samples
+from vlmflow.stages import export
+from vlmflow.stages.attributes import PHASE1_SCHEMA, PHASE2_SCHEMA
+from vlmflow.stages.caption import CAPTION_SCHEMA
+from vlmflow.stages.export import CardInfo, ExportError, LlavaSettings, ShardFiles
 
 INSTRUCTION = "List the objects and attributes in the image."
 KEYS = [f"k{n:03d}" for n in range(5)]

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlmflow import h5, prompts
-from vlmflow.attributes import PHASE1_SCHEMA, PHASE2_SCHEMA
-from vlmflow.h5 import H5Settings, TokenIds, pack
-from vlmflow.h5_layout import INPUT_IDS, KEY_PADDING_MASK, LABELS, LOSS_MASK
-from vlmflow.io import read_json, write_rows_parquet
-from vlmflow.prompts import VICUNA_V1_SYSTEM, phase2_answer, phase2_prefix, phase2_prompt
-from vlmflow.shards import iter_samples
+from vlmflow.core import prompts
+from vlmflow.core.h5_layout import INPUT_IDS, KEY_PADDING_MASK, LABELS, LOSS_MASK
+from vlmflow.core.io import read_json, write_rows_parquet
+from vlmflow.core.prompts import VICUNA_V1_SYSTEM, phase2_answer, phase2_prefix, phase2_prompt
+from vlmflow.core.shards import iter_samples
+from vlmflow.stages import h5
+from vlmflow.stages.attributes import PHASE1_SCHEMA, PHASE2_SCHEMA
+from vlmflow.stages.h5 import H5Settings, TokenIds, pack
 
 IDS = TokenIds(bos=0, eos=1, pad=2)
 INSTRUCTION = "List the objects and attributes in the image."
@@ -479,7 +480,7 @@ def test_a_shard_whose_samples_are_all_too_long_fails_instead_of_writing_an_empt
 
 
 def test_build_index_sums_shards(tmp_path: Path) -> None:
-    from vlmflow.io import write_json
+    from vlmflow.core.io import write_json
 
     def params(
         shard: str, keys: list[str], phase2_keys: list[str], skipped: dict[str, int]

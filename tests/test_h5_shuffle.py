@@ -9,9 +9,9 @@ import h5py
 import numpy as np
 import pytest
 
-from vlmflow import h5_shuffle
-from vlmflow.h5_layout import write_rows
-from vlmflow.h5_shuffle import read_rows, shuffle_files
+from vlmflow.core.h5_layout import write_rows
+from vlmflow.stages import h5_shuffle
+from vlmflow.stages.h5_shuffle import read_rows, shuffle_files
 
 
 def _inputs(root: Path, sizes: list[int], max_seq_len: int = 6) -> list[Path]:

@@ -1,4 +1,5 @@
-"""Tests for vlmflow.ingest: URL lists, keys, and shards built from file:// and local http."""
+"""Tests for vlmflow.stages.ingest: URL lists, keys, and shards built from file:// and
+local http."""
 
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from vlmflow.contract import FAILURE_REASONS, ReportError, summarize_stats
-from vlmflow.ingest import (
+from vlmflow.core.contract import FAILURE_REASONS, ReportError, summarize_stats
+from vlmflow.stages.ingest import (
     IngestError,
     IngestSettings,
     UrlListSource,
@@ -38,7 +39,7 @@ from vlmflow.ingest import (
     sanitize_key,
     shard_ranges,
 )
-from vlmflow.ingest import images as image_step
+from vlmflow.stages.ingest import images as image_step
 
 REPO = Path(__file__).resolve().parents[1]
 RED = (255, 0, 0)
@@ -1086,7 +1087,7 @@ def test_keep_ratio_with_max_side_still_caps_the_longer_side_and_never_enlarges(
 
 
 def test_webp_shards_are_read_by_every_stage(tmp_path: Path, images: dict[str, Path]) -> None:
-    from vlmflow.shards import iter_samples
+    from vlmflow.core.shards import iter_samples
 
     rows = [{"url": images["rgb"].as_uri(), "caption": "red"}]
     url_list = write_list(tmp_path / "list.tsv", rows)
@@ -1120,7 +1121,7 @@ def test_one_scan_gives_every_shards_digest_and_offset_and_follows_edits(
     edited list gives a new digest to exactly the edited shard."""
     import pandas as pd
 
-    from vlmflow.ingest import rows_digest, scan_shards
+    from vlmflow.stages.ingest import rows_digest, scan_shards
 
     path = tmp_path / f"urls{suffix}"
 

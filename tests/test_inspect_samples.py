@@ -7,11 +7,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from vlmflow.attributes import PHASE1_SCHEMA, PHASE2_SCHEMA
-from vlmflow.caption import CAPTION_SCHEMA
-from vlmflow.inspect_samples import write_dialogs, write_gallery
-from vlmflow.io import write_rows_parquet
-from vlmflow.shards import iter_samples
+from vlmflow.core.io import write_rows_parquet
+from vlmflow.core.shards import iter_samples
+from vlmflow.reporting.inspect_samples import write_dialogs, write_gallery
+from vlmflow.stages.attributes import PHASE1_SCHEMA, PHASE2_SCHEMA
+from vlmflow.stages.caption import CAPTION_SCHEMA
 
 KEYS = [f"k{n:03d}" for n in range(5)]
 

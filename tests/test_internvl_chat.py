@@ -13,16 +13,18 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmflow import caption, internvl_chat
-from vlmflow.caption import CaptionSettings
-from vlmflow.internvl_chat import (
-    build_mini_internvl_chat,
+from vlmflow.core.shards import iter_samples
+from vlmflow.demo import internvl_minis
+from vlmflow.demo.internvl_minis import build_mini_internvl_chat
+from vlmflow.families import internvl_chat
+from vlmflow.families.internvl_chat import (
     dynamic_tiles,
     is_internvl_chat,
     pixel_batch,
     tile_grid,
 )
-from vlmflow.shards import iter_samples
+from vlmflow.stages import caption
+from vlmflow.stages.caption import CaptionSettings
 
 PROMPT = "Describe this image in two plain sentences."
 KEYS = [f"k{n:03d}" for n in range(5)]
@@ -241,7 +243,7 @@ def test_v15_miniature_has_the_published_layout(tmp_path: Path) -> None:
     from transformers import AutoConfig, AutoTokenizer
 
     folder = tmp_path / "v15"
-    internvl_chat.build_mini_internvl_chat_v15(folder, 0)
+    internvl_minis.build_mini_internvl_chat_v15(folder, 0)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
     assert type(config.vision_config).__name__ == "InternVisionConfig"
     assert type(config.llm_config).__name__ == "InternLM2Config"

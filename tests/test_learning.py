@@ -1,14 +1,15 @@
-"""It learns: the two training phases on drawn shapes with known labels (vlmflow.shapes)
+"""It learns: the two training phases on drawn shapes with known labels (vlmflow.demo.shapes)
 make the tiny LLaVA name held-out images' colours and shapes far better than before."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from vlmflow import evaluate, h5, shapes, train
-from vlmflow.attribute_text import parse_list
-from vlmflow.metrics import strict_prf
-from vlmflow.shards import iter_samples
+from vlmflow.core.attribute_text import parse_list
+from vlmflow.core.metrics import strict_prf
+from vlmflow.core.shards import iter_samples
+from vlmflow.demo import shapes
+from vlmflow.stages import evaluate, h5, train
 
 H5_SETTINGS = h5.H5Settings(max_seq_len=128)
 

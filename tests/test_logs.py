@@ -6,7 +6,7 @@ import contextlib
 import io
 from pathlib import Path
 
-from vlmflow.logs import log_to, progress_bar
+from vlmflow.core.logs import log_to, progress_bar
 
 
 def test_a_bar_in_a_log_file_is_lines_not_carriage_returns(tmp_path: Path) -> None:

@@ -11,10 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from vlmflow import attributes, demo_models, meta_llama
-from vlmflow.attributes import LLMSettings, PhaseJob
-from vlmflow.caption import CAPTION_SCHEMA
-from vlmflow.io import write_rows_parquet
+from vlmflow.core.io import write_rows_parquet
+from vlmflow.demo import demo_models
+from vlmflow.families import meta_llama
+from vlmflow.stages import attributes
+from vlmflow.stages.attributes import LLMSettings, PhaseJob
+from vlmflow.stages.caption import CAPTION_SCHEMA
 
 PROMPTS = Path(__file__).resolve().parents[1] / "config" / "prompts"
 PHASE1_TEMPLATE = (PROMPTS / "attributes_phase1.txt").read_text(encoding="utf-8")
@@ -123,7 +125,7 @@ def test_model_parallel_1_answers_as_transformers_does(checkpoints: dict[str, Pa
 
 
 def phase1_prompt_for(web: str, vlm: str) -> str:
-    from vlmflow.attribute_text import phase1_prompt
+    from vlmflow.core.attribute_text import phase1_prompt
 
     return phase1_prompt(PHASE1_TEMPLATE, web, vlm)
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from vlmflow.metrics import Embed, Scores, image_scores, sentence_encoder, soft_prf
-from vlmflow.models import packaged_minilm_path
+from vlmflow.core.metrics import Embed, Scores, image_scores, sentence_encoder, soft_prf
+from vlmflow.core.models import packaged_minilm_path
 
 SQRT_HALF = math.sqrt(0.5)
 
@@ -130,7 +130,7 @@ def test_real_encoder_scores_synonyms_above_unrelated_labels(minilm: Embed) -> N
 
 
 def test_strict_scores_by_hand() -> None:
-    from vlmflow.metrics import strict_label, strict_prf
+    from vlmflow.core.metrics import strict_label, strict_prf
 
     assert strict_label("  Red   Cars ") == "red car"
     # Image 1: {dog, green grass} vs {dog, grass, tree}: 1 hit, R 1/2, P 1/3, F1 0.4.

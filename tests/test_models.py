@@ -11,8 +11,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.conftest import demo_model_settings
-from vlmflow.demo_models import BOS, DEMO_BUILDERS, EOS, EOT, build_demo_llm
-from vlmflow.models import IMAGE, is_hub_id, torch_dtype
+from vlmflow.core.models import IMAGE, is_hub_id, torch_dtype
+from vlmflow.demo.demo_models import BOS, DEMO_BUILDERS, EOS, EOT, build_demo_llm
 
 
 def _weights(folder: str | Path) -> dict[str, torch.Tensor]:

@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vlmflow.ingest import IngestError, IngestSettings, list_parts, source_from_config
-from vlmflow.ingest import parts as parts_module
-from vlmflow.ingest.parts import part_tag, split_shard_id
-from vlmflow.ingest.sources import UrlListSource
+from vlmflow.stages.ingest import IngestError, IngestSettings, list_parts, source_from_config
+from vlmflow.stages.ingest import parts as parts_module
+from vlmflow.stages.ingest.parts import part_tag, split_shard_id
+from vlmflow.stages.ingest.sources import UrlListSource
 
 
 def rows(first: int, count: int) -> list[dict[str, Any]]:
@@ -177,8 +177,8 @@ def test_a_removed_part_is_reported(tmp_path: Path) -> None:
 
 def test_a_one_file_list_keeps_its_shard_ids_and_params(tmp_path: Path) -> None:
     """The params of a one-file list's shards are what they were before parts existed:
-    {start, end, digest} with the digest of the rows (vlmflow.ingest.rows_digest)."""
-    from vlmflow.ingest import rows_digest
+    {start, end, digest} with the digest of the rows (vlmflow.stages.ingest.rows_digest)."""
+    from vlmflow.stages.ingest import rows_digest
 
     part = write_tsv(tmp_path / "urls.tsv", rows(0, 5))
     planned = source(part, tmp_path / "manifests")

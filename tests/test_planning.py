@@ -34,7 +34,7 @@ def test_the_old_generation_is_collected_rarely(before: str, after: list[str]) -
         f"""
         import gc
         gc.set_threshold({before})
-        from vlmflow.planning import relax_garbage_collector
+        from vlmflow.core.planning import relax_garbage_collector
         relax_garbage_collector()
         print(*gc.get_threshold())
         """
@@ -49,7 +49,7 @@ def test_what_is_alive_at_exit_is_frozen_before_the_final_collection() -> None:
         """
         import atexit, gc
         atexit.register(lambda: print("frozen", gc.get_freeze_count(), gc.get_count()[2]))
-        from vlmflow.planning import relax_garbage_collector
+        from vlmflow.core.planning import relax_garbage_collector
         relax_garbage_collector()
         relax_garbage_collector()
         planned_jobs = [{"job": n, "files": [str(n)]} for n in range(10_000)]
@@ -78,7 +78,7 @@ def test_without_it_nothing_is_frozen_at_exit() -> None:
 COUNTED_SNAKEFILE = """
 import atexit
 import snakemake.script
-from vlmflow.planning import check_scripts_once_per_rule
+from vlmflow.core.planning import check_scripts_once_per_rule
 
 reads = []
 original = snakemake.script.get_source
@@ -132,7 +132,7 @@ def test_a_rules_script_is_checked_once_and_a_templated_one_per_job(tmp_path) ->
     done = dry_run(tmp_path, "plain")
     assert done.returncode == 0, done.stderr
     # The installed Snakemake still has the check the patch replaces (a newer Snakemake
-    # without it fails here, so the pin in vlmflow.planning gets looked at); the second
+    # without it fails here, so the pin in vlmflow.core.planning gets looked at); the second
     # call leaves the first patch in place.
     assert "patched True True" in done.stdout
     # Four plain jobs, one read; three templated jobs, three reads (three files).
@@ -152,7 +152,7 @@ def test_the_script_check_applies_to_the_pinned_snakemake_and_warns_where_it_can
     import snakemake.api  # loads snakemake.dag as a Snakemake run does (a bare import cycles)
     import snakemake.dag
 
-    from vlmflow import planning
+    from vlmflow.core import planning
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the pinned Snakemake: applies, nothing to warn

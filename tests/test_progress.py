@@ -1,4 +1,4 @@
-"""Tests for vlmflow.progress: the side file that lets a stopped shard job resume."""
+"""Tests for vlmflow.core.progress: the side file that lets a stopped shard job resume."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from vlmflow.progress import ProgressFile, run_batches
+from vlmflow.core.progress import ProgressFile, run_batches
 
 
 def rows(*keys: str) -> list[dict[str, Any]]:

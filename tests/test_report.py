@@ -10,9 +10,7 @@ from typing import Any
 
 import pytest
 
-from vlmflow.attributes import PHASE1_SCHEMA, PHASE2_SCHEMA
-from vlmflow.caption import CAPTION_SCHEMA
-from vlmflow.contract import (
+from vlmflow.core.contract import (
     PHASE2_ANSWER,
     ReportError,
     dataset_funnel,
@@ -20,9 +18,9 @@ from vlmflow.contract import (
     total_funnel,
     write_duplicates,
 )
-from vlmflow.io import write_json, write_rows_parquet
-from vlmflow.plots import plot_training
-from vlmflow.report import (
+from vlmflow.core.io import write_json, write_rows_parquet
+from vlmflow.reporting.plots import plot_training
+from vlmflow.reporting.report import (
     attribute_stats,
     caption_lengths,
     most_frequent,
@@ -34,6 +32,8 @@ from vlmflow.report import (
     write_metrics_page,
     write_parse_failures_page,
 )
+from vlmflow.stages.attributes import PHASE1_SCHEMA, PHASE2_SCHEMA
+from vlmflow.stages.caption import CAPTION_SCHEMA
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

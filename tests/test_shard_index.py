@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vlmflow.contract import (
+from vlmflow.core.contract import (
     INDEXES,
     SHARD_INDEX,
     ShardIndexError,

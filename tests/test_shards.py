@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from vlmflow.ingest import write_tar_sample
-from vlmflow.shards import iter_samples
+from vlmflow.core.shards import iter_samples
+from vlmflow.stages.ingest import write_tar_sample
 
 
 def _shard(path: Path, count: int) -> None:

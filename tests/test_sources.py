@@ -1,4 +1,5 @@
-"""Tests for vlmflow.ingest.sources: image folders, captions tables, COCO, HF datasets, tars."""
+"""Tests for vlmflow.stages.ingest.sources: image folders, captions tables, COCO, HF
+datasets, tars."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from vlmflow.ingest import IngestError, IngestSettings
-from vlmflow.ingest.sources import (
+from vlmflow.core.shards import iter_samples
+from vlmflow.stages.ingest import IngestError, IngestSettings
+from vlmflow.stages.ingest.sources import (
     CocoSource,
     HFDatasetSource,
     ImageFolderSource,
@@ -24,8 +26,7 @@ from vlmflow.ingest.sources import (
     join_captions,
     source_from_config,
 )
-from vlmflow.ingest.sources import UrlListSource as UrlList
-from vlmflow.shards import iter_samples
+from vlmflow.stages.ingest.sources import UrlListSource as UrlList
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 

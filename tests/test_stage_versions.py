@@ -1,5 +1,5 @@
 """Each data stage's outputs on fixed inputs, against the digest recorded for its version
-(vlmflow.stage_versions). A change to what a stage writes must bump the stage's version,
+(vlmflow.core.stage_versions). A change to what a stage writes must bump the stage's version,
 which reruns exactly its jobs and what follows; this test fails when the outputs change
 and the version does not, so a forgotten bump cannot land.
 
@@ -28,14 +28,14 @@ import h5py
 import pytest
 from PIL import Image, ImageDraw
 
-from vlmflow import attributes, caption, h5
-from vlmflow.caption import CAPTION_SCHEMA
-from vlmflow.ingest import IngestSettings, ingest_source_shard
-from vlmflow.ingest.sources import ImageFolderSource
-from vlmflow.io import read_parquet_rows, write_rows_parquet
-from vlmflow.prompts import read_prompt
-from vlmflow.shards import iter_samples
-from vlmflow.stage_versions import STAGE_VERSIONS
+from vlmflow.core.io import read_parquet_rows, write_rows_parquet
+from vlmflow.core.prompts import read_prompt
+from vlmflow.core.shards import iter_samples
+from vlmflow.core.stage_versions import STAGE_VERSIONS
+from vlmflow.stages import attributes, caption, h5
+from vlmflow.stages.caption import CAPTION_SCHEMA
+from vlmflow.stages.ingest import IngestSettings, ingest_source_shard
+from vlmflow.stages.ingest.sources import ImageFolderSource
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDED = Path(__file__).with_name("stage_digests.json")
@@ -244,7 +244,7 @@ def test_a_stage_whose_outputs_changed_has_a_new_version(
     )
     assert digests[stage] == known["digest"], (
         f"what the {stage} stage writes changed, and its version did not: bump "
-        f"STAGE_VERSIONS[{stage!r}] in src/vlmflow/stage_versions.py (outputs made by the "
+        f"STAGE_VERSIONS[{stage!r}] in src/vlmflow/core/stage_versions.py (outputs made by the "
         f"old code then rerun), then {record}"
     )
 

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_report import FATES, shard_files
-from vlmflow import status
-from vlmflow.contract import (
+from vlmflow.core.contract import (
     DROPS,
     PHASE2_ANSWER,
     SHARD_OUTPUTS,
@@ -19,6 +18,7 @@ from vlmflow.contract import (
     failure_rows,
     total_funnel,
 )
+from vlmflow.reporting import status
 
 DATE = "Sun Nov 22 13:25:20 2026"
 SUMMARY = "\n".join(
@@ -437,7 +437,7 @@ def test_outputs_of_an_older_stage_version_are_named(
     output = "results/d/captions/000000.parquet"
     record = status._marker_path(tmp_path / ".snakemake" / "metadata", output)
     record.parent.mkdir(parents=True)
-    # Version 1 outputs carry no version in their params (vlmflow.stage_versions.FIRST).
+    # Version 1 outputs carry no version in their params (vlmflow.core.stage_versions.FIRST).
     record.write_text(json.dumps({"params": ["{'model': 'm', 'seed': 0}"]}), encoding="utf-8")
     row = status.SummaryRow(
         output, "Mon Dec  7", "caption", "-", "params changed", "update pending"

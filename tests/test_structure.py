@@ -1,9 +1,13 @@
-"""The package's shape, measured from its source: no import cycles, no module importing
-another module's private names, no function over 80 lines (docs/architecture.md)."""
+"""The package's shape, measured from its source: its layers (import-linter's contracts
+in pyproject.toml), no import cycles, no module importing another module's private names,
+no function over 80 lines (docs/architecture.md)."""
 
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,3 +133,15 @@ def long_functions() -> Iterator[str]:
 
 def test_no_function_is_longer_than_80_lines() -> None:
     assert list(long_functions()) == []
+
+
+def test_the_layers_hold_as_import_linter_checks_them() -> None:
+    """stages -> families -> core, reporting -> core, the demo above the stages, no stage
+    importing another (pyproject.toml's [tool.importlinter]; TYPE_CHECKING imports count)."""
+    lint = Path(sys.executable).with_name("lint-imports")
+    env = os.environ | {"PYTHONPATH": str(SRC)}  # this tree's package, whatever is installed
+    done = subprocess.run(
+        [str(lint), "--no-cache"], cwd=SRC.parent, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "0 broken" in done.stdout

@@ -20,13 +20,14 @@ import webdataset as wds
 from PIL import Image
 from safetensors.torch import load_file
 
-from vlmflow import h5, h5_layout, train, vision
-from vlmflow.attributes import PHASE1_SCHEMA, PHASE2_SCHEMA
-from vlmflow.h5 import H5Settings, TokenIds, pack
-from vlmflow.io import read_json, write_rows_parquet
-from vlmflow.models import IMAGE, save_llava
-from vlmflow.progress import Interrupted
-from vlmflow.train import H5Source, TrainSettings
+from vlmflow.core import h5_layout, vision
+from vlmflow.core.io import read_json, write_rows_parquet
+from vlmflow.core.models import IMAGE, save_llava
+from vlmflow.core.progress import Interrupted
+from vlmflow.stages import h5, train
+from vlmflow.stages.attributes import PHASE1_SCHEMA, PHASE2_SCHEMA
+from vlmflow.stages.h5 import H5Settings, TokenIds, pack
+from vlmflow.stages.train import H5Source, TrainSettings
 
 KEYS = [f"k{n:03d}" for n in range(5)]
 LABELS = {
@@ -735,13 +736,13 @@ def _stop_by_sigterm_and_relaunch(
     import subprocess
     import time
 
-    from vlmflow import distributed
-    from vlmflow.io import write_json
+    from vlmflow.core import distributed
+    from vlmflow.core.io import write_json
 
     out = Path(job.out_dir)
     spec = tmp_path / f"{out.name}.json"
     write_json(spec, job.to_json())
-    argv, env = distributed.launch_command(TWO_PROCESSES, "vlmflow.train", [str(spec)])
+    argv, env = distributed.launch_command(TWO_PROCESSES, "vlmflow.stages.train", [str(spec)])
     checkpoints = out.parent / f".{out.name}.checkpoint"
     first = checkpoints / f"step-{job.checkpoint_every:08d}" / "complete.json"
     with open(tmp_path / "stopped.log", "w", encoding="utf-8") as handle:

@@ -1,8 +1,8 @@
-"""The vLLM backend (vlmflow.engine) against the HF backend, on tiny models vLLM can run.
+"""The vLLM backend (vlmflow.core.engine) against the HF backend, on tiny models vLLM can run.
 
 Needs the engine's environment (`make setup-vllm`, or VLMFLOW_VLLM_PYTHON pointing at a
 Python with vLLM); run with `make test-vllm` (`pytest -m vllm`). vLLM's CPU attention
-needs a head dimension of at least 32, which the miniatures have (vlmflow.miniatures).
+needs a head dimension of at least 32, which the miniatures have (vlmflow.demo.miniatures).
 """
 
 from __future__ import annotations
@@ -26,11 +26,14 @@ import webdataset as wds
 from PIL import Image
 
 from tests.conftest import make_image
-from vlmflow import attributes, caption, engine, internvl_chat, miniatures
-from vlmflow.caption import CAPTION_SCHEMA, CaptionSettings
-from vlmflow.io import write_rows_parquet
-from vlmflow.progress import progress_path
-from vlmflow.prompts import read_prompt
+from vlmflow.core import engine
+from vlmflow.core.io import write_rows_parquet
+from vlmflow.core.progress import progress_path
+from vlmflow.core.prompts import read_prompt
+from vlmflow.demo import miniatures
+from vlmflow.families import internvl_chat
+from vlmflow.stages import attributes, caption
+from vlmflow.stages.caption import CAPTION_SCHEMA, CaptionSettings
 
 pytestmark = pytest.mark.vllm
 
@@ -268,7 +271,8 @@ def test_an_engine_that_cannot_start_fails_the_job_with_its_last_error_line(
 
 KILLED_RUN = """
 import sys
-from vlmflow import caption, engine
+from vlmflow.stages import caption
+from vlmflow.core import engine
 settings = caption.CaptionSettings(**{settings!r})
 caption.run({shard!r}, {out!r}, settings, "000000", engine.Deployment({command!r}, {log!r}))
 """

@@ -4,7 +4,7 @@ when the DAG is built, with the config key, the value and what would work.
 Each check reads only what is on this machine (a model folder, or a hub model's cached
 snapshot at its pinned revision: configs and tokenizers, never weights). A model that is
 not here yet (a demo model an earlier job builds) is checked by the first job that loads
-it, with the same message (vlmflow.h5 and vlmflow.attributes call the same functions).
+it, with the same message (vlmflow.stages.h5 and vlmflow.stages.attributes call the same functions).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vlmflow.ingest import IngestError, IngestSettings
-from vlmflow.models import cached_file, hub_offline, in_hub_cache, is_hub_id, split_revision
+from vlmflow.core.models import cached_file, hub_offline, in_hub_cache, is_hub_id, split_revision
+from vlmflow.stages.ingest import IngestError, IngestSettings
 
 # Models the workflow builds itself (rule demo_model): results/models/demo-KIND.
 DEMO_MODEL = re.compile(r"^results/models/demo-(?P<kind>[a-z]+)$")
@@ -96,8 +96,8 @@ def check_models(config: dict[str, Any], checked_by_jobs: Callable[[str], bool])
 def check_llm_backend(config: dict[str, Any], llm_folder: str) -> None:
     """A Meta-format checkpoint runs on its fairscale path only: not on vLLM, and without
     constrained answers."""
-    from vlmflow.attributes import json_needs_transformers
-    from vlmflow.meta_llama import is_meta_checkpoint
+    from vlmflow.families.meta_llama import is_meta_checkpoint
+    from vlmflow.stages.attributes import json_needs_transformers
 
     if not is_meta_checkpoint(llm_folder):
         return
@@ -120,7 +120,7 @@ def check_vlm(
     """The captioner's architecture is one a caption route of ``backend`` can load."""
     if folder is None:
         return
-    from vlmflow.caption import vlm_route
+    from vlmflow.stages.caption import vlm_route
 
     try:
         vlm_route(folder, trust_remote_code, backend)
@@ -133,7 +133,7 @@ def check_h5_budget(config: dict[str, Any], vision_folder: str, lm_folder: str) 
     the language model's context."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from vlmflow.h5 import H5Settings, num_patches_of, sequence_budget
+    from vlmflow.stages.h5 import H5Settings, num_patches_of, sequence_budget
 
     settings = H5Settings(**config["h5"])
     models = config["models"]
@@ -156,9 +156,9 @@ def check_llm_context(config: dict[str, Any], llm_folder: str) -> None:
     context (``attributes.max_seq_len`` or the model's own)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from vlmflow.attributes import template_tokens
-    from vlmflow.meta_llama import is_meta_checkpoint
-    from vlmflow.prompts import read_prompt
+    from vlmflow.core.prompts import read_prompt
+    from vlmflow.families.meta_llama import is_meta_checkpoint
+    from vlmflow.stages.attributes import template_tokens
 
     if is_meta_checkpoint(llm_folder):
         return  # its tokenizer needs the checkpoint's loader: the job checks it
@@ -213,7 +213,7 @@ def _names_files(url_list: str) -> bool:
 def check_answer_formats(attributes: dict[str, Any]) -> list[str]:
     """A json-mode phase whose max_new_tokens cannot hold its longest allowed answer: such
     answers are cut and counted as truncated."""
-    from vlmflow.constrained import phase_shape
+    from vlmflow.core.constrained import phase_shape
 
     warnings = []
     for phase in ("phase1", "phase2"):

@@ -19,10 +19,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(lines), file=sys.stdout if args[:1] in (["-h"], ["--help"]) else sys.stderr)
         return 0 if args[:1] in (["-h"], ["--help"]) else 2
     if args[0] == "miniatures":
-        from vlmflow import miniatures
+        from vlmflow.demo import miniatures
 
         return miniatures.main(args[1:])
-    from vlmflow import status
+    from vlmflow.reporting import status
 
     try:
         return status.main(args[1:])

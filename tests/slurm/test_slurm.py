@@ -55,7 +55,7 @@ from tests.workflow.conftest import (
     read_rows,
     save_config,
 )
-from vlmflow.distributed import parse_scontrol_job
+from vlmflow.core.distributed import parse_scontrol_job
 
 pytestmark = pytest.mark.slurm
 
@@ -808,7 +808,7 @@ def _job_processes(job_id: int) -> list[int]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
         except (FileNotFoundError, ProcessLookupError):
             continue
-        if b".snakemake/scripts/" in cmdline or b"-m vlmflow.train" in cmdline:
+        if b".snakemake/scripts/" in cmdline or b"-m vlmflow.stages.train" in cmdline:
             pids.append(int(pid))
     return pids
 

@@ -30,7 +30,7 @@ from tests.workflow.conftest import (
     save_config,
     snakemake,
 )
-from vlmflow.contract import read_duplicates
+from vlmflow.core.contract import read_duplicates
 
 pytestmark = pytest.mark.workflow
 
@@ -609,10 +609,10 @@ def test_slurm_profile_dry_run_needs_no_cluster_and_asks_gpus_for_model_rules(
 
 
 # Snakemake's command line in a process where one stage's code version is one higher, as
-# after a commit that bumps it in vlmflow.stage_versions.
+# after a commit that bumps it in vlmflow.core.stage_versions.
 BUMPED = """
 import sys
-from vlmflow import stage_versions
+from vlmflow.core import stage_versions
 stage_versions.STAGE_VERSIONS[sys.argv.pop(1)] += 1
 from snakemake.cli import main
 sys.argv[0] = "snakemake"

@@ -1,4 +1,4 @@
-"""The presets run end to end on their shape-faithful miniatures (vlmflow.miniatures).
+"""The presets run end to end on their shape-faithful miniatures (vlmflow.demo.miniatures).
 
 Each preset is used as a user would (``--configfile config/presets/NAME.yaml``), its hub
 ids pinned to commits; the miniatures sit in a hub cache of the test's own at those
@@ -25,8 +25,8 @@ import pytest
 import yaml
 
 from tests.workflow.conftest import REPO, job_counts, make_workdir, run_readme, snakemake
-from vlmflow.h5_layout import INPUT_IDS, KEY_PADDING_MASK, LOSS_MASK
-from vlmflow.miniatures import install
+from vlmflow.core.h5_layout import INPUT_IDS, KEY_PADDING_MASK, LOSS_MASK
+from vlmflow.demo.miniatures import install
 
 pytestmark = [pytest.mark.workflow, pytest.mark.presets]
 

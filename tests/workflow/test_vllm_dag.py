@@ -19,8 +19,9 @@ from tests.workflow.conftest import (
     save_config,
 )
 from tests.workflow.conftest import snakemake as run_snakemake
-from vlmflow import caption, engine
-from vlmflow.caption import CaptionSettings
+from vlmflow.core import engine
+from vlmflow.stages import caption
+from vlmflow.stages.caption import CaptionSettings
 
 pytestmark = [pytest.mark.workflow, pytest.mark.vllm]
 

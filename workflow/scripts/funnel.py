@@ -1,7 +1,9 @@
-"""A dataset's funnel and failures by stage and reason, page and figure (see vlmflow.report)."""
+"""A dataset's funnel and failures by stage and reason, page and figure (see
+vlmflow.reporting.report)."""
 
-from vlmflow import contract, report
-from vlmflow.logs import log_to
+from vlmflow.core import contract
+from vlmflow.core.logs import log_to
+from vlmflow.reporting import report
 
 with log_to(snakemake.log[0]) as log:
     inputs = snakemake.input
