@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from vlmflow import checks
-from vlmflow.checks import ConfigError, check_ingest
+from vlmflow.core import engine
+from vlmflow.core.errors import ConfigError
 from vlmflow.core.models import (
     cached_file,
     in_hub_cache,
@@ -25,6 +26,8 @@ from vlmflow.core.models import (
 )
 from vlmflow.demo import miniatures
 from vlmflow.families.internvl_chat import INTERNLM2_ERROR
+from vlmflow.stages import attributes, caption, h5
+from vlmflow.stages.ingest.settings import check_section
 
 REPO = Path(__file__).resolve().parent.parent
 PIN = "ab" * 20
@@ -154,20 +157,20 @@ def test_max_seq_len_without_room_for_patches_template_and_answer_is_refused(
     assert vision is not None and lm is not None
     config["models"] |= {"vision_tower": CLIP336, "language_model": VICUNA}
     with pytest.raises(ConfigError) as error:
-        checks.check_h5_budget(config, vision, lm)
+        h5.check_budget(config, vision, lm)
     message = str(error.value)
     assert message.startswith("config.h5.max_seq_len: 128 leaves no room for an answer")
     assert "576 image patches" in message
     minimum = int(message.split("The minimum is ")[1].split()[0])
     config["h5"]["max_seq_len"] = minimum
-    checks.check_h5_budget(config, vision, lm)
+    h5.check_budget(config, vision, lm)
     config["h5"]["max_seq_len"] = minimum - 1
     with pytest.raises(ConfigError):
-        checks.check_h5_budget(config, vision, lm)
+        h5.check_budget(config, vision, lm)
     # Vicuna's context is 4,096 tokens: a longer max_seq_len overflows it.
     config["h5"]["max_seq_len"] = 8192
     with pytest.raises(ConfigError, match=r"longer than the context .* \(4096 tokens"):
-        checks.check_h5_budget(config, vision, lm)
+        h5.check_budget(config, vision, lm)
 
 
 def test_an_llm_context_shorter_than_a_prompt_template_is_refused(offline_hub: Path) -> None:
@@ -175,17 +178,17 @@ def test_an_llm_context_shorter_than_a_prompt_template_is_refused(offline_hub: P
     config["models"]["llm"] = LLAMA3
     folder = checks.model_files(LLAMA3)
     assert folder is not None
-    checks.check_llm_context(config, folder)  # 8,192 tokens hold both phases
+    attributes.check_context(config, folder)  # 8,192 tokens hold both phases
     config["attributes"]["max_seq_len"] = 256
     with pytest.raises(ConfigError) as error:
-        checks.check_llm_context(config, folder)
+        attributes.check_context(config, folder)
     message = str(error.value)
     assert message.startswith("config.attributes.max_seq_len: 256 tokens cannot hold")
     need = int(message.split(" in all")[0].split()[-1])
     assert need > 256 and f"at least {need}" in message
     config["attributes"]["max_seq_len"] = 100_000
     with pytest.raises(ConfigError, match=r"longer than the context .* \(8192 tokens\)"):
-        checks.check_llm_context(config, folder)
+        attributes.check_context(config, folder)
 
 
 def test_models_an_earlier_job_builds_are_left_to_the_jobs(offline_hub: Path) -> None:
@@ -211,25 +214,25 @@ def test_a_captioner_no_route_can_run_is_refused_with_the_alternatives(tmp_path:
     }
     v15 = write_config(tmp_path / "v15", chat)
     with pytest.raises(ConfigError) as error:
-        checks.check_vlm("OpenGVLab/InternVL-Chat-V1-5", v15, trust_remote_code=True)
+        caption.check_model("OpenGVLab/InternVL-Chat-V1-5", v15, trust_remote_code=True)
     message = str(error.value)
     assert message.startswith("config.models.vlm: 'OpenGVLab/InternVL-Chat-V1-5'")
     assert INTERNLM2_ERROR in message and "InternVL3-8B-hf" in message
     assert "caption.backend: vllm" in message
     # vLLM runs the family with its own implementation: routed there, not refused.
-    checks.check_vlm("OpenGVLab/InternVL-Chat-V1-5", v15, trust_remote_code=True, backend="vllm")
+    caption.check_model("OpenGVLab/InternVL-Chat-V1-5", v15, trust_remote_code=True, backend="vllm")
     for backend in ("hf", "vllm"):
         with pytest.raises(ConfigError, match="trust_remote_code: true"):
-            checks.check_vlm("chat", v15, trust_remote_code=False, backend=backend)
+            caption.check_model("chat", v15, trust_remote_code=False, backend=backend)
     bert = write_config(tmp_path / "bert", {"architectures": ["BertModel"], "model_type": "bert"})
     with pytest.raises(ConfigError, match=r"BertModel, which the caption stage cannot load"):
-        checks.check_vlm("bert", bert, trust_remote_code=False)
+        caption.check_model("bert", bert, trust_remote_code=False)
     llava = write_config(
         tmp_path / "llava",
         {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava"},
     )
-    checks.check_vlm("llava", llava, trust_remote_code=False)
-    checks.check_vlm("not here", None, trust_remote_code=False)
+    caption.check_model("llava", llava, trust_remote_code=False)
+    caption.check_model("not here", None, trust_remote_code=False)
 
 
 def test_vlmflow_miniatures_writes_a_presets_models_into_a_cache_of_their_own(
@@ -285,10 +288,10 @@ def test_the_vllm_backend_with_a_meta_checkpoint_is_refused(
     config["models"]["llm"] = demo_models["metallama"]
     for phase in ("phase1", "phase2"):
         config["attributes"][phase]["backend"] = "hf"
-    checks.check_llm_backend(config, demo_models["metallama"])
+    attributes.check_backend(config, demo_models["metallama"])
     config["attributes"]["phase2"]["backend"] = "vllm"
     with pytest.raises(ConfigError, match=r"attributes.phase2.backend: vllm cannot load"):
-        checks.check_llm_backend(config, demo_models["metallama"])
+        attributes.check_backend(config, demo_models["metallama"])
 
 
 @pytest.mark.parametrize(
@@ -301,19 +304,19 @@ def test_the_vllm_backend_with_a_meta_checkpoint_is_refused(
 )
 def test_a_vllm_command_that_starts_a_server_is_refused_with_what_to_give(command: str) -> None:
     with pytest.raises(ConfigError, match=r"config.vllm.command: .* the Python of the engine"):
-        checks.check_vllm_command({"vllm": {"command": command}})
+        engine.check_command({"vllm": {"command": command}})
     for python in (".venv-vllm/bin/python", "apptainer exec --nv vllm.sif python3"):
-        checks.check_vllm_command({"vllm": {"command": python}})
-    checks.check_vllm_command({})
+        engine.check_command({"vllm": {"command": python}})
+    engine.check_command({})
 
 
 def test_the_ingest_section_is_checked_at_dag_build_and_earlier_names_warn() -> None:
-    assert check_ingest({"resize_mode": "keep_ratio", "image_size": 512}) == []
-    [note] = check_ingest({"resize_mode": "keep_ratio", "max_side": 256})
+    assert check_section({"resize_mode": "keep_ratio", "image_size": 512}) == []
+    [note] = check_section({"resize_mode": "keep_ratio", "max_side": 256})
     assert "resize_mode: keep_ratio_largest, image_size: 256, resize_only_if_bigger: true" in note
-    assert check_ingest({"resize_mode": False}) == []  # YAML's reading of a bare `no`
+    assert check_section({"resize_mode": False}) == []  # YAML's reading of a bare `no`
     with pytest.raises(ConfigError, match=r"config\.ingest\.resize_mode: 'stretch'"):
-        check_ingest({"resize_mode": "stretch"})
+        check_section({"resize_mode": "stretch"})
 
 
 def repo_config() -> dict[str, Any]:

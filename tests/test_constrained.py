@@ -11,9 +11,9 @@ import jsonschema
 import pyarrow.parquet as pq
 import pytest
 
-from vlmflow import checks
 from vlmflow.core import constrained
 from vlmflow.core.attribute_text import phase1_prompt
+from vlmflow.core.errors import ConfigError
 from vlmflow.core.io import write_rows_parquet
 from vlmflow.stages import attributes
 from vlmflow.stages.attributes import LLMSettings
@@ -160,11 +160,11 @@ def test_text_mode_records_and_fingerprints_no_json_keys() -> None:
 
 def test_json_bounds_that_max_new_tokens_cannot_hold_are_named_at_planning() -> None:
     phase = {"format": "json", "max_items": 8, "max_item_chars": 20, "max_new_tokens": 64}
-    warnings = checks.check_answer_formats({"phase1": phase, "phase2": {"format": "text"}})
+    warnings = constrained.check_answer_formats({"phase1": phase, "phase2": {"format": "text"}})
     [warning] = warnings
     assert "config.attributes.phase1.max_new_tokens: 64" in warning and "194" in warning
     roomy = {"phase1": phase | {"max_new_tokens": 194}, "phase2": {}}
-    assert checks.check_answer_formats(roomy) == []
+    assert constrained.check_answer_formats(roomy) == []
 
 
 def test_json_mode_with_a_meta_checkpoint_is_refused_before_any_job(
@@ -174,5 +174,5 @@ def test_json_mode_with_a_meta_checkpoint_is_refused_before_any_job(
         "models": {"llm": "checkpoints/Meta-Llama-3-8B-Instruct/original"},
         "attributes": {"phase1": {"format": "text"}, "phase2": {"format": "json"}},
     }
-    with pytest.raises(checks.ConfigError, match=r"attributes\.phase2\.format: json .*Meta-format"):
-        checks.check_llm_backend(config, demo_models["metallama"])
+    with pytest.raises(ConfigError, match=r"attributes\.phase2\.format: json .*Meta-format"):
+        attributes.check_backend(config, demo_models["metallama"])

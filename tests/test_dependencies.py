@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from vlmflow import moved_to
+
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
 SOURCES = [SRC / "vlmflow", REPO / "workflow" / "scripts"]
@@ -75,7 +77,9 @@ def imports_of(path: Path, top_level_only: bool) -> list[str]:
 
 
 def module_file(name: str) -> Path | None:
-    base = SRC / name.replace(".", "/")
+    """The file of a vlmflow module, named by its path or by its path before the folders
+    (the workflow's scripts keep those: vlmflow.moved_to)."""
+    base = SRC / (moved_to(name) or name).replace(".", "/")
     for path in (base.with_suffix(".py"), base / "__init__.py"):
         if path.is_file():
             return path
@@ -200,3 +204,18 @@ def test_the_engine_worker_needs_only_the_standard_library_and_vllm() -> None:
     modules = imports_of(ENGINE_WORKER, False)
     assert {m.split(".")[0] for m in modules} - set(sys.stdlib_module_names) == {"vllm"}
     assert not any(m.startswith("vlmflow") for m in modules)
+
+
+def test_every_vlmflow_import_of_the_workflow_resolves_to_a_module() -> None:
+    """The scripts name modules by their paths from before the folders (Snakemake reruns
+    a script's jobs when the script changes) or by their new ones; each names a module
+    of the package."""
+    sources = [*sorted((REPO / "workflow" / "scripts").glob("*.py"))]
+    missing = []
+    for path in sources:
+        for name in imports_of(path, False):
+            if name.startswith("vlmflow") and module_file(name) is None:
+                parent = name.rpartition(".")[0]
+                if module_file(parent) is None:  # a name imported from a module
+                    missing.append(f"{name} ({path.relative_to(REPO)})")
+    assert not missing, missing

@@ -145,3 +145,22 @@ def test_the_layers_hold_as_import_linter_checks_them() -> None:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert "0 broken" in done.stdout
+
+
+def test_the_paths_from_before_the_folders_import_the_same_modules() -> None:
+    import importlib
+
+    import vlmflow
+
+    for old, new in [("caption", "stages.caption"), ("ingest.parts", "stages.ingest.parts")]:
+        assert importlib.import_module(f"vlmflow.{old}") is importlib.import_module(
+            f"vlmflow.{new}"
+        )
+    assert vlmflow.moved_to("vlmflow.logs") == "vlmflow.core.logs"
+    assert vlmflow.moved_to("vlmflow.checks") is None  # never moved
+    # Every moved module is where the table says.
+    assert all(
+        (PACKAGE / path.replace(".", "/")).with_suffix(".py").is_file()
+        or (PACKAGE / path.replace(".", "/")).is_dir()
+        for path in vlmflow.MOVED.values()
+    )

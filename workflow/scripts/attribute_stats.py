@@ -1,8 +1,8 @@
-"""Most frequent attributes and attributes per image of a dataset (see vlmflow.reporting.report)."""
+"""Most frequent attributes and attributes per image of a dataset (see vlmflow.report)."""
 
-from vlmflow.core.contract import read_shard_index
-from vlmflow.core.logs import log_to
-from vlmflow.reporting import report
+from vlmflow import report
+from vlmflow.contract import read_shard_index
+from vlmflow.logs import log_to
 
 with log_to(snakemake.log[0]) as log:
     stats = report.write_attribute_figures(

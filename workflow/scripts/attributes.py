@@ -1,4 +1,4 @@
-"""Run one attribute phase on one shard (see vlmflow.stages.attributes).
+"""Run one attribute phase on one shard (see vlmflow.attributes).
 
 A Meta-format checkpoint split over N consolidated.NN.pth files runs on N processes:
 torchrun inside this job, or the launcher the profile gives as the rule's ``mpi``
@@ -7,11 +7,11 @@ resource.
 
 import sys
 
-from vlmflow.core.engine import deployment_of
-from vlmflow.core.logs import log_to
-from vlmflow.core.prompts import read_prompt
-from vlmflow.core.stage_versions import without_version
-from vlmflow.stages import attributes
+from vlmflow import attributes
+from vlmflow.engine import deployment_of
+from vlmflow.logs import log_to
+from vlmflow.prompts import read_prompt
+from vlmflow.stage_versions import without_version
 
 with log_to(snakemake.log[0]):
     params = without_version(snakemake.params.settings)

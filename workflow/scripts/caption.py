@@ -1,10 +1,10 @@
-"""Caption one shard with a VLM (see vlmflow.stages.caption)."""
+"""Caption one shard with a VLM (see vlmflow.caption)."""
 
-from vlmflow.core.engine import deployment_of
-from vlmflow.core.logs import log_to
-from vlmflow.core.prompts import read_prompt
-from vlmflow.core.stage_versions import without_version
-from vlmflow.stages import caption
+from vlmflow import caption
+from vlmflow.engine import deployment_of
+from vlmflow.logs import log_to
+from vlmflow.prompts import read_prompt
+from vlmflow.stage_versions import without_version
 
 with log_to(snakemake.log[0]):
     settings = caption.CaptionSettings(

@@ -1,8 +1,8 @@
-"""Histogram of caption lengths of a dataset (see vlmflow.reporting.report)."""
+"""Histogram of caption lengths of a dataset (see vlmflow.report)."""
 
-from vlmflow.core.contract import read_shard_index
-from vlmflow.core.logs import log_to
-from vlmflow.reporting import report
+from vlmflow import report
+from vlmflow.contract import read_shard_index
+from vlmflow.logs import log_to
 
 with log_to(snakemake.log[0]) as log:
     lengths = report.write_caption_lengths(

@@ -1,7 +1,7 @@
-"""Build one tiny random demo model (see vlmflow.core.models)."""
+"""Build one tiny random demo model (see vlmflow.models)."""
 
-from vlmflow.core.logs import log_to
-from vlmflow.demo.demo_models import DEMO_BUILDERS
+from vlmflow.demo_models import DEMO_BUILDERS
+from vlmflow.logs import log_to
 
 with log_to(snakemake.log[0]) as log:
     build = DEMO_BUILDERS[snakemake.wildcards.kind]

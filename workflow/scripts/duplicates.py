@@ -1,11 +1,11 @@
 """A dataset's duplicates across shards and, for an eval dataset, its leaks from the train
-datasets (see vlmflow.stages.duplicates)."""
+datasets (see vlmflow.duplicates)."""
 
 from collections import Counter
 
-from vlmflow.core.contract import read_shard_index, write_duplicates
-from vlmflow.core.logs import log_to
-from vlmflow.stages.duplicates import find_duplicates
+from vlmflow.contract import read_shard_index, write_duplicates
+from vlmflow.duplicates import find_duplicates
+from vlmflow.logs import log_to
 
 with log_to(snakemake.log[0]) as log:
     rows = find_duplicates(

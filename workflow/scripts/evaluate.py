@@ -1,9 +1,9 @@
-"""Predict labels for one eval dataset and score them (see vlmflow.stages.evaluate)."""
+"""Predict labels for one eval dataset and score them (see vlmflow.evaluate)."""
 
-from vlmflow.core.contract import read_duplicates, read_shard_index
-from vlmflow.core.logs import log_to
-from vlmflow.core.stage_versions import without_version
-from vlmflow.stages import evaluate
+from vlmflow import evaluate
+from vlmflow.contract import read_duplicates, read_shard_index
+from vlmflow.logs import log_to
+from vlmflow.stage_versions import without_version
 
 with log_to(snakemake.log[0]):
     params = without_version(snakemake.params.settings)

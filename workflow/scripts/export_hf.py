@@ -1,9 +1,9 @@
 """A dataset's final samples, less its duplicates and leaks, as a Hugging Face datasets
-folder with its card (see vlmflow.stages.export)."""
+folder with its card (see vlmflow.export)."""
 
-from vlmflow.core.contract import read_duplicates, read_shard_index
-from vlmflow.core.logs import log_to
-from vlmflow.stages.export import CardInfo, export_hf, funnel_total, shard_files
+from vlmflow.contract import read_duplicates, read_shard_index
+from vlmflow.export import CardInfo, export_hf, funnel_total, shard_files
+from vlmflow.logs import log_to
 
 with log_to(snakemake.log[0]):
     inputs = snakemake.input

@@ -1,9 +1,9 @@
 """A train dataset's phase-2 data as LLaVA-format conversations, less its duplicates
-(see vlmflow.stages.export)."""
+(see vlmflow.export)."""
 
-from vlmflow.core.contract import read_duplicates, read_shard_index
-from vlmflow.core.logs import log_to
-from vlmflow.stages.export import LlavaSettings, export_llava
+from vlmflow.contract import read_duplicates, read_shard_index
+from vlmflow.export import LlavaSettings, export_llava
+from vlmflow.logs import log_to
 
 with log_to(snakemake.log[0]):
     export_llava(

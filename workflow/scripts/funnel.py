@@ -1,9 +1,7 @@
-"""A dataset's funnel and failures by stage and reason, page and figure (see
-vlmflow.reporting.report)."""
+"""A dataset's funnel and failures by stage and reason, page and figure (see vlmflow.report)."""
 
-from vlmflow.core import contract
-from vlmflow.core.logs import log_to
-from vlmflow.reporting import report
+from vlmflow import contract, report
+from vlmflow.logs import log_to
 
 with log_to(snakemake.log[0]) as log:
     inputs = snakemake.input

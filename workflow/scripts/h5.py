@@ -1,8 +1,8 @@
-"""Pack one shard into phase-1 and phase-2 LLaVA HDF5 files (see vlmflow.stages.h5)."""
+"""Pack one shard into phase-1 and phase-2 LLaVA HDF5 files (see vlmflow.h5)."""
 
-from vlmflow.core.logs import log_to
-from vlmflow.core.stage_versions import without_version
-from vlmflow.stages.h5 import H5Settings, run_shard
+from vlmflow.h5 import H5Settings, run_shard
+from vlmflow.logs import log_to
+from vlmflow.stage_versions import without_version
 
 with log_to(snakemake.log[0]):
     run_shard(

@@ -1,9 +1,9 @@
 """key -> file/row metadata, dataset-wide data_params.json and, beside each phase's H5
-files, a data_params.json in Cerebras ModelZoo's shape (see vlmflow.stages.h5)."""
+files, a data_params.json in Cerebras ModelZoo's shape (see vlmflow.h5)."""
 
-from vlmflow.core.contract import read_shard_index
-from vlmflow.core.logs import log_to
-from vlmflow.stages.h5 import build_index
+from vlmflow.contract import read_shard_index
+from vlmflow.h5 import build_index
+from vlmflow.logs import log_to
 
 with log_to(snakemake.log[0]):
     build_index(

@@ -1,8 +1,8 @@
-"""Shuffle one dataset's HDF5 files of one phase across files (see vlmflow.stages.h5_shuffle)."""
+"""Shuffle one dataset's HDF5 files of one phase across files (see vlmflow.h5_shuffle)."""
 
-from vlmflow.core.contract import read_shard_index
-from vlmflow.core.logs import log_to
-from vlmflow.stages.h5_shuffle import shuffle_files
+from vlmflow.contract import read_shard_index
+from vlmflow.h5_shuffle import shuffle_files
+from vlmflow.logs import log_to
 
 with log_to(snakemake.log[0]):
     shuffle_files(

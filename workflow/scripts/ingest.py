@@ -1,10 +1,9 @@
-"""Ingest one shard of a dataset's source into a WebDataset tar (see
-vlmflow.stages.ingest.sources)."""
+"""Ingest one shard of a dataset's source into a WebDataset tar (see vlmflow.ingest.sources)."""
 
-from vlmflow.core.contract import PART_MANIFESTS
-from vlmflow.core.logs import log_to
-from vlmflow.core.stage_versions import without_version
-from vlmflow.stages.ingest import IngestSettings, ingest_shard, source_from_config
+from vlmflow.contract import PART_MANIFESTS
+from vlmflow.ingest import IngestSettings, ingest_shard, source_from_config
+from vlmflow.logs import log_to
+from vlmflow.stage_versions import without_version
 
 with log_to(snakemake.log[0]) as log:
     rows = snakemake.params.rows

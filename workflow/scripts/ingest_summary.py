@@ -2,9 +2,9 @@
 
 import csv
 
-from vlmflow.core.contract import read_shard_index, summarize_stats
-from vlmflow.core.io import atomic_open
-from vlmflow.core.logs import log_to
+from vlmflow.contract import read_shard_index, summarize_stats
+from vlmflow.io import atomic_open
+from vlmflow.logs import log_to
 
 with log_to(snakemake.log[0]):
     table = summarize_stats(read_shard_index(snakemake.input[0], "stats"))

@@ -1,9 +1,8 @@
-"""Write the caption gallery or the dialog samples of a dataset (see
-vlmflow.reporting.inspect_samples)."""
+"""Write the caption gallery or the dialog samples of a dataset (see vlmflow.inspect_samples)."""
 
-from vlmflow.core.logs import log_to
-from vlmflow.core.prompts import read_prompt
-from vlmflow.reporting import inspect_samples
+from vlmflow import inspect_samples
+from vlmflow.logs import log_to
+from vlmflow.prompts import read_prompt
 
 with log_to(snakemake.log[0]) as log:
     dataset = snakemake.wildcards.dataset

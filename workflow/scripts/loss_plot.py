@@ -1,7 +1,7 @@
 """Loss and learning-rate curves of both training phases, for the report."""
 
-from vlmflow.core.logs import log_to
-from vlmflow.reporting.plots import plot_training
+from vlmflow.logs import log_to
+from vlmflow.plots import plot_training
 
 with log_to(snakemake.log[0]):
     plot_training(

@@ -2,8 +2,8 @@
 
 import csv
 
-from vlmflow.core.logs import log_to
-from vlmflow.stages.evaluate import METRIC_COLUMNS, write_metrics_tsv
+from vlmflow.evaluate import METRIC_COLUMNS, write_metrics_tsv
+from vlmflow.logs import log_to
 
 with log_to(snakemake.log[0]):
     table = []

@@ -1,9 +1,8 @@
-"""The parse failures of both attribute phases, with example answers (see
-vlmflow.reporting.report)."""
+"""The parse failures of both attribute phases, with example answers (see vlmflow.report)."""
 
-from vlmflow.core.contract import read_shard_index
-from vlmflow.core.logs import log_to
-from vlmflow.reporting import report
+from vlmflow import report
+from vlmflow.contract import read_shard_index
+from vlmflow.logs import log_to
 
 with log_to(snakemake.log[0]) as log:
     failures = report.parse_failures(

@@ -1,7 +1,7 @@
-"""A dataset's index of one per-shard job's outputs (see vlmflow.core.contract)."""
+"""A dataset's index of one per-shard job's outputs (see vlmflow.contract)."""
 
-from vlmflow.core.contract import write_shard_index
-from vlmflow.core.logs import log_to
+from vlmflow.contract import write_shard_index
+from vlmflow.logs import log_to
 
 with log_to(snakemake.log[0]) as log:
     rows = write_shard_index(

@@ -1,4 +1,4 @@
-"""Train one phase of the LLaVA-style model (see vlmflow.stages.train).
+"""Train one phase of the LLaVA-style model (see vlmflow.train).
 
 The profile decides how many processes train: a rule with an ``mpi`` resource (e.g.
 ``srun`` on a Slurm cluster) starts one process per task of the job; without it the
@@ -8,10 +8,10 @@ phase trains in this process.
 import sys
 from pathlib import Path
 
-from vlmflow.core.contract import read_shard_index
-from vlmflow.core.logs import log_to
-from vlmflow.core.stage_versions import without_version
-from vlmflow.stages import train
+from vlmflow import train
+from vlmflow.contract import read_shard_index
+from vlmflow.logs import log_to
+from vlmflow.stage_versions import without_version
 
 with log_to(snakemake.log[0]):
     settings = train.TrainSettings(**without_version(snakemake.params.settings))

@@ -160,3 +160,23 @@ class JsonListProcessor:
         masked = scores.cpu()
         xgrammar.apply_token_bitmask_inplace(masked, self.bitmask)
         return masked.to(scores.device)
+
+
+def check_answer_formats(attributes: dict[str, Any]) -> list[str]:
+    """A json-mode phase whose max_new_tokens cannot hold its longest allowed answer: such
+    answers are cut and counted as truncated."""
+    warnings = []
+    for phase in ("phase1", "phase2"):
+        section = attributes[phase]
+        if section.get("format") != "json":
+            continue
+        longest = phase_shape(phase, section["max_items"], section["max_item_chars"]).max_tokens()
+        if section["max_new_tokens"] < longest:
+            warnings.append(
+                f"config.attributes.{phase}.max_new_tokens: {section['max_new_tokens']} "
+                f"tokens can cut a JSON list of max_items = {section['max_items']} items of "
+                f"max_item_chars = {section['max_item_chars']} characters (up to {longest} "
+                "tokens); a cut answer counts as truncated. Raise max_new_tokens to "
+                f"{longest} or lower the bounds"
+            )
+    return warnings

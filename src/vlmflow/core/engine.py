@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple, TypeVar
 
 from vlmflow.core.constrained import ListShape, engine_options, request_fields
+from vlmflow.core.errors import ConfigError
 from vlmflow.core.models import GenerationSettings, cached_file, split_revision
 
 log = logging.getLogger(__name__)
@@ -708,3 +709,20 @@ def decoded(
             yield index, ids
         else:
             yield index, str(tokenizer.decode(ids, skip_special_tokens=True)).strip()
+
+
+# A vllm.command that starts vLLM's OpenAI server (what it named before vlmflow ran the
+# engine itself): its CLI or its module.
+SERVER_COMMAND = re.compile(r"(?:^|\s)(?:-m\s+vllm\b|\S*vllm\s+serve\b)")
+
+
+def check_command(config: dict[str, Any]) -> None:
+    """``vllm.command`` is the engine environment's Python, not a server's command line."""
+    command = config.get("vllm", {}).get("command", "")
+    if SERVER_COMMAND.search(command):
+        raise ConfigError(
+            f"config.vllm.command: {command!r} starts a vLLM server; vllm.command is the "
+            "Python of the engine's environment, which runs vlmflow's engine script "
+            "(e.g. .venv-vllm/bin/python, .vllm-conda/bin/python or apptainer exec --nv "
+            "vllm.sif python3)"
+        )

@@ -26,6 +26,7 @@ import pyarrow as pa
 import torch
 
 from vlmflow.core import engine
+from vlmflow.core.errors import ConfigError
 from vlmflow.core.io import stable_seed, write_rows_parquet
 from vlmflow.core.models import GenerationSettings, hf_engine, is_hub_id, pretrained, split_revision
 from vlmflow.core.progress import (
@@ -400,3 +401,15 @@ def _vllm_captioner(
 
 # Data-URL media types of the shard members' image formats.
 IMAGE_FORMATS = {"jpg": "jpeg", "jpeg": "jpeg", "png": "png", "webp": "webp"}
+
+
+def check_model(
+    reference: str, folder: str | None, trust_remote_code: bool, backend: str = "hf"
+) -> None:
+    """The captioner's architecture is one a caption route of ``backend`` can load."""
+    if folder is None:
+        return
+    try:
+        vlm_route(folder, trust_remote_code, backend)
+    except ValueError as error:
+        raise ConfigError(f"config.models.vlm: {reference!r}: {error}") from None

@@ -18,6 +18,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from vlmflow.core.errors import ConfigError
 from vlmflow.core.h5_layout import (
     FEATURES,
     INPUT_IDS,
@@ -560,3 +561,24 @@ def cerebras_data_params(
             "attended_tokens": totals["tokens"],
         },
     }
+
+
+def check_budget(config: dict[str, Any], vision_folder: str, lm_folder: str) -> None:
+    """``h5.max_seq_len`` holds the image patches, the template and an answer, and fits
+    the language model's context."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    settings = H5Settings(**config["h5"])
+    models = config["models"]
+    tokenizer = AutoTokenizer.from_pretrained(lm_folder)
+    budget = sequence_budget(tokenizer, num_patches_of(vision_folder), settings)
+    problem = budget.problem(settings.max_seq_len, models["vision_tower"], models["language_model"])
+    if problem is not None:
+        raise ConfigError(problem)
+    context = getattr(AutoConfig.from_pretrained(lm_folder), "max_position_embeddings", None)
+    if context is not None and settings.max_seq_len > context:
+        raise ConfigError(
+            f"config.h5.max_seq_len: {settings.max_seq_len} is longer than the context of "
+            f"{models['language_model']} ({context} tokens, max_position_embeddings); use at "
+            f"most {context} (at least {budget.minimum})"
+        )

@@ -6,7 +6,9 @@ import dataclasses
 import ipaddress
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
+from vlmflow.core.errors import ConfigError
 from vlmflow.stages.ingest.resize import Resize, resize_from_settings
 
 # Fields this stage writes into {key}.json; extra columns with these names get a prefix.
@@ -94,3 +96,15 @@ class Failure(Exception):
         self.reason = reason
         self.detail = detail
         self.retryable = retryable
+
+
+def check_section(settings: dict[str, Any]) -> list[str]:
+    """The config's ``ingest`` section as ingest jobs will take it: a bad value raises
+    ConfigError at DAG build; the warnings (earlier names still in use) are returned."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FutureWarning)
+        try:
+            IngestSettings(**settings)
+        except IngestError as exc:
+            raise ConfigError(f"config.{exc}") from None
+    return [str(warning.message) for warning in caught]
