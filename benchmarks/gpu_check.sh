@@ -342,7 +342,7 @@ check_train_logs() {
   for phase in phase1 phase2; do
     log=$workdir/logs/train/$phase.log
     [[ -s $log ]] || fail "$log is missing or empty"
-    grep -E "launching .*torch\.distributed\.run --standalone --nproc-per-node=1 -m vlmflow\.train" "$log" ||
+    grep -E "launching .*torch\.distributed\.run --standalone --nproc-per-node=1 -m vlmflow\.stages\.train" "$log" ||
       fail "logs/train/$phase.log: no torchrun launch (is the mpi resource set?)"
     grep -E "rank 0 of 1 on " "$log" || fail "logs/train/$phase.log: no 'rank 0 of 1 on <device>' line"
     if ((HAVE_GPU)); then

@@ -401,7 +401,7 @@ def _crash_at_loss_call(monkeypatch: pytest.MonkeyPatch, call: int, action: Any)
             action()
         return real(*args)
 
-    monkeypatch.setattr(train, "masked_loss", wrapped)
+    monkeypatch.setattr("vlmflow.stages.train.trainer.masked_loss", wrapped)  # where it is called
 
 
 def die() -> None:
@@ -882,7 +882,7 @@ def test_a_failing_rank_fails_the_launch(tmp_path: Path, h5_files: H5Files) -> N
     job = train.TrainJob([h5_files.phase1], str(tmp_path / "model"), PHASE1)  # no model given
     with (
         open(tmp_path / "train.log", "w", encoding="utf-8") as handle,
-        pytest.raises(RuntimeError, match=r"vlmflow\.train processes failed"),
+        pytest.raises(RuntimeError, match=r"vlmflow\.stages\.train processes failed"),
     ):
         train.launch(job, "torchrun --standalone --nproc-per-node=2", handle)
     assert "needs init_from" in (tmp_path / "train.log").read_text(encoding="utf-8")
