@@ -44,7 +44,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from vlmflow.core import engine
+from vlmflow.core import engine, engine_process
 from vlmflow.core.attribute_text import clean_vlm_caption, phase1_prompt
 from vlmflow.core.io import write_rows_parquet
 from vlmflow.core.prompts import read_prompt
@@ -120,20 +120,20 @@ class StartUp:
 STARTUP = StartUp()
 STARTUP.wrap(caption, "load_vlm")
 STARTUP.wrap(attributes, "load_llm")
-ENGINE_READY = engine.Engine.wait_ready
+ENGINE_READY = engine_process.Engine.wait_ready
 
 
-def engine_start_up(self: engine.Engine) -> None:
+def engine_start_up(self: engine_process.Engine) -> None:
     """The vLLM engine's start-up: from its start until it is ready (the job prepares its
     requests meanwhile, hidden in it)."""
     ENGINE_READY(self)
     STARTUP.seconds += time.monotonic() - self.started
 
 
-setattr(engine.Engine, "wait_ready", engine_start_up)  # noqa: B010 - the benchmark's wrapper
+setattr(engine_process.Engine, "wait_ready", engine_start_up)  # noqa: B010 - the benchmark's wrapper
 # Stopping the server at the end of a job (vLLM's shutdown): a fixed cost as the start-up.
 SHUTDOWN = StartUp()
-SHUTDOWN.wrap(engine.Engine, "stop")
+SHUTDOWN.wrap(engine_process.Engine, "stop")
 
 
 def measure(stage: str, backend: str, items: int, model: str, out: Path, run: Any) -> Measure:
@@ -236,7 +236,7 @@ def offline_floor(settings: attributes.LLMSettings, work: Path, items: int, pyth
             check=False,
         )
     if done.returncode:
-        raise SystemExit(f"vLLM's offline run failed (log: {log}): {engine.last_line(log)}")
+        raise SystemExit(f"vLLM's offline run failed (log: {log}): {engine_process.last_line(log)}")
     result = json.loads((work / "out.json").read_text(encoding="utf-8"))
     texts = [
         str(tokenizer.decode(ids, skip_special_tokens=True)).strip() for ids in result["answers"]

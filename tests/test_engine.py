@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from vlmflow.core import engine
+from vlmflow.core import engine, engine_process
 
 PIN = "ab" * 20
 
@@ -84,16 +84,16 @@ def test_a_dead_engines_reason_is_the_first_exception_in_its_log(tmp_path: Path)
         "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue.\n"
         'INFO:     127.0.0.1:5 - "POST /v1/chat/completions HTTP/1.1" 500 Internal Server Error\n'
     )
-    assert engine.last_line(log) == "RuntimeError: CPU Generator does not use offset"
+    assert engine_process.last_line(log) == "RuntimeError: CPU Generator does not use offset"
     log.write_text(
         "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig\n"
         "  Value error, max_model_len (999999) is too long\n"
         "    For further information visit https://errors.pydantic.dev/2.14/v/value_error\n"
     )
-    assert engine.last_line(log).endswith("Value error, max_model_len (999999) is too long")
+    assert engine_process.last_line(log).endswith("Value error, max_model_len (999999) is too long")
     log.write_text("starting\nKilled\n")
-    assert engine.last_line(log) == "Killed"
-    assert engine.last_line(tmp_path / "missing.log") == "(no log)"
+    assert engine_process.last_line(log) == "Killed"
+    assert engine_process.last_line(tmp_path / "missing.log") == "(no log)"
 
 
 def test_a_deployment_logs_beside_the_job_and_defaults_to_the_engine_env() -> None:
@@ -121,10 +121,10 @@ class FakeEngine:
         self.most = max(self.most, len(self.held))
         return ident
 
-    def answer(self, timeout_s: float) -> engine.Answer:
+    def answer(self, timeout_s: float) -> engine_process.Answer:
         ident = max(self.held, key=lambda i: (self.held[i] % 5, i))  # out of order
         index = self.held.pop(ident)
-        return engine.Answer(ident, "prompt too long" if index == 7 else [index, index])
+        return engine_process.Answer(ident, "prompt too long" if index == 7 else [index, index])
 
 
 def session_on(fake: FakeEngine, retries: int = 2) -> engine.Session:
