@@ -51,6 +51,7 @@ from vlmflow.core.prompts import read_prompt
 from vlmflow.demo import miniatures
 from vlmflow.demo.shapes import samples, write_shard
 from vlmflow.stages import attributes, caption
+from vlmflow.stages.attributes import generation
 from vlmflow.stages.caption import CAPTION_SCHEMA, CaptionSettings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -119,7 +120,7 @@ class StartUp:
 
 STARTUP = StartUp()
 STARTUP.wrap(caption, "load_vlm")
-STARTUP.wrap(attributes, "load_llm")
+STARTUP.wrap(generation, "load_llm")
 ENGINE_READY = engine_process.Engine.wait_ready
 
 

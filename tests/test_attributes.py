@@ -18,7 +18,7 @@ from vlmflow.core.io import write_rows_parquet
 from vlmflow.core.progress import Interrupted, progress_path
 from vlmflow.core.prompts import prompt_id
 from vlmflow.stages import attributes
-from vlmflow.stages.attributes import PHASE1_SCHEMA, PHASE2_SCHEMA, LLMSettings
+from vlmflow.stages.attributes import PHASE1_SCHEMA, PHASE2_SCHEMA, LLMSettings, generation, phases
 from vlmflow.stages.caption import CAPTION_SCHEMA
 
 PROMPTS = Path(__file__).resolve().parents[1] / "config" / "prompts"
@@ -150,7 +150,7 @@ def test_answers_come_back_for_their_own_key_whatever_the_batching(
     source = tmp_path / "input.parquet"
     source.write_bytes(b"stands in for the phase's input file")
     for batch_size in (1, 3, 5):
-        answers, _ = attributes._answers(
+        answers, _ = phases._answers(
             keys,
             prompts,
             replace(settings, batch_size=batch_size),
@@ -180,7 +180,7 @@ def test_shared_prompt_prefix_is_computed_once_and_changes_no_answer(
     assert prefix is not None
     # The chat header and the template's instructions: most of each prompt.
     assert len(prefix.ids) > 0.7 * min(
-        len(tokenizer(attributes._chat(tokenizer, p), add_special_tokens=False)["input_ids"])
+        len(tokenizer(generation._chat(tokenizer, p), add_special_tokens=False)["input_ids"])
         for p in prompts
     )
     plain = attributes.answer_batch(tokenizer, model, prompts, settings)
@@ -202,11 +202,11 @@ def test_shared_prompt_prefix_is_computed_once_and_changes_no_answer(
         calls.append(1)
         return real(*args)
 
-    monkeypatch.setattr(attributes, "shared_prefix", counting)
+    monkeypatch.setattr(generation, "shared_prefix", counting)
     source = tmp_path / "input.parquet"
     source.write_bytes(b"stands in for the phase's input file")
     keys = [f"k{n}" for n in range(len(prompts))]
-    answers, markers = attributes._answers(
+    answers, markers = phases._answers(
         keys,
         prompts,
         replace(settings, batch_size=1),
@@ -256,7 +256,7 @@ def test_phase1_with_demo_llm_keeps_every_key_and_skips_failed_captions(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     recorder = Recorder()
-    monkeypatch.setattr(attributes, "answer_batch", recorder)
+    monkeypatch.setattr(generation, "answer_batch", recorder)
     settings = LLMSettings(
         model=demo_models["llm"], prompt=PHASE1_TEMPLATE, max_new_tokens=16, batch_size=2
     )
@@ -304,8 +304,8 @@ def test_phase1_parses_each_answer_for_its_own_key(
         "a dog on the grass": "   ",
         "a cat": "Here is the list:\n- cat\n- sofa",
     }
-    monkeypatch.setattr(attributes, "answer_batch", Recorder(answers))
-    monkeypatch.setattr(attributes, "load_llm", no_model)
+    monkeypatch.setattr(generation, "answer_batch", Recorder(answers))
+    monkeypatch.setattr(generation, "load_llm", no_model)
     out = tmp_path / "phase1.parquet"
     settings = LLMSettings(model="llm", prompt=PHASE1_TEMPLATE)
     counts = attributes.run_phase1(captions_parquet, out, settings, "000000")
@@ -345,7 +345,7 @@ def test_phase2_with_demo_llm_keeps_every_key_and_aligns_sources(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     recorder = Recorder()
-    monkeypatch.setattr(attributes, "answer_batch", recorder)
+    monkeypatch.setattr(generation, "answer_batch", recorder)
     settings = LLMSettings(model=demo_models["llm"], prompt=PHASE2_TEMPLATE, max_new_tokens=16)
     out = tmp_path / "phase2.parquet"
     counts = attributes.run_phase2(phase1_parquet, out, settings, "000000")
@@ -383,8 +383,8 @@ def test_phase2_merges_new_items_and_is_deterministic(
     phase1_parquet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     answers = {"1. red wooden chair": "1. chair\n2. dog\n3. leg", "2. sofa": "none"}
-    monkeypatch.setattr(attributes, "answer_batch", Recorder(answers))
-    monkeypatch.setattr(attributes, "load_llm", no_model)
+    monkeypatch.setattr(generation, "answer_batch", Recorder(answers))
+    monkeypatch.setattr(generation, "load_llm", no_model)
     settings = LLMSettings(model="llm", prompt=PHASE2_TEMPLATE)
     attributes.run_phase2(phase1_parquet, tmp_path / "a.parquet", settings, "000000")
     attributes.run_phase2(phase1_parquet, tmp_path / "b.parquet", settings, "000000")
@@ -424,8 +424,8 @@ def test_phase2_generation_error_keeps_phase1_attributes_and_is_counted(
                 raise RuntimeError("CUDA out of memory")
             return super().__call__(*args, **kwargs)
 
-    monkeypatch.setattr(attributes, "answer_batch", FailsOnSofa(answers))
-    monkeypatch.setattr(attributes, "load_llm", no_model)
+    monkeypatch.setattr(generation, "answer_batch", FailsOnSofa(answers))
+    monkeypatch.setattr(generation, "load_llm", no_model)
     settings = LLMSettings(model="llm", prompt=PHASE2_TEMPLATE, batch_size=2)
     counts = attributes.run_phase2(phase1_parquet, tmp_path / "out.parquet", settings, "000000")
     rows = {r["key"]: r for r in pq.read_table(tmp_path / "out.parquet").to_pylist()}
@@ -459,9 +459,9 @@ def test_phase1_sigterm_then_restart_redoes_at_most_one_batch(
     captions_parquet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     answers = {"a red car": "red car", "a dog on the grass": "dog, grass", "a cat": "cat, sofa"}
-    monkeypatch.setattr(attributes, "load_llm", no_model)
+    monkeypatch.setattr(generation, "load_llm", no_model)
     settings = LLMSettings(model="llm", prompt=PHASE1_TEMPLATE, batch_size=1)
-    monkeypatch.setattr(attributes, "answer_batch", Recorder(answers))
+    monkeypatch.setattr(generation, "answer_batch", Recorder(answers))
     attributes.run_phase1(captions_parquet, tmp_path / "full.parquet", settings, "000000")
 
     class StopInSecondBatch(Recorder):
@@ -471,11 +471,11 @@ def test_phase1_sigterm_then_restart_redoes_at_most_one_batch(
             return super().__call__(*args, **kwargs)
 
     out = tmp_path / "phase1" / "000000.parquet"
-    monkeypatch.setattr(attributes, "answer_batch", StopInSecondBatch(answers))
+    monkeypatch.setattr(generation, "answer_batch", StopInSecondBatch(answers))
     with pytest.raises(Interrupted):
         attributes.run_phase1(captions_parquet, out, settings, "000000")
     resumed = Recorder(answers)
-    monkeypatch.setattr(attributes, "answer_batch", resumed)
+    monkeypatch.setattr(generation, "answer_batch", resumed)
     attributes.run_phase1(captions_parquet, out, settings, "000000")
     assert resumed.batches == 2  # of 3: the interrupted batch and the one never started
     assert pq.read_table(out).to_pylist() == pq.read_table(tmp_path / "full.parquet").to_pylist()
