@@ -16,17 +16,16 @@ from PIL import Image
 
 from vlmflow.core.shards import iter_samples
 from vlmflow.stages.ingest import IngestError, IngestSettings
-from vlmflow.stages.ingest.sources import (
+from vlmflow.stages.ingest.collections import (
     CocoSource,
     HFDatasetSource,
     ImageFolderSource,
-    Source,
     WebDatasetSource,
-    ingest_source_shard,
     join_captions,
-    source_from_config,
 )
+from vlmflow.stages.ingest.source import Source
 from vlmflow.stages.ingest.sources import UrlListSource as UrlList
+from vlmflow.stages.ingest.sources import ingest_source_shard, source_from_config
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 

@@ -35,7 +35,7 @@ from vlmflow.core.stage_versions import STAGE_VERSIONS
 from vlmflow.stages import attributes, caption, h5
 from vlmflow.stages.caption import CAPTION_SCHEMA
 from vlmflow.stages.ingest import IngestSettings, ingest_source_shard
-from vlmflow.stages.ingest.sources import ImageFolderSource
+from vlmflow.stages.ingest.collections import ImageFolderSource
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDED = Path(__file__).with_name("stage_digests.json")

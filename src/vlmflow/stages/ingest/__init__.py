@@ -20,8 +20,9 @@ Conventions worth knowing:
   field written by this stage (``key``, ``width``, ...) is stored as ``src_<name>``.
 
 The subpackage, in the order a row goes through it: ``lists`` (URL lists), ``parts``
-(lists in parts, and the manifests planning reads instead of the lists), ``sources``
-(every kind of source, as rows), ``jobs`` (one per row), ``fetch`` (downloads, with
+(lists in parts, and the manifests planning reads instead of the lists), ``source``
+(the Source base class), ``sources`` (URL lists as a source; every kind from the config)
+and ``collections`` (image folders, COCO, HF datasets, tars), ``jobs`` (one per row), ``fetch`` (downloads, with
 ``deadlines``), ``images`` (decode, ``resize``, encode) and ``writer`` (the shard's tar and
 stats). Its public interface is what this module imports.
 """
@@ -44,9 +45,8 @@ from vlmflow.stages.ingest.settings import (
     IngestError,
     IngestSettings,
 )
+from vlmflow.stages.ingest.source import SOURCE_KINDS, Source
 from vlmflow.stages.ingest.sources import (
-    SOURCE_KINDS,
-    Source,
     UrlListSource,
     ingest_shard,
     ingest_source_shard,
