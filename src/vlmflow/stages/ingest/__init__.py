@@ -22,9 +22,9 @@ Conventions worth knowing:
 The subpackage, in the order a row goes through it: ``lists`` (URL lists), ``parts``
 (lists in parts, and the manifests planning reads instead of the lists), ``source``
 (the Source base class), ``sources`` (URL lists as a source; every kind from the config)
-and ``collections`` (image folders, COCO, HF datasets, tars), ``jobs`` (one per row), ``fetch`` (downloads, with
-``deadlines``), ``images`` (decode, ``resize``, encode) and ``writer`` (the shard's tar and
-stats). Its public interface is what this module imports.
+and ``collections`` (image folders, COCO, HF datasets, tars), ``jobs`` (one per row),
+``fetch`` (downloads, with ``deadlines``), ``images`` (decode, ``resize``, encode) and
+``writer`` (the shard's tar and stats). Its public interface is what this module imports.
 """
 
 from vlmflow.stages.ingest.jobs import Job, plan_jobs
