@@ -1,6 +1,6 @@
 """The package's shape, measured from its source: its layers (import-linter's contracts
 in pyproject.toml), no import cycles, no module importing another module's private names,
-no function over 80 lines (docs/architecture.md)."""
+no module over 600 lines, no function over 80 (docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "vlmflow"
 MAX_FUNCTION_LINES = 80
+MAX_MODULE_LINES = 600
 
 
 def module_name(path: Path) -> str:
@@ -164,3 +165,12 @@ def test_the_paths_from_before_the_folders_import_the_same_modules() -> None:
         or (PACKAGE / path.replace(".", "/")).is_dir()
         for path in vlmflow.MOVED.values()
     )
+
+
+def test_no_module_is_longer_than_600_lines() -> None:
+    long = {
+        name: count
+        for name, path in modules().items()
+        if (count := len(path.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES
+    }
+    assert not long, f"split these modules (at most {MAX_MODULE_LINES} lines): {long}"

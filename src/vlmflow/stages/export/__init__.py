@@ -26,53 +26,27 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from vlmflow.core.contract import (
-    FUNNEL_STAGES,
-    Funnel,
-    dataset_funnel,
-    failure_rows,
-    read_columns,
-    total_funnel,
-)
+from vlmflow.core.contract import read_columns
 from vlmflow.core.io import atomic_dir, atomic_open, read_json
-from vlmflow.core.models import is_hub_id, split_revision
-from vlmflow.core.prompts import phase2_turns, prompt_id, read_prompt
+from vlmflow.core.prompts import phase2_turns
 from vlmflow.core.shards import iter_samples
+from vlmflow.stages.export.card import dataset_card, funnel_total
+from vlmflow.stages.export.counts import (
+    HF_COLUMNS,
+    HF_STAGES,
+    PROVENANCE,
+    CardInfo,
+    ExportCounts,
+    ExportError,
+    LeftOut,
+)
 
 log = logging.getLogger(__name__)
-
-# (shard, key) -> why the sample is left out of the exports (vlmflow.stages.duplicates).
-LeftOut = Mapping[tuple[str, str], str]
-# What each generated row records of how it was made.
-PROVENANCE = ("model", "engine", "prompt_id")
-
-
-class ExportError(ValueError):
-    """A stage output an export cannot use: the message names the file, key or field."""
-
-
-@dataclass
-class ExportCounts:
-    """What an export wrote and left out, and the provenance of what it wrote."""
-
-    written: int = 0
-    # Kept samples left out, by reason (the ``left_out`` mapping's values).
-    left_out: Counter[str] = field(default_factory=Counter)
-    sources: set[str] = field(default_factory=set)
-    # stage -> (model, engine, prompt_id) -> samples written
-    models: dict[str, Counter[tuple[str, str, str]]] = field(default_factory=dict)
-
-    def record(self, stage: str, row: Mapping[str, Any]) -> None:
-        model, engine, pid = ("-" if row[name] is None else str(row[name]) for name in PROVENANCE)
-        self.models.setdefault(stage, Counter())[(model, engine, pid)] += 1
 
 
 # --- stage outputs -----------------------------------------------------------------------
@@ -303,27 +277,6 @@ def shard_files(
     return [ShardFiles(*map(Path, files)) for files in columns]
 
 
-# Columns of the HF dataset, with what the card says of each.
-HF_COLUMNS = {
-    "key": "the sample's key (unique in the dataset)",
-    "image": "the image as ingested (JPEG or WebP bytes; decoded to PIL by `datasets`)",
-    "web_caption": "the caption the source gave (alt text, caption column)",
-    "vlm_caption": "the caption the VLM wrote",
-    "attributes": "the final attribute list (phase 1 merged with phase 2)",
-    "source": "the ingest source of the sample's shard (`kind:path`)",
-    "shard": "the shard id",
-    "url": "where the image came from (null when the source has no URL)",
-    "caption_model": "the VLM, pinned (`org/name@<commit>`) or a local folder",
-    "caption_engine": "the backend and version that wrote the caption",
-    "phase1_model": "the LLM of attributes phase 1",
-    "phase1_engine": "its backend and version",
-    "phase2_model": "the LLM of attributes phase 2",
-    "phase2_engine": "its backend and version",
-}
-# Stage name in the card -> column prefix.
-HF_STAGES = {"caption": "caption", "attributes phase 1": "phase1", "attributes phase 2": "phase2"}
-
-
 def hf_features() -> Any:
     """The ``datasets.Features`` of HF_COLUMNS."""
     import datasets
@@ -404,17 +357,6 @@ def hf_shard_rows(
         )
 
 
-@dataclass(frozen=True)
-class CardInfo:
-    """What the card says besides the rows: the config and the funnel's counts."""
-
-    dataset: str
-    source: Mapping[str, Any]  # config.datasets.D
-    prompts: Mapping[str, str | Path]  # stage (HF_STAGES) -> prompt file
-    funnel: Funnel  # the dataset's total funnel (vlmflow.core.contract)
-    llava: str | None = None  # the LLaVA export of the same samples (train datasets)
-
-
 def build_dataset(rows: Callable[[], Iterator[dict[str, Any]]], cache: Path) -> Any:
     """A ``datasets.Dataset`` of HF_COLUMNS from ``rows``, its arrow files in ``cache``;
     an error of ours in ``rows`` is raised as itself, not wrapped by ``datasets``."""
@@ -465,143 +407,16 @@ def export_hf(
     return counts
 
 
-# --- the dataset card ----------------------------------------------------------------------
-
-
-def funnel_total(
-    stats: Sequence[str | Path],
-    captions: Sequence[str | Path],
-    phase1: Sequence[str | Path],
-    phase2: Sequence[str | Path],
-    h5: Sequence[str | Path] = (),
-    duplicates: str | Path | None = None,
-) -> Funnel:
-    """The dataset's funnel, counted as the report's funnel page counts it."""
-    return total_funnel(dataset_funnel(stats, captions, phase1, phase2, h5, duplicates))
-
-
-# Hugging Face's size categories, by their upper bounds.
-SIZE_CATEGORIES = [
-    (1_000, "n<1K"),
-    (10_000, "1K<n<10K"),
-    (100_000, "10K<n<100K"),
-    (1_000_000, "100K<n<1M"),
-    (10_000_000, "1M<n<10M"),
-    (100_000_000, "10M<n<100M"),
-    (1_000_000_000, "100M<n<1B"),
-    (10_000_000_000, "1B<n<10B"),
-    (100_000_000_000, "10B<n<100B"),
-    (1_000_000_000_000, "100B<n<1T"),
+__all__ = [
+    "HF_COLUMNS",
+    "CardInfo",
+    "ExportCounts",
+    "ExportError",
+    "LeftOut",
+    "LlavaSettings",
+    "ShardFiles",
+    "export_hf",
+    "export_llava",
+    "funnel_total",
+    "shard_files",
 ]
-LICENCE_NOTE = (
-    "The images keep their owners' licences and terms: this dataset grants no rights to "
-    "them, and the web captions come from the same sources. Check each image's licence "
-    "(`url`, `source`) before redistributing it or training on it, and honour removal "
-    "requests. The VLM captions and the attributes were generated by the models listed "
-    "above and fall under those models' licences and terms of use."
-)
-
-
-def front_matter(card: CardInfo, rows: int) -> str:
-    """The card's YAML metadata (the Hub reads it)."""
-    size = next((name for bound, name in SIZE_CATEGORIES if rows < bound), "n>1T")
-    metadata = {
-        "license": "other",
-        "license_name": "image-owners-licences",
-        "pretty_name": f"vlmflow {card.dataset}",
-        "language": ["en"],
-        "task_categories": ["image-to-text"],
-        "size_categories": [size],
-        "tags": ["vlmflow", "image-captioning", "attributes", "llava"],
-    }
-    return f"---\n{yaml.safe_dump(metadata, sort_keys=False)}---\n"
-
-
-def revision_of(model: str) -> str:
-    """The revision a recorded model reference is pinned to, in words."""
-    name, revision = split_revision(model)
-    if revision is not None:
-        return f"`{revision}`"
-    return "unpinned" if is_hub_id(name) else "local folder"
-
-
-def models_section(counts: ExportCounts) -> list[str]:
-    lines = [
-        "## Models",
-        "",
-        "As the rows record them (the reference, pinned to a commit for hub models).",
-        "",
-        "| stage | model | revision | engine | prompt id | samples |",
-        "| --- | --- | --- | --- | --- | ---: |",
-    ]
-    for stage in HF_STAGES:
-        for (model, engine, pid), samples in sorted(counts.models.get(stage, Counter()).items()):
-            name = split_revision(model)[0]
-            lines.append(
-                f"| {stage} | `{name}` | {revision_of(model)} | {engine} | `{pid}` | {samples} |"
-            )
-    return lines
-
-
-def prompts_section(prompts: Mapping[str, str | Path]) -> list[str]:
-    lines = ["## Prompts", ""]
-    for stage, path in prompts.items():
-        text = read_prompt(path)
-        lines += [
-            f"{stage}: `{path}` (prompt id `{prompt_id(text)}`)",
-            "",
-            "```text",
-            text,
-            "```",
-            "",
-        ]
-    return lines
-
-
-def counts_section(card: CardInfo, counts: ExportCounts) -> list[str]:
-    total = card.funnel
-    lines = ["## Counts", "", "| stage | samples |", "| --- | ---: |"]
-    lines += [
-        f"| {label} | {total.counts[stage]} |"
-        for stage, label in FUNNEL_STAGES.items()
-        if total.counts[stage] is not None
-    ]
-    lines += [
-        *(f"| left out: {reason} | {n} |" for reason, n in sorted(counts.left_out.items())),
-        f"| **in this dataset** | **{counts.written}** |",
-        "",
-    ]
-    failures = failure_rows(total)
-    if failures:
-        lines += ["Failures, each sample counted once at the stage that dropped it:", ""]
-        lines += [
-            "| stage | reason | samples | % of the stage's input |",
-            "| --- | --- | ---: | ---: |",
-        ]
-        lines += [f"| {stage} | {reason} | {n} | {share} |" for stage, reason, n, share in failures]
-        lines.append("")
-    return lines
-
-
-def dataset_card(card: CardInfo, counts: ExportCounts) -> str:
-    """README.md of the HF folder: YAML metadata, then sources, models with revisions,
-    prompts, counts from the funnel, columns and the licence note."""
-    source = yaml.safe_dump(dict(card.source), sort_keys=False).strip()
-    lines = [
-        f"# vlmflow dataset `{card.dataset}`",
-        "",
-        "Images with their web caption, a VLM caption and a list of attributes extracted in "
-        "two LLM phases, by the vlmflow workflow. Load with "
-        '`datasets.load_from_disk("<this folder>")`.',
-        "",
-    ]
-    if card.llava:
-        lines += [f"The same samples as LLaVA conversations: `{card.llava}`.", ""]
-    lines += ["## Sources", "", "```yaml", source, "```", "", "Shards read from:", ""]
-    lines += [f"- `{name}`" for name in sorted(counts.sources)] + [""]
-    lines += [*models_section(counts), "", *prompts_section(card.prompts)]
-    lines += counts_section(card, counts)
-    lines += ["## Columns", "", "| column | what |", "| --- | --- |"]
-    lines += [f"| `{name}` | {what} |" for name, what in HF_COLUMNS.items()]
-    lines += ["", "## Licence", "", LICENCE_NOTE, ""]
-    return front_matter(card, counts.written) + "\n" + "\n".join(lines)
