@@ -6,9 +6,9 @@
 # unchanged (dates aside); then the demo again from scratch at AFTER, whose results must
 # equal BEFORE's (tests/compare_results.py). Runs with this checkout's .venv, about 10 min.
 set -euo pipefail
-before=${1:?usage: tests/compare_revisions.sh BEFORE AFTER}
-after=${2:?usage: tests/compare_revisions.sh BEFORE AFTER}
 repo=$(cd "$(dirname "$0")/.." && pwd)
+before=$(git -C "$repo" rev-parse "${1:?usage: tests/compare_revisions.sh BEFORE AFTER}")
+after=$(git -C "$repo" rev-parse "${2:?usage: tests/compare_revisions.sh BEFORE AFTER}")
 bin=$repo/.venv/bin
 work=$(mktemp -d)
 git clone -q "$repo" "$work/run"
