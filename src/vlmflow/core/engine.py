@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from vlmflow.core.constrained import ListShape, engine_options, request_fields
 from vlmflow.core.engine_process import (
@@ -44,7 +44,6 @@ from vlmflow.core.errors import ConfigError
 from vlmflow.core.models import GenerationSettings, cached_file, split_revision
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 BACKENDS = ("hf", "vllm")
 # The Python of the engine's environment, as `make setup-vllm` builds it.
@@ -333,10 +332,10 @@ def running(
     with ExitStack() as stack:
         handle = stack.enter_context(open(log_file, "ab"))
         stack.callback(running_engine.stop)
-        for number, devices in enumerate(device_groups(gpus, engines)):
+        for devices in device_groups(gpus, engines):
             own = env if devices is None else env | {"CUDA_VISIBLE_DEVICES": devices}
             process = start_worker(args, own, handle, command)
-            running_engine.workers.append(Worker(process, number, running_engine.inbox))
+            running_engine.workers.append(Worker(process, running_engine.inbox))
         yield running_engine
 
 

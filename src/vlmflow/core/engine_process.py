@@ -72,11 +72,8 @@ GONE = None
 class Worker:
     """One engine process (engine_worker.py) and the thread that passes its answers on."""
 
-    def __init__(
-        self, process: subprocess.Popen[str], number: int, inbox: queue.Queue[Any]
-    ) -> None:
+    def __init__(self, process: subprocess.Popen[str], inbox: queue.Queue[Any]) -> None:
         self.process = process
-        self.number = number
         self.in_flight = 0
         threading.Thread(target=self._read, args=(inbox,), daemon=True).start()
 
