@@ -3,11 +3,8 @@ tokenizer (tiktoken) with its special tokens and chat format."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 # Llama 3's pre-tokenizer pattern (tiktoken ``pat_str``).
 

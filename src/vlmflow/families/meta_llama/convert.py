@@ -4,7 +4,6 @@ merged back), the tokenizer file, and the conversion to a transformers folder.""
 from __future__ import annotations
 
 import base64
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,6 @@ from vlmflow.families.meta_llama.model import (
     LLAMA31_ROPE,
     MetaParams,
 )
-
-log = logging.getLogger(__name__)
 
 # Llama 3's pre-tokenizer pattern (tiktoken ``pat_str``).
 

@@ -4,7 +4,6 @@ fairscale's model-parallel layers, as Meta's reference code builds it."""
 from __future__ import annotations
 
 import json
-import logging
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -15,8 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmflow.families.meta_llama.checkpoint import MetaCheckpointError
-
-log = logging.getLogger(__name__)
 
 # Llama 3's pre-tokenizer pattern (tiktoken ``pat_str``).
 

@@ -3,11 +3,10 @@ over a node's GPUs (``python -m vlmflow.stages.train JOB.json`` in each process)
 
 from __future__ import annotations
 
-import logging
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 from vlmflow.core import distributed
 from vlmflow.core.io import (
@@ -16,11 +15,6 @@ from vlmflow.core.io import (
 from vlmflow.stages.train.loader import H5Source
 from vlmflow.stages.train.settings import TrainSettings
 from vlmflow.stages.train.trainer import PhaseTrainer
-
-if TYPE_CHECKING:
-    pass
-
-log = logging.getLogger(__name__)
 
 
 def run(

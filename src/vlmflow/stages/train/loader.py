@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import h5py
 import numpy as np
@@ -17,9 +17,6 @@ from vlmflow.core.h5_layout import (
     VISION_FEATURES,
 )
 from vlmflow.core.vision import black_image, load_image, processor_side
-
-if TYPE_CHECKING:
-    pass
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 import signal
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,10 +17,6 @@ from vlmflow.core.h5_layout import (
     LABELS,
     LOSS_MASK,
 )
-
-if TYPE_CHECKING:
-    pass
-
 from vlmflow.stages.train.loader import H5Source
 
 

@@ -3,7 +3,7 @@ what each phase trains, LoRA, FSDP units."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -13,10 +13,6 @@ from vlmflow.core.models import (
     pretrained,
 )
 from vlmflow.core.vision import vision_model
-
-if TYPE_CHECKING:
-    pass
-
 from vlmflow.stages.train.settings import LORA_TARGETS, PROJECTOR_ACTIVATIONS, TrainSettings
 
 
